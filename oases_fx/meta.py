@@ -23,6 +23,9 @@ class OasesMeta:
     "reduce_from_tp" (Megatron g), "row_bias", "chunk", "cat" or None."""
     placement: Optional[str] = None
     """Output placement: "R" (replicated), "S(d)" (sharded on dim d over tp), "P" (partial sum)."""
+    pieces: Optional[tuple] = None
+    """For a column weight whose output is split (fused qkv): the full sizes of the pieces, each
+    sharded separately so rank r holds its slice of every piece (interleaved shard)."""
     sub_batch: Optional[int] = None
     """Which sub-batch copy the node computes (split_sub_batches), None outside the split region."""
     recompute: Optional[str] = None

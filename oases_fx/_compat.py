@@ -1,0 +1,67 @@
+"""The only module that touches private or version-dependent torch APIs (torch 2.11 and 2.13).
+
+A torch upgrade should be this file's work alone.
+"""
+from __future__ import annotations
+
+import torch
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def c10d_functional():
+    """The functional collective ops namespace (all_reduce, wait_tensor)."""
+    return torch.ops._c10d_functional
+
+
+def is_all_reduce(node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops._c10d_functional.all_reduce.default
+
+
+def is_wait(node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops._c10d_functional.wait_tensor.default
+
+
+def group_name(group) -> str:
+    """The registered name of a ProcessGroup, which functional collectives take as a string."""
+    return group.group_name
+
+
+def aot_autograd(**kwargs):
+    from torch._dynamo.backends.common import aot_autograd as _aot
+
+    return _aot(**kwargs)
+
+
+def inductor_compile_fx(gm, example_inputs, *, inner_compile):
+    """Inductor's entry point, with our wrapper around its per-graph (fw/bw) compiler."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+
+def inductor_inner_compile():
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    return compile_fx_inner
+
+
+def make_boxed_func(fn):
+    from torch._functorch.aot_autograd import make_boxed_func as _mbf
+
+    return _mbf(fn)
+
+
+def fake_tensor_prop(gm, *args):
+    """Re-derive node.meta['val'] after a rewrite; raises where shapes no longer fit."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def default_partition():
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return min_cut_rematerialization_partition

@@ -1,0 +1,349 @@
+"""oases_fx.compile and OasesModule: the user's entry point.
+
+compile() traces the unmodified model, makes (or loads) the plan, checks that every rank holds
+the same plan, runs the torch-level passes (annotate_sharding, shard, insert_collectives, ...)
+and wraps the result in torch.compile with our AOTAutograd backend. The returned OasesModule has
+the model's call signature and this rank's shards as its parameters.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from oases_fx import backend as _backend
+from oases_fx.config import CompileConfig
+from oases_fx.errors import InputError, OasesError, ShardingError
+from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info
+from oases_fx.plan import Plan, RegionPlan
+from oases_fx.tracing import capture
+from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
+from oases_fx.passes.insert_collectives import insert_collectives_pass
+from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
+
+log = logging.getLogger("oases_fx")
+
+
+def _say(cfg: CompileConfig, msg: str) -> None:
+    if cfg.verbose and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"[oases_fx] {msg}", flush=True)
+
+
+def _check_divisible(model: nn.Module, tp: int) -> None:
+    """Named errors for the sizes a TMP degree must divide, read from the model's config if it has one."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return
+    names = [
+        ("num_attention_heads", "attention heads"), ("n_head", "attention heads"),
+        ("num_key_value_heads", "key/value heads"), ("hidden_size", "hidden size"),
+        ("n_embd", "hidden size"), ("intermediate_size", "MLP intermediate size"),
+    ]
+    for attr, what in names:
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v % tp:
+            raise ShardingError(
+                f"{type(model).__name__}: {what} ({attr}={v}) is not divisible by the TMP degree {tp}. "
+                f"Fix: use a 'tp' mesh axis whose size divides {v}, or a plan that replicates the blocks."
+            )
+
+
+def _batch_size(flat_inputs) -> Optional[int]:
+    sizes = {t.shape[0] for t in flat_inputs if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) > 1:
+        raise InputError(
+            f"example_inputs disagree on the batch size (leading dims {sorted(sizes)}). Fix: pass one "
+            "batch exactly as the training loop will call the model, every tensor with the same batch dim."
+        )
+    return sizes.pop() if sizes else None
+
+
+def auto_plan(regions, *, tp: int, num_sub_batches: Optional[int], recompute: Optional[str]) -> Plan:
+    """Until the planner decides: Megatron sharding of every attention and MLP block found."""
+    return Plan(
+        tp_degree=tp,
+        num_sub_batches=num_sub_batches or 1,
+        recompute=recompute or "none",
+        regions=tuple(RegionPlan(name=r.name, kind=r.kind, shard=True) for r in regions),
+    )
+
+
+def _resolve_plan(plan, regions, *, tp, num_sub_batches, recompute) -> Plan:
+    if isinstance(plan, str) and plan == "auto":
+        return auto_plan(regions, tp=tp, num_sub_batches=num_sub_batches, recompute=recompute)
+    if isinstance(plan, (str, Path)):
+        path = Path(plan)
+        if not path.exists():
+            raise OasesError(f"plan={plan!r}: expected 'auto', a Plan, or the path of a saved plan; no such file.")
+        plan = Plan.load(path)
+    if not isinstance(plan, Plan):
+        raise OasesError(f"plan must be 'auto', a Plan or a path, not {type(plan).__name__}")
+    if plan.tp_degree != tp:
+        raise OasesError(
+            f"the plan was made for TMP degree {plan.tp_degree} but the mesh's 'tp' axis has {tp}. "
+            "Fix: make a plan for this mesh (plan='auto')."
+        )
+    if num_sub_batches is not None and num_sub_batches != plan.num_sub_batches:
+        raise OasesError(f"num_sub_batches={num_sub_batches} contradicts the plan's {plan.num_sub_batches}")
+    if recompute is not None and recompute != plan.recompute:
+        raise OasesError(f"recompute={recompute!r} contradicts the plan's {plan.recompute!r}")
+    return plan
+
+
+class OasesModule(nn.Module):
+    """The compiled, sharded model. Call it like the original; its parameters are this rank's shards."""
+
+    def __init__(self, model, mesh, info: MeshInfo, plan: Plan, cfg: CompileConfig, example_key, program):
+        super().__init__()
+        self.__dict__["_model"] = model  # the user's model, kept for retracing new input shapes
+        self.__dict__["_mesh"] = mesh
+        self.__dict__["_info"] = info
+        self.__dict__["_cfg"] = cfg
+        self.__dict__["_programs"] = {example_key: program}
+        self.plan = plan
+        gm = program.gm
+        for name, child in gm.named_children():
+            self.add_module(name, child)
+        for name, p in gm.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in gm.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self._hooks = []
+        if info.dp_group is not None:
+            self._install_dp_grad_averaging()
+
+    # --- calling ---------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        key = _input_key(args, kwargs, self.training)
+        prog = self._programs.get(key)
+        if prog is None:
+            _say(self._cfg, f"new input shapes or train/eval mode {key}: tracing and compiling again")
+            prog = _build_program(self._model, self._info, self.plan, self._cfg, args, kwargs, self.training,
+                                  bind_to=self)
+            self._programs[key] = prog
+        return prog.compiled(*args, **kwargs)
+
+    # --- introspection ----------------------------------------------------------------------
+    @property
+    def graphs(self):
+        """The last compiled program: .gm (torch-level, rewritten) and .aot (AOTAutograd graphs)."""
+        return next(reversed(self._programs.values()))
+
+    def explain(self) -> str:
+        prog = self.graphs
+        m = prog.gm.meta.get("oases", {})
+        lines = [f"oases_fx plan (digest {self.plan.digest()}): TMP degree {self.plan.tp_degree}, "
+                 f"dp {self._info.dp}, sub-batches {self.plan.num_sub_batches}, recompute {self.plan.recompute}, "
+                 f"backend {self._cfg.backend}" + (" [collectives SKIPPED: floor benchmark]" if self._cfg.skip_collectives else "")]
+        lines.append("Sharded regions (Megatron column -> row):")
+        for r in m.get("regions", []):
+            cols = ", ".join(_weight_desc(prog.gm, c) for c in r.columns)
+            lines.append(f"  {r.name} [{r.kind}]: column {cols} -> row {_weight_desc(prog.gm, r.row)}")
+        if not m.get("regions"):
+            lines.append("  (none)")
+        lines.append("Replicated: everything else (embeddings, norms, LM head, loss).")
+        lines.append("Declined (not sharded):")
+        lines.extend(f"  {name}: {why}" for name, why in m.get("declined", [])) if m.get("declined") else lines.append("  (none)")
+        lines.append("Collectives inserted:")
+        lines.extend(f"  {c}" for c in m.get("collectives", []))
+        lines.append("Shape constants rewritten:")
+        lines.extend(f"  {c}" for c in m.get("rewrites", []))
+        for key in ("notes", "sub_batch_notes", "recompute_notes"):
+            if m.get(key):
+                lines.append(key.replace("_", " ").capitalize() + ":")
+                lines.extend(f"  {c}" for c in m[key])
+        aot = prog.aot
+        if aot.forward or aot.backward:
+            from oases_fx._compat import is_all_reduce
+
+            nf = sum(is_all_reduce(n) for g in aot.forward[-1:] for n in g.graph.nodes)
+            nb = sum(is_all_reduce(n) for g in aot.backward[-1:] for n in g.graph.nodes)
+            lines.append(f"AOTAutograd graphs: {nf} all-reduces in forward, {nb} in backward")
+            for g, stage in ((aot.forward[-1:], "forward"), (aot.backward[-1:], "backward")):
+                tl = g[0].meta.get("oases_timeline") if g else None
+                if tl is not None:
+                    lines.append(f"Schedule ({stage}): {tl.summary()}")
+        else:
+            lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
+        return "\n".join(lines)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def full_state_dict(self) -> dict:
+        """Unsharded tensors under the original model's state_dict keys (collective: call on all ranks)."""
+        info = self._info
+        sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
+        out = {}
+        for key, t in self.state_dict().items():
+            if key in sharded:
+                dim, pieces, _ = sharded[key]
+                shards = [torch.empty_like(t) for _ in range(info.tp)]
+                dist.all_gather(shards, t.contiguous(), group=info.tp_group)
+                out[key] = unshard_tensors(shards, dim, pieces)
+            else:
+                out[key] = t.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict) -> None:
+        """Load unsharded tensors (original keys); each rank keeps its shard."""
+        info = self._info
+        sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
+        own = self.state_dict(keep_vars=True)
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise OasesError(f"load_full_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        for key, t in own.items():
+            src = state_dict[key]
+            if key in sharded:
+                dim, pieces, full_shape = sharded[key]
+                if tuple(src.shape) != tuple(full_shape):
+                    raise OasesError(f"load_full_state_dict: {key} has shape {tuple(src.shape)}, expected {full_shape}")
+                src = shard_tensor(src, dim, info.tp_rank, info.tp, pieces)
+            t.copy_(src)
+
+    # --- data parallel ----------------------------------------------------------------------
+    def _install_dp_grad_averaging(self):
+        info = self._info
+
+        def hook(p):
+            dist.all_reduce(p.grad, group=info.dp_group)
+            p.grad.div_(info.dp)
+
+        for p in self.parameters():
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+
+
+def _weight_desc(gm, node):
+    from oases_fx import meta
+    from oases_fx.propagation import linear_parts
+
+    w = linear_parts(node)[1] if linear_parts(node) else node
+    rec = meta.get(w)
+    extra = f" interleaved {list(rec.pieces)}" if rec.pieces else ""
+    return f"{w.target} {rec.placement}{extra}"
+
+
+def _input_key(args, kwargs, training):
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in flat)
+    return (bool(training), str(spec), shapes)
+
+
+class _Program:
+    def __init__(self, gm, compiled, aot):
+        self.gm, self.compiled, self.aot = gm, compiled, aot
+
+
+def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs):
+    """The torch-level pass list, options bound here (and only here)."""
+    G = _backend.GraphPass
+    return [
+        G("annotate_sharding", functools.partial(annotate_sharding_pass, plan=plan, tp=info.tp)),
+        G("shard", functools.partial(shard_pass, rank=info.tp_rank, tp=info.tp)),
+        G("insert_collectives", functools.partial(insert_collectives_pass, group_name=info.tp_group_name,
+                                                  skip=cfg.skip_collectives, grad_inputs=grad_inputs)),
+    ]
+
+
+def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig):
+    """Pass lists for AOTAutograd's forward and backward graphs."""
+    return [], []
+
+
+def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None):
+    was = model.training
+    model.train(training)
+    try:
+        traced = capture(model, args, kwargs)
+    finally:
+        model.train(was)
+    gm = traced.gm
+    gm.meta.setdefault("oases", {})["notes"] = traced.notes
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    grad_inputs = frozenset(n.name for n, t in zip(placeholders, traced.flat_inputs)
+                            if isinstance(t, torch.Tensor) and t.requires_grad)
+    gm = _backend.run_passes(gm, torch_passes(info, plan, cfg, grad_inputs), disabled=cfg.disabled_passes,
+                             debug=cfg.debug, stage="torch")
+    if bind_to is not None:  # a new variant shares the existing shards (the optimizer holds them)
+        for name, p in bind_to.named_parameters():
+            _rebind(gm, name, p)
+        for name, b in bind_to.named_buffers():
+            _rebind(gm, name, b)
+    keep = _backend.CompiledGraphs()
+    if cfg.backend == "eager":
+        return _Program(gm, gm, keep)
+    fw, bw = aot_passes(info, plan, cfg)
+    fn = _backend.make_backend(backend=cfg.backend, fw_passes=fw, bw_passes=bw,
+                               disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep)
+    return _Program(gm, _backend.compile_module(gm, fn), keep)
+
+
+def _rebind(gm, fqn, value):
+    mod_path, _, leaf = fqn.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    if isinstance(value, nn.Parameter):
+        setattr(mod, leaf, value)
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def compile(
+    model: nn.Module,
+    mesh,
+    *,
+    example_inputs=None,
+    example_kwargs: Optional[dict] = None,
+    plan="auto",
+    num_sub_batches: Optional[int] = None,
+    recompute: Optional[str] = None,
+    backend: str = "inductor",
+    **config,
+) -> OasesModule:
+    """Shard `model` for tensor-model parallelism over `mesh` and compile it.
+
+    Args:
+        model: an unmodified nn.Module (plain PyTorch, Hugging Face GPT-2, Llama, ...), full size,
+            on the device it will train on, identically initialised on every rank.
+        mesh: a DeviceMesh with a "tp" axis (1-D ("tp",) or 2-D ("dp", "tp")).
+        example_inputs: one batch as positional args, exactly as the training loop calls the model.
+        example_kwargs: keyword args of that call (Hugging Face: dict(input_ids=..., labels=...)).
+        plan: "auto", a Plan, or the path of a saved plan (JSON).
+        num_sub_batches: k sub-batches (None: the plan's choice).
+        recompute: "none", "fine" or "full" (None: the plan's choice).
+        backend: "inductor", "aot_eager" or "eager".
+        **config: further CompileConfig fields (skip_collectives, disabled_passes, debug, verbose).
+    """
+    cfg = CompileConfig(backend=backend, **config)
+    if example_inputs is None and not example_kwargs:
+        raise InputError(
+            "oases_fx.compile needs example_inputs: one batch exactly as the training loop calls the model, "
+            "e.g. example_inputs=(idx, targets), or example_kwargs=dict(input_ids=ids, labels=ids) for "
+            "Hugging Face models. Shapes (batch, sequence) are planned and compiled for it."
+        )
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
+    flat, _ = pytree.tree_flatten((args, kwargs))
+    _batch_size(flat)
+    info = mesh_info(mesh)
+    _check_divisible(model, info.tp)
+
+    _say(cfg, f"tracing {type(model).__name__} with torch.export")
+    traced = capture(model, args, kwargs)
+    regions, _ = find_tmp_regions(traced.gm, info.tp)
+    plan = _resolve_plan(plan, regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute)
+    check_same_on_all_ranks(info, "plan", plan.digest(),
+                            detail="The plan depends on the model, the example input shapes and the options. ")
+    _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} of {len(regions)} regions sharded "
+              f"over tp={info.tp}, k={plan.num_sub_batches}, recompute={plan.recompute}")
+    program = _build_program(model, info, plan, cfg, args, kwargs, model.training)
+    key = _input_key(args, kwargs, model.training)
+    return OasesModule(model, mesh, info, plan, cfg, key, program)

@@ -1,0 +1,120 @@
+"""The pass runner and the torch.compile backend (AOTAutograd, then Inductor or aot_eager).
+
+Pass lists are built in one place (oases_fx.api) with their options bound; the runner knows
+nothing about any pass. The forward and backward graphs that AOTAutograd hands over go through
+their own pass lists before code generation; the final graphs are kept for explain() and tests.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from oases_fx import _compat
+from oases_fx.errors import OasesError
+
+log = logging.getLogger("oases_fx")
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    name: str
+    fn: Callable  # gm -> gm, options already bound
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    skipped: bool = False
+
+
+def run_passes(gm: fx.GraphModule, passes, *, disabled=(), debug=False, stage="", records=None):
+    """Apply `passes` in order; a failure says which pass and which passes ran before it."""
+    done = []
+    for p in passes:
+        if p.name in disabled:
+            log.warning("oases_fx: pass %s switched off by config", p.name)
+            if records is not None:
+                records.append(PassRecord(p.name, 0.0, skipped=True))
+            continue
+        if debug:
+            log.warning("oases_fx [%s] before %s:\n%s", stage, p.name, gm.graph)
+        t0 = time.perf_counter()
+        try:
+            gm = p.fn(gm)
+        except OasesError:
+            raise
+        except Exception as e:
+            raise RuntimeError(
+                f"oases_fx pass {p.name} ({stage}) failed after passes {done}: {type(e).__name__}: {e}"
+            ) from e
+        dt = time.perf_counter() - t0
+        if records is not None:
+            records.append(PassRecord(p.name, dt))
+        if debug:
+            log.warning("oases_fx [%s] after %s (%.3f s):\n%s", stage, p.name, dt, gm.graph)
+        done.append(p.name)
+    return gm
+
+
+# Inductor settings that keep our order: no peak-memory reordering, no comm reordering of its own
+# (schedule_overlap already placed issue and wait), no fusion across the sub-batches' waits.
+INDUCTOR_KEEP_ORDER = {
+    "reorder_for_peak_memory": False,
+    "reorder_for_compute_comm_overlap": False,
+}
+
+
+@dataclass
+class CompiledGraphs:
+    """The AOTAutograd graphs after our passes (the last compile's), for explain() and tests."""
+
+    forward: list = field(default_factory=list)
+    backward: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+
+
+def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False, keep: CompiledGraphs):
+    """A torch.compile backend: dynamo graph -> AOTAutograd -> our passes -> Inductor / aot_eager."""
+
+    def apply(gm, is_backward):
+        passes = bw_passes if is_backward else fw_passes
+        gm = run_passes(gm, passes, disabled=disabled, debug=debug,
+                        stage="backward" if is_backward else "forward", records=keep.records)
+        (keep.backward if is_backward else keep.forward).append(gm)
+        return gm
+
+    partition = _compat.default_partition()
+    if backend == "aot_eager":
+
+        def fw(gm, example_inputs):
+            return _compat.make_boxed_func(apply(gm, False).forward)
+
+        def bw(gm, example_inputs):
+            return _compat.make_boxed_func(apply(gm, True).forward)
+
+        return _compat.aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition)
+
+    assert backend == "inductor", backend
+    inner = _compat.inductor_inner_compile()
+
+    def inner_compile(gm, example_inputs, **kwargs):
+        gm = apply(gm, bool(kwargs.get("is_backward", False)))
+        return inner(gm, example_inputs, **kwargs)
+
+    def inductor_backend(gm, example_inputs):
+        import torch._inductor.config as icfg
+
+        with icfg.patch(INDUCTOR_KEEP_ORDER):
+            return _compat.inductor_compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+    return inductor_backend
+
+
+def compile_module(gm: fx.GraphModule, backend_fn):
+    return torch.compile(gm, backend=backend_fn, fullgraph=True, dynamic=False)

@@ -1,0 +1,27 @@
+"""Configuration: one frozen keyword-only dataclass per concern."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    backend: str = "inductor"
+    """"inductor" (default), "aot_eager" (AOTAutograd without code generation: fast to compile,
+    used by most tests) or "eager" (run the rewritten graph directly; for debugging)."""
+    skip_collectives: bool = False
+    """Replace every TMP collective by a no-op: the no-communication floor for benchmarks only.
+    Results are wrong by design."""
+    disabled_passes: tuple = ()
+    """Pass names to switch off (e.g. ("schedule_overlap",)). Each skipped pass is logged."""
+    debug: bool = field(default_factory=lambda: os.environ.get("OASES_FX_DEBUG", "") not in ("", "0"))
+    """Dump each graph before/after every pass and time the passes (env OASES_FX_DEBUG=1)."""
+    verbose: bool = True
+    """Print progress lines (tracing, planning, compiling) on rank 0."""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")

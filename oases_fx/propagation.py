@@ -1,0 +1,375 @@
+"""Sharding propagation: which dim of each tensor is split over the TMP group, op by op.
+
+A placement is ``None`` (replicated) or a non-negative dim (block-sharded over the TMP group).
+Rules take the input placements and return the output placement, or raise
+:class:`Incompatible` (a known op that would mix the sharded dim: the region is declined) or
+:class:`UnknownOp` (no rule: the caller turns it into a clear error naming op and source line).
+Shape constants (view sizes, split sizes, expand sizes) are re-derived from the traced full
+shapes and the placement by :func:`local_shape`, so head counts and hidden sizes baked into the
+graph follow the shard without pattern matching the model's code.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from oases_fx.errors import ShardingError, describe
+
+aten = torch.ops.aten
+
+Placement = Optional[int]
+
+
+class Incompatible(Exception):
+    """A known op whose semantics do not allow the sharded dim to pass (e.g. a norm over it)."""
+
+
+class UnknownOp(Exception):
+    """An op without a sharding rule touches a sharded tensor."""
+
+
+# Linear-like ops whose weight is a parameter: (op, index of activation, index of weight,
+# weight layout). "oi" is nn.Linear's (out, in); "io" is HF Conv1D's / a plain matmul's (in, out).
+LINEAR_OPS = {
+    aten.linear.default: (0, 1, "oi"),
+    aten.addmm.default: (1, 2, "io"),
+    aten.mm.default: (0, 1, "io"),
+    aten.matmul.default: (0, 1, "io"),
+}
+
+IDENTITY_OPS = {
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+    aten.dropout.default, aten.lift_fresh_copy.default, aten.ones_like.default, aten.zeros_like.default,
+    aten.empty_like.default, aten.full_like.default, aten.native_dropout.default,
+}
+VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
+REDUCE_OPS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default}
+NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+            aten.group_norm.default, aten.batch_norm.default}
+NO_OUTPUT_OPS = {aten._assert_tensor_metadata.default}
+
+
+def val(node) -> Optional[torch.Tensor]:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def ndim(node) -> int:
+    v = val(node)
+    return v.dim() if v is not None else 0
+
+
+def view_dim_map(in_shape: Sequence[int], out_shape: Sequence[int], dim: int, tp: int) -> int:
+    """The output dim that carries input `dim`'s block shard through a view, or raise.
+
+    Dims are grouped where the running products of sizes meet. A block shard survives a view
+    when the sharded dim leads its group (ignoring size-1 dims) and the leading output dim of
+    the group divides by the TMP degree: e.g. (B, T, nh*hs) -> (B, T, nh, hs) shards nh.
+    """
+    i = j = 0
+    n_in, n_out = len(in_shape), len(out_shape)
+    while i < n_in:
+        gi, gj = [i], []
+        pi = in_shape[i]
+        pj = 1
+        while True:
+            if pj == pi and gj and (i + 1 >= n_in or in_shape[i + 1] != 1 or j >= n_out or out_shape[j] != 1):
+                break
+            if pj < pi or (pj == pi and not gj):
+                if j >= n_out:
+                    break
+                gj.append(j)
+                pj *= out_shape[j]
+                j += 1
+            else:
+                i += 1
+                if i >= n_in:
+                    break
+                gi.append(i)
+                pi *= in_shape[i]
+        if dim in gi:
+            lead_in = [d for d in gi if in_shape[d] != 1]
+            lead_out = [d for d in gj if out_shape[d] != 1]
+            if not lead_in or lead_in[0] != dim or not lead_out:
+                raise Incompatible(
+                    f"a view regroups the sharded dim {dim} of {tuple(in_shape)} into {tuple(out_shape)} "
+                    "so that each rank's block is no longer contiguous"
+                )
+            o = lead_out[0]
+            if out_shape[o] % tp:
+                raise _Indivisible(o, out_shape[o])
+            return o
+        i += 1
+    raise Incompatible(f"cannot map dim {dim} of {tuple(in_shape)} through a view to {tuple(out_shape)}")
+
+
+class _Indivisible(Exception):
+    def __init__(self, dim, size):
+        super().__init__(dim, size)
+        self.dim, self.size = dim, size
+
+
+@dataclass
+class ShardState:
+    """Placements found so far, plus what the shard pass must do to the parameters."""
+
+    tp: int
+    placement: dict = field(default_factory=dict)  # Node -> Placement | tuple[Placement, ...]
+    origin: dict = field(default_factory=dict)  # sharded Node -> column linear Node it is a plain view of
+    pieces: dict = field(default_factory=dict)  # column linear Node -> piece sizes (fused qkv interleave)
+    weight_dim: dict = field(default_factory=dict)  # weight get_attr Node -> sharded dim
+    bias_dim: dict = field(default_factory=dict)  # bias get_attr Node -> sharded dim (column bias)
+    rows: list = field(default_factory=list)  # row linear Nodes (partial outputs)
+
+    def of(self, arg) -> Placement:
+        if isinstance(arg, fx.Node):
+            p = self.placement.get(arg)
+            return p if not isinstance(p, tuple) else None
+        return None
+
+
+def _tensor_args(node):
+    out = []
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, fx.Node))
+    out.extend(v for v in node.kwargs.values() if isinstance(v, fx.Node))
+    return out
+
+
+def linear_parts(node):
+    """(activation, weight, bias, layout) of a linear-like node with a parameter weight, else None."""
+    spec = LINEAR_OPS.get(node.target) if node.op == "call_function" else None
+    if spec is None:
+        return None
+    xi, wi, layout = spec
+    if len(node.args) <= wi:
+        return None
+    w = node.args[wi]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and ndim(w) == 2):
+        return None
+    bias = None
+    if node.target is aten.linear.default and len(node.args) > 2:
+        bias = node.args[2]
+    elif node.target is aten.addmm.default:
+        bias = node.args[0]
+    return node.args[xi], w, bias, layout
+
+
+def propagate_node(node: fx.Node, st: ShardState) -> None:
+    """Compute node's placement from its inputs' placements (in st), or raise."""
+    if node.op != "call_function":
+        return
+    tp = st.tp
+    args = _tensor_args(node)
+    pls = [st.of(a) for a in args]
+    tgt = node.target
+
+    if tgt is operator.getitem:
+        src, idx = node.args
+        p = st.placement.get(src)
+        st.placement[node] = p[idx] if isinstance(p, tuple) else None
+        if isinstance(p, tuple) and p[idx] is not None and src in st.origin:
+            st.origin[node] = st.origin[src]
+        return
+
+    parts = linear_parts(node)
+    if parts is not None:
+        x, w, bias, layout = parts
+        wd = st.weight_dim.get(w)
+        px = st.of(x)
+        col_dim, row_dim = (0, 1) if layout == "oi" else (1, 0)
+        if wd is None:
+            if px is not None and px == ndim(x) - 1:
+                raise Incompatible(f"linear {node.name} contracts over the sharded dim with a replicated weight")
+            st.placement[node] = px
+            return
+        if wd == col_dim:
+            if px is not None:
+                raise Incompatible(f"column-parallel {node.name} gets a sharded input")
+            st.placement[node] = ndim(node) - 1
+            st.origin[node] = node
+            return
+        if wd == row_dim:
+            if px != ndim(x) - 1:
+                raise Incompatible(f"row-parallel {node.name} gets an input not sharded on its last dim")
+            st.placement[node] = None  # partial sum, made whole by the reduce insert_collectives adds
+            if node not in st.rows:
+                st.rows.append(node)
+            return
+        raise AssertionError(node)
+
+    if all(p is None for p in pls):
+        # Nothing sharded flows in. Ops that make tuples still need a tuple placement.
+        v = node.meta.get("val")
+        st.placement[node] = tuple(None for _ in v) if isinstance(v, (list, tuple)) else None
+        return
+
+    if tgt in NO_OUTPUT_OPS:
+        return
+    out_nd = ndim(node)
+
+    if tgt in IDENTITY_OPS:
+        st.placement[node] = pls[0]
+        if args[0] in st.origin and tgt in (aten.clone.default, aten.contiguous.default, aten.alias.default):
+            st.origin[node] = st.origin[args[0]]
+        return
+
+    if isinstance(tgt, torch._ops.OpOverload) and torch.Tag.pointwise in tgt.tags:
+        st.placement[node] = _pointwise(node, args, pls, out_nd)
+        return
+
+    d = pls[0]
+    x = args[0]
+    if tgt in VIEW_OPS:
+        try:
+            o = view_dim_map(list(val(x).shape), list(val(node).shape), d, tp)
+        except _Indivisible as e:
+            owner = st.origin.get(x)
+            raise ShardingError(
+                f"{describe(node)} reshapes a tensor sharded over the TMP group: its dim {e.dim} "
+                f"(size {e.size}, the attention heads or key/value heads here) is not divisible by the TMP "
+                f"degree {tp}" + (f" (the tensor comes from {owner.name})" if owner is not None else "")
+                + ". Fix: use a TMP degree that divides the number of heads and key/value heads, or a plan "
+                "that replicates this region."
+            ) from None
+        st.placement[node] = o
+        if x in st.origin and o == out_nd - 1 and d == ndim(x) - 1:
+            st.origin[node] = st.origin[x]
+        return
+    if tgt is aten.expand.default:
+        st.placement[node] = d + (out_nd - ndim(x))
+        return
+    if tgt is aten.transpose.int:
+        a, b = (int(v) % ndim(x) for v in node.args[1:3])
+        st.placement[node] = b if d == a else a if d == b else d
+        return
+    if tgt is aten.t.default:
+        st.placement[node] = 1 - d
+        return
+    if tgt is aten.permute.default:
+        perm = [int(v) % ndim(x) for v in node.args[1]]
+        st.placement[node] = perm.index(d)
+        return
+    if tgt is aten.unsqueeze.default:
+        u = int(node.args[1]) % out_nd
+        st.placement[node] = d + 1 if u <= d else d
+        return
+    if tgt in (aten.squeeze.dim, aten.squeeze.dims):
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        dims = [int(v) % ndim(x) for v in dims if val(x).shape[int(v) % ndim(x)] == 1]
+        if d in dims:
+            raise Incompatible("squeeze of the sharded dim")
+        st.placement[node] = d - sum(1 for v in dims if v < d)
+        return
+    if tgt in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+        sdim = int(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % ndim(x)
+        n_out = len(node.meta["val"])
+        if sdim == d:
+            sizes = [int(t.shape[d]) for t in node.meta["val"]]
+            bad = [s for s in sizes if s % tp]
+            if bad:
+                raise ShardingError(
+                    f"{describe(node)} splits a sharded dim into pieces {sizes}; {bad[0]} is not divisible by "
+                    f"the TMP degree {tp}. Fix: use a TMP degree that divides the hidden size."
+                )
+            col = st.origin.get(x)
+            if col is None:
+                raise Incompatible(f"split of the sharded dim of {x.name}, which is not a column linear's output")
+            if st.pieces.get(col, sizes) != sizes:
+                raise Incompatible(f"the output of {col.name} is split two different ways")
+            st.pieces[col] = sizes
+        st.placement[node] = tuple(d for _ in range(n_out))
+        return
+    if tgt is aten.slice.Tensor:
+        sdim = int(node.args[1]) % ndim(x) if len(node.args) > 1 else 0
+        if sdim == d and tuple(val(node).shape) != tuple(val(x).shape):
+            raise Incompatible("slice of the sharded dim")
+        st.placement[node] = d
+        return
+    if tgt is aten.select.int:
+        sdim = int(node.args[1]) % ndim(x)
+        if sdim == d:
+            raise Incompatible("select on the sharded dim")
+        st.placement[node] = d - 1 if sdim < d else d
+        return
+    if tgt in SDPA_OPS:
+        q, k, v = node.args[:3]
+        head = ndim(q) - 3
+        if [st.of(q), st.of(k), st.of(v)] != [head, head, head]:
+            raise Incompatible("attention whose q, k, v are not all sharded on the heads dim")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and st.of(mask) is None and ndim(mask) >= 3:
+            if val(mask).shape[ndim(mask) - 3] != 1:
+                raise Incompatible("attention mask with a full heads dim (it would need slicing per rank)")
+        st.placement[node] = head
+        return
+    if tgt in (aten.bmm.default, aten.matmul.default):
+        a, b = node.args[:2]
+        if st.of(a) is None or st.of(a) != st.of(b) or st.of(a) >= ndim(a) - 2:
+            raise Incompatible("matmul with the sharded dim not a shared batch dim")
+        st.placement[node] = st.of(a)
+        return
+    if tgt in SOFTMAX_OPS:
+        if int(node.args[1]) % ndim(x) == d:
+            raise Incompatible("softmax over the sharded dim")
+        st.placement[node] = d
+        return
+    if tgt in REDUCE_OPS:
+        dims = node.args[1] if len(node.args) > 1 else None
+        dims = list(range(ndim(x))) if not dims else [int(v) % ndim(x) for v in dims]
+        if d in dims:
+            raise Incompatible("reduction over the sharded dim")
+        keep = out_nd == ndim(x)
+        st.placement[node] = d if keep else d - sum(1 for v in dims if v < d)
+        return
+    if tgt is aten.cat.default:
+        cdim = int(node.args[1] if len(node.args) > 1 else 0) % out_nd
+        ps = [st.of(t) for t in node.args[0]]
+        if len(set(ps)) != 1 or cdim == ps[0]:
+            raise Incompatible("cat of tensors sharded differently or along the sharded dim")
+        st.placement[node] = ps[0]
+        return
+    if tgt in NORM_OPS:
+        raise Incompatible(f"{tgt} normalises over the sharded dim")
+    if tgt in (aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default):
+        st.placement[node] = None
+        return
+    raise UnknownOp(f"{tgt} has no sharding rule")
+
+
+def _pointwise(node, args, pls, out_nd):
+    dims = set()
+    for a, p in zip(args, pls):
+        if p is not None:
+            dims.add(p + out_nd - ndim(a))
+    if len(dims) != 1:
+        raise Incompatible(f"pointwise {node.target} mixes tensors sharded on different dims")
+    (d,) = dims
+    out_shape = val(node).shape
+    for a, p in zip(args, pls):
+        if p is None and val(a) is not None and val(a).dim() > 0:
+            ad = d - (out_nd - ndim(a))
+            if ad >= 0 and val(a).shape[ad] != 1 and val(a).shape[ad] == out_shape[d]:
+                raise Incompatible(
+                    f"pointwise {node.target} combines a sharded tensor with a replicated one ({a.name}) "
+                    "that has the full sharded dim"
+                )
+    return d
+
+
+def local_shape(node: fx.Node, placement: Placement, tp: int) -> list:
+    """The node's output shape on one rank: the traced full shape with the sharded dim divided."""
+    shape = [int(s) for s in val(node).shape]
+    if placement is not None:
+        shape[placement] //= tp
+    return shape

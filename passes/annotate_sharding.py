@@ -1,0 +1,204 @@
+"""annotate_sharding (TAG): find Megatron column->row pairs in the traced graph and tag them.
+
+Kind: TAG. Reads the torch-level graph from tracing (aten training IR with ``meta["val"]``);
+writes ``node.meta["oases"]`` (region, role, placement, pieces) on the weights, linears and
+every node between them; writes ``gm.meta["oases"]["regions"]`` (the matches) and
+``["declined"]`` (candidates not sharded, with the reason, shown by explain()).
+
+Finding a pair: for every linear-like node R (linear / addmm / mm with a 2-D parameter weight),
+walk back from its activation to the nearest linears (its *sources*). If the sources are not
+yet in a region and sharding them column-wise and R row-wise propagates cleanly through every
+node between them (:mod:`oases_fx.propagation`), (sources -> R) is a TMP region: attention
+(q/k/v or fused qkv -> out-proj) or MLP (fc1 or gate/up -> fc2/down).
+
+    before:  x -> linear(x, W_qkv) -> split -> view -> sdpa -> view -> linear(., W_o) -> y
+    after:   same graph; W_qkv: role=column S(0) pieces=(h,h,h); W_o: role=row S(1);
+             sdpa: region="...attn" placement=S(1)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from oases_fx import meta
+from oases_fx.errors import ShardingError, describe
+from oases_fx.propagation import (
+    SDPA_OPS, SOFTMAX_OPS, Incompatible, ShardState, UnknownOp, linear_parts, propagate_node,
+)
+
+
+@dataclass
+class RegionMatch:
+    """One Megatron pair found in the graph."""
+
+    name: str
+    kind: str  # "attention" | "mlp"
+    columns: list  # column linear nodes
+    row: fx.Node
+    nodes: list = field(default_factory=list)  # every node of the region (columns .. row), graph order
+    state: Optional[ShardState] = None
+
+    def weights(self) -> list:
+        return [linear_parts(n)[1] for n in self.columns + [self.row]]
+
+
+def _fqn(node: fx.Node) -> str:
+    return str(node.target)
+
+
+def _region_name(weights: list) -> str:
+    paths = [_fqn(w).split(".")[:-2] for w in weights]  # drop "<linear>.weight"
+    common = paths[0]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common) or _fqn(weights[-1]).rsplit(".", 1)[0]
+
+
+def _sources(row: fx.Node, linears: set) -> set:
+    x = linear_parts(row)[0]
+    seen, stack, found = set(), [x], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n in linears:
+            found.add(n)
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def _trial(sources: set, row: fx.Node, order: dict, tp: int):
+    """Propagate column shards from `sources` to `row`; return (state, region nodes) or raise."""
+    st = ShardState(tp=tp)
+    for c in sources:
+        _, w, bias, layout = linear_parts(c)
+        st.weight_dim[w] = 0 if layout == "oi" else 1
+        if isinstance(bias, fx.Node):
+            st.bias_dim[bias] = 0
+    _, w_row, _, layout = linear_parts(row)
+    st.weight_dim[w_row] = 1 if layout == "oi" else 0
+    # Forward cone of the sources, up to the row.
+    cone, stack = set(), list(sources)
+    while stack:
+        n = stack.pop()
+        if n in cone or order[n] > order[row]:
+            continue
+        cone.add(n)
+        if n is not row:
+            stack.extend(n.users)
+    # Backward cone of the row: a node of the forward cone outside it lets a sharded tensor escape.
+    anc, stack = set(), [row]
+    while stack:
+        n = stack.pop()
+        if n in anc:
+            continue
+        anc.add(n)
+        stack.extend(m for m in n.all_input_nodes if m in cone)
+    escaped = [n for n in cone if n not in anc and n.op == "call_function"
+               and n.target is not torch.ops.aten._assert_tensor_metadata.default]
+    nodes = sorted(cone & anc, key=order.__getitem__)
+    for n in nodes:
+        propagate_node(n, st)
+    for n in escaped:
+        if st.placement.get(n) is not None:
+            raise Incompatible(f"{n.name} uses a sharded tensor outside the region")
+    return st, nodes
+
+
+def find_tmp_regions(gm: fx.GraphModule, tp: int):
+    """All Megatron pairs in graph order, and the declined candidates as (name, reason)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    linears = [n for n in gm.graph.nodes if linear_parts(n) is not None]
+    linear_set = set(linears)
+    weight_users = {}
+    for n in linears:
+        weight_users.setdefault(linear_parts(n)[1], []).append(n)
+    assigned: set = set()
+    regions, declined = [], []
+    for row in linears:
+        if row in assigned:
+            continue
+        sources = _sources(row, linear_set)
+        if not sources or sources & assigned:
+            continue
+        weights = [linear_parts(n)[1] for n in sorted(sources, key=order.__getitem__)] + [linear_parts(row)[1]]
+        name = _region_name(weights)
+        shared = [w for w in weights if len(weight_users[w]) > 1]
+        if shared:
+            declined.append((name, f"weight {_fqn(shared[0])} is used by several ops (tied)"))
+            continue
+        try:
+            st, nodes = _trial(sources, row, order, tp)
+        except Incompatible as e:
+            declined.append((name, str(e)))
+            continue
+        except UnknownOp as e:
+            bad = next(n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in str(e))
+            raise ShardingError(
+                f"{describe(bad)}: {e}, and it touches a tensor sharded over the TMP group in the region "
+                f"'{name}'. Fix: pass a plan that replicates '{name}' (RegionPlan(name=..., shard=False)), "
+                "or report the op so a rule can be added to oases_fx/propagation.py."
+            ) from None
+        kind = "attention" if any(n.target in SDPA_OPS or n.target in SOFTMAX_OPS for n in nodes) else "mlp"
+        cols = sorted(sources, key=order.__getitem__)
+        regions.append(RegionMatch(name=name, kind=kind, columns=cols, row=row, nodes=nodes, state=st))
+        assigned |= sources | {row}
+    names = [r.name for r in regions]
+    for r in regions:  # two blocks under one module path get an index to stay unique
+        if names.count(r.name) > 1:
+            r.name = f"{r.name}.{r.kind}"
+    return regions, declined
+
+
+def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModule:
+    """Tag the regions the plan shards; record the rest as declined (TAG)."""
+    regions, declined = find_tmp_regions(gm, tp)
+    gm_meta = gm.meta.setdefault("oases", {})
+    planned = {r.name: r for r in plan.regions}
+    found = {r.name for r in regions}
+    unknown = sorted(set(planned) - found)
+    if unknown:
+        raise ShardingError(
+            f"the plan names regions {unknown} that are not in this model's graph (found: {sorted(found)}). "
+            "Fix: make the plan for this model (oases_fx.compile(..., plan='auto') then .plan.save(path))."
+        )
+    chosen = []
+    for r in regions:
+        rp = planned.get(r.name)
+        if rp is not None and not rp.shard:
+            declined.append((r.name, "replicated by the plan"))
+            continue
+        if rp is None and planned:
+            declined.append((r.name, "not in the plan: replicated"))
+            continue
+        chosen.append(r)
+        st = r.state
+        for n in r.nodes:
+            p = st.placement.get(n)
+            role = "column" if n in r.columns else "row" if n is r.row else None
+            meta.update(n, region=r.name, role=role,
+                        placement=None if isinstance(p, tuple) else ("R" if p is None else f"S({p})"))
+        for c in r.columns:
+            _, w, bias, _ = linear_parts(c)
+            pieces = tuple(st.pieces[c]) if c in st.pieces else None
+            meta.update(w, region=r.name, role="column", placement=f"S({st.weight_dim[w]})", pieces=pieces)
+            if isinstance(bias, fx.Node):
+                meta.update(bias, region=r.name, role="column", placement="S(0)", pieces=pieces)
+        _, w, bias, _ = linear_parts(r.row)
+        meta.update(w, region=r.name, role="row", placement=f"S({st.weight_dim[w]})")
+        if isinstance(bias, fx.Node):
+            meta.update(bias, region=r.name, role="row_bias", placement="R")
+    gm_meta["regions"] = chosen
+    gm_meta["all_regions"] = regions
+    gm_meta["declined"] = declined
+    return gm

@@ -1,0 +1,101 @@
+"""shard (ACT): replace sharded parameters by this rank's shard and rewrite shape constants.
+
+Kind: ACT. Precondition: annotate_sharding has tagged the regions (gm.meta["oases"]["regions"]).
+Invariant: every node's output on this rank is the traced full tensor's block for this rank along
+its placement dim; shape constants (view/reshape/expand sizes, split sizes) are re-derived from
+the traced full shapes and placements, so head counts and hidden sizes baked into the graph
+follow the shard. Fused weights whose output is split (qkv) are sharded per piece (interleaved).
+
+    before:  view(getitem, [2, 16, 4, 8])      W_qkv: (96, 32)
+    after:   view(getitem, [2, 16, 2, 8])      W_qkv: (48, 32) = rows [q_r; k_r; v_r]
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from oases_fx import meta
+from oases_fx.propagation import VIEW_OPS, local_shape
+
+aten = torch.ops.aten
+
+
+def shard_tensor(full: torch.Tensor, dim: int, rank: int, tp: int, pieces=None) -> torch.Tensor:
+    """Rank's block of `full` along `dim`; with `pieces`, rank's block of each piece, concatenated."""
+    if pieces:
+        return torch.cat([p.chunk(tp, dim)[rank] for p in full.split(list(pieces), dim)], dim).contiguous()
+    return full.chunk(tp, dim)[rank].contiguous()
+
+
+def unshard_tensors(shards: list, dim: int, pieces=None) -> torch.Tensor:
+    """Inverse of shard_tensor over all ranks' shards (rank order)."""
+    if pieces:
+        tp = len(shards)
+        local = [p // tp for p in pieces]
+        per_rank = [s.split(local, dim) for s in shards]
+        return torch.cat([torch.cat([pr[i] for pr in per_rank], dim) for i in range(len(pieces))], dim)
+    return torch.cat(shards, dim)
+
+
+def _placement_dim(text):
+    return None if text in (None, "R", "P") else int(text[2:-1])
+
+
+def _set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
+    mod_path, _, leaf = fqn.rpartition(".")
+    mod = gm.get_submodule(mod_path) if mod_path else gm
+    old = getattr(mod, leaf)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(mod, leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
+    """Replace parameters by local shards and rewrite shape arguments (ACT)."""
+    gm_meta = gm.meta.setdefault("oases", {})
+    sharded = gm_meta.setdefault("sharded_params", {})
+    rewrites = gm_meta.setdefault("rewrites", [])
+    for region in gm_meta.get("regions", []):
+        st = region.state
+        for w in region.weights() + [b for b in st.bias_dim]:
+            rec = meta.get(w)
+            dim = _placement_dim(rec.placement)
+            if dim is None or w.target in sharded:
+                continue
+            full = gm.get_parameter(w.target) if _is_param(gm, w.target) else gm.get_buffer(w.target)
+            if full.shape[dim] % tp:
+                raise AssertionError(f"{w.target}: dim {dim} of {tuple(full.shape)} not divisible by {tp}")
+            _set_attr(gm, w.target, shard_tensor(full.detach(), dim, rank, tp, rec.pieces))
+            sharded[w.target] = (dim, rec.pieces, tuple(full.shape))
+        for n in region.nodes:
+            p = st.placement.get(n)
+            if n.target in VIEW_OPS or n.target is aten.expand.default:
+                if p is None:
+                    continue
+                new = local_shape(n, p, tp)
+                if n.target is aten.expand.default:
+                    new = [-1 if s == -1 else v for s, v in zip(n.args[1], new)]
+                rewrites.append(f"{n.name}: {n.target.__name__} {list(n.args[1])} -> {new}")
+                n.args = (n.args[0], new) + tuple(n.args[2:])
+            elif n.target in (aten.split.Tensor, aten.split_with_sizes.default):
+                x = n.args[0]
+                px = st.placement.get(x)
+                dim = int(n.args[2] if len(n.args) > 2 else 0) % x.meta["val"].dim()
+                if px is None or dim != px:
+                    continue
+                sizes = n.args[1]
+                new = [s // tp for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // tp
+                rewrites.append(f"{n.name}: split {sizes} -> {new}")
+                n.args = (x, new) + tuple(n.args[2:])
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _is_param(gm, fqn):
+    try:
+        gm.get_parameter(fqn)
+        return True
+    except AttributeError:
+        return False
