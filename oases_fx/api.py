@@ -176,17 +176,26 @@ class OasesModule(nn.Module):
     # --- checkpoints ------------------------------------------------------------------------
     def full_state_dict(self) -> dict:
         """Unsharded tensors under the original model's state_dict keys (collective: call on all ranks)."""
+        return self._gather_full({k: t.detach() for k, t in self.state_dict().items()})
+
+    def full_grads(self) -> dict:
+        """Unsharded gradients under the original parameter names (collective: call on all ranks).
+        Parameters without a gradient map to None."""
+        grads = {k: p.grad for k, p in self.named_parameters()}
+        return self._gather_full(grads)
+
+    def _gather_full(self, named: dict) -> dict:
         info = self._info
         sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
         out = {}
-        for key, t in self.state_dict().items():
-            if key in sharded:
+        for key, t in named.items():
+            if t is not None and key in sharded:
                 dim, pieces, _ = sharded[key]
                 shards = [torch.empty_like(t) for _ in range(info.tp)]
                 dist.all_gather(shards, t.contiguous(), group=info.tp_group)
                 out[key] = unshard_tensors(shards, dim, pieces)
             else:
-                out[key] = t.detach().clone()
+                out[key] = None if t is None else t.detach().clone()
         return out
 
     @torch.no_grad()

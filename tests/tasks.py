@@ -1,0 +1,128 @@
+"""Work that every gloo rank runs for the distributed tests (top-level, importable functions).
+
+Each task builds the same model on every rank (same seed), runs the unsharded eager reference
+and the oases_fx-compiled sharded model on the same batch, gathers the sharded gradients back
+to full tensors and returns numbers for the parent to compare. Nothing is compared here, so a
+hypothesis failure shrinks in the parent.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+import oases_fx
+
+
+def build_model(kind: str, cfg: dict):
+    torch.manual_seed(cfg.get("seed", 0))
+    if kind == "gpt":
+        from oases_fx.models import GPT, GPTConfig
+
+        return GPT(GPTConfig(**{k: v for k, v in cfg.items() if k != "seed"}))
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if kind == "hf_gpt2":
+        c = GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], n_embd=cfg["n_embd"],
+                       n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                       attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(c)
+    if kind == "hf_llama":
+        c = LlamaConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["n_embd"],
+                        intermediate_size=cfg.get("intermediate", 2 * cfg["n_embd"]),
+                        num_hidden_layers=cfg["n_layer"], num_attention_heads=cfg["n_head"],
+                        num_key_value_heads=cfg.get("n_kv_head", cfg["n_head"]),
+                        max_position_embeddings=cfg["block_size"], bos_token_id=0, eos_token_id=0,
+                        pad_token_id=None)
+        return LlamaForCausalLM(c)
+    raise ValueError(kind)
+
+
+def _call(kind, model, idx, tgt):
+    if kind == "gpt":
+        logits, loss = model(idx, tgt)
+        return logits, loss
+    out = model(input_ids=idx, labels=tgt)
+    return out.logits, out.loss
+
+
+def compare_with_reference(rank, world_size, *, kind, cfg, batch, seq, backend="aot_eager", mesh_shape=None,
+                           steps=1, compile_kwargs=None):
+    """Loss, logits and every gradient (gathered) of the compiled sharded model and the unsharded
+    eager reference, for the parent to compare. With steps > 1, SGD steps are taken on both."""
+    names = ("dp", "tp") if mesh_shape and len(mesh_shape) == 2 else ("tp",)
+    mesh = init_device_mesh("cpu", tuple(mesh_shape or (world_size,)), mesh_dim_names=names)
+    ref = build_model(kind, cfg)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(1234)
+    dp = mesh.size(0) if len(names) == 2 else 1
+    dp_rank = mesh.get_local_rank("dp") if len(names) == 2 else 0
+    idx = torch.randint(0, cfg["vocab_size"], (batch * dp, seq), generator=g)
+    tgt = torch.randint(0, cfg["vocab_size"], (batch * dp, seq), generator=g)
+    local = slice(dp_rank * batch, (dp_rank + 1) * batch)
+    kw = {} if kind == "gpt" else None
+    if kind == "gpt":
+        m = oases_fx.compile(model, mesh, example_inputs=(idx[local], tgt[local]), backend=backend,
+                             verbose=False, **(compile_kwargs or {}))
+    else:
+        m = oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx[local], labels=tgt[local]),
+                             backend=backend, verbose=False, **(compile_kwargs or {}))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    losses, ref_losses = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        logits, loss = _call(kind, m, idx[local], tgt[local])
+        loss.backward()
+        r_logits, r_loss = _call(kind, ref, idx, tgt)  # the full (dp x batch) batch, unsharded
+        r_loss.backward()
+        losses.append(loss.detach())
+        ref_losses.append(r_loss.detach())
+        last = (logits.detach(), r_logits.detach()[local], m.full_grads(), {k: p.grad for k, p in ref.named_parameters()})
+        opt.step()
+        ref_opt.step()
+    if dp > 1:  # the reference's loss is the mean over the dp ranks' losses
+        ls = torch.stack(losses)
+        dist.all_reduce(ls, group=mesh.get_group("dp"))
+        losses = list(ls / dp)
+    full = m.full_state_dict()
+    if rank != 0:
+        return None
+    logits, r_logits, grads, r_grads = last
+    return dict(losses=torch.stack(losses), ref_losses=torch.stack(ref_losses), logits=logits, ref_logits=r_logits,
+                grads=grads, ref_grads=r_grads, params=full, ref_params=ref.state_dict(), explain=m.explain())
+
+
+def expect_error(rank, world_size, *, kind, cfg, batch, seq, mesh_names=("tp",), **compile_kwargs):
+    """Compile and return the error type and message (None if it compiled)."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=mesh_names)
+    model = build_model(kind, cfg)
+    idx = torch.randint(0, cfg["vocab_size"], (batch, seq))
+    try:
+        if kind == "gpt":
+            oases_fx.compile(model, mesh, backend="eager", verbose=False, **compile_kwargs)
+        else:
+            oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=idx), backend="eager",
+                             verbose=False, **compile_kwargs)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def rank_dependent_plan(rank, world_size, *, cfg):
+    """Rank 1 asks for a different number of sub-batches: compile must refuse on every rank."""
+    from oases_fx.models import GPT, GPTConfig
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg))
+    idx = torch.randint(0, cfg["vocab_size"], (4, 8))
+    try:
+        oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="eager", verbose=False,
+                         recompute="full" if rank == 1 else "none")
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
