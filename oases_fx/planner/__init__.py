@@ -1,0 +1,1 @@
+"""The Oases planner: profile the device, model overlapped execution, search the strategy."""
