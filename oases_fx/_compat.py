@@ -15,7 +15,9 @@ def c10d_functional():
 
 
 def is_all_reduce(node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops._c10d_functional.all_reduce.default
+    """An all-reduce issue node (Inductor's post-grad passes re-inplace it to all_reduce_)."""
+    ops = torch.ops._c10d_functional
+    return node.op == "call_function" and node.target in (ops.all_reduce.default, ops.all_reduce_.default)
 
 
 def is_wait(node) -> bool:

@@ -126,3 +126,50 @@ def rank_dependent_plan(rank, world_size, *, cfg):
     except Exception as e:
         return type(e).__name__, str(e)
     return None
+
+
+class _NoConfigAttention(torch.nn.Module):
+    """Attention with 6 heads and hidden 24 (divisible by 2, heads divisible by 2 too) -- used at tp=4 below
+    would be natural, but with 2 ranks we use 3 heads of 8 (hidden 24 is even, 3 heads are not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(24, 72)
+        self.proj = torch.nn.Linear(24, 24)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(24, dim=2)
+        q, k, v = (t.view(B, T, 3, 8).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)).sum()
+
+
+class _CumsumMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.cumsum(self.fc1(x), dim=1)  # an op without a sharding rule, inside the region
+        return self.fc2(h).sum()
+
+
+def _error_of(model, x):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    try:
+        oases_fx.compile(model, mesh, example_inputs=(x,), backend="eager", verbose=False)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def error_without_config(rank, world_size):
+    torch.manual_seed(0)
+    return _error_of(_NoConfigAttention(), torch.randn(2, 4, 24))
+
+
+def error_unknown_op(rank, world_size):
+    torch.manual_seed(0)
+    return _error_of(_CumsumMLP(), torch.randn(2, 4, 16))

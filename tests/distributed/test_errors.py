@@ -1,0 +1,70 @@
+"""Bad input gets a clear error naming the problem and the fix, on every rank."""
+import torch
+
+from tests import tasks
+from tests.conftest import get_pool
+
+GPT = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
+
+
+def _both(results):
+    assert results[0] is not None and results[1] is not None, "compile did not raise"
+    assert results[0][0] == results[1][0]
+    return results[0]
+
+
+def test_heads_not_divisible_by_tp():
+    cfg = dict(GPT, n_head=3, n_embd=24)
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    kind, msg = _both(get_pool(2).run(tasks.expect_error, kind="gpt", cfg=cfg, batch=2, seq=8,
+                                      example_inputs=(idx, idx)))
+    assert kind == "ShardingError" and "attention heads" in msg and "n_head=3" in msg and "Fix" in msg
+
+
+def test_kv_heads_not_divisible_by_tp():
+    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_kv_head=1, n_embd=32)
+    kind, msg = _both(get_pool(2).run(tasks.expect_error, kind="hf_llama", cfg=cfg, batch=2, seq=8))
+    assert kind == "ShardingError" and "key/value heads" in msg and "num_key_value_heads=1" in msg
+
+
+def test_hidden_not_divisible_by_tp():
+    cfg = dict(GPT, n_head=1, n_embd=9)
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    kind, msg = _both(get_pool(2).run(tasks.expect_error, kind="gpt", cfg=cfg, batch=2, seq=8,
+                                      example_inputs=(idx, idx)))
+    assert kind == "ShardingError" and "not divisible by the TMP degree 2" in msg
+
+
+def test_heads_not_divisible_found_in_graph_without_config():
+    # A model with no `config` attribute: the reshape into heads is found in the graph.
+    kind, msg = _both(get_pool(2).run(tasks.error_without_config))
+    assert kind == "ShardingError" and "heads" in msg and "tests/tasks.py" in msg
+
+
+def test_unknown_op_in_region_names_op_and_line():
+    kind, msg = _both(get_pool(2).run(tasks.error_unknown_op))
+    assert kind == "ShardingError" and "cumsum" in msg and "tests/tasks.py" in msg and "Fix" in msg
+
+
+def test_mesh_without_tp_axis():
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    kind, msg = _both(get_pool(2).run(tasks.expect_error, kind="gpt", cfg=GPT, batch=2, seq=8, mesh_names=("x",),
+                                      example_inputs=(idx, idx)))
+    assert kind == "OasesError" and "no 'tp' axis" in msg and "init_device_mesh" in msg
+
+
+def test_example_inputs_missing():
+    kind, msg = _both(get_pool(2).run(tasks.expect_error, kind="gpt", cfg=GPT, batch=2, seq=8))
+    assert kind == "InputError" and "example_inputs" in msg
+
+
+def test_example_inputs_of_different_batch():
+    a, b = torch.zeros(2, 8, dtype=torch.long), torch.zeros(3, 8, dtype=torch.long)
+    kind, msg = _both(get_pool(2).run(tasks.expect_error, kind="gpt", cfg=GPT, batch=2, seq=8,
+                                      example_inputs=(a, b)))
+    assert kind == "InputError" and "batch" in msg
+
+
+def test_ranks_disagreeing_on_plan_refuse_before_training():
+    kind, msg = _both(get_pool(2).run(tasks.rank_dependent_plan, cfg=GPT))
+    assert kind == "PlanMismatchError" and "rank 0" in msg and "rank 1" in msg
