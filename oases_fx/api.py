@@ -26,6 +26,7 @@ from oases_fx.tracing import capture
 from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
 from oases_fx.passes.insert_collectives import insert_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
+from oases_fx.passes.split_sub_batches import split_sub_batches_pass
 
 log = logging.getLogger("oases_fx")
 
@@ -143,8 +144,7 @@ class OasesModule(nn.Module):
                  f"backend {self._cfg.backend}" + (" [collectives SKIPPED: floor benchmark]" if self._cfg.skip_collectives else "")]
         lines.append("Sharded regions (Megatron column -> row):")
         for r in m.get("regions", []):
-            cols = ", ".join(_weight_desc(prog.gm, c) for c in r.columns)
-            lines.append(f"  {r.name} [{r.kind}]: column {cols} -> row {_weight_desc(prog.gm, r.row)}")
+            lines.append(f"  {r.name} [{r.kind}]: {r.summary}")
         if not m.get("regions"):
             lines.append("  (none)")
         lines.append("Replicated: everything else (embeddings, norms, LM head, loss).")
@@ -230,16 +230,6 @@ class OasesModule(nn.Module):
                 self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
 
-def _weight_desc(gm, node):
-    from oases_fx import meta
-    from oases_fx.propagation import linear_parts
-
-    w = linear_parts(node)[1] if linear_parts(node) else node
-    rec = meta.get(w)
-    extra = f" interleaved {list(rec.pieces)}" if rec.pieces else ""
-    return f"{w.target} {rec.placement}{extra}"
-
-
 def _input_key(args, kwargs, training):
     flat, spec = pytree.tree_flatten((args, kwargs))
     shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in flat)
@@ -251,7 +241,34 @@ class _Program:
         self.gm, self.compiled, self.aot = gm, compiled, aot
 
 
-def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs):
+def batch_dims(model, args, kwargs, gm) -> dict:
+    """Node name -> the dim that carries the batch, found by tracing again at batch B+1 and
+    comparing shapes node by node (so masks and position ids built from the input's shape are
+    found too, without pattern matching)."""
+    b = _batch_size(pytree.tree_flatten((args, kwargs))[0])
+
+    def grow(t):
+        return torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b else t
+
+    args2, kwargs2 = pytree.tree_map(grow, (tuple(args), dict(kwargs)))
+    other = capture(model, args2, kwargs2).gm
+    theirs = {n.name: n for n in other.graph.nodes}
+    out = {}
+    for n in gm.graph.nodes:
+        m = theirs.get(n.name)
+        if m is None or n.op == "output":
+            continue
+        a, c = n.meta.get("val"), m.meta.get("val")
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            a, c = a[0], c[0]
+        if isinstance(a, torch.Tensor) and isinstance(c, torch.Tensor) and a.dim() == c.dim():
+            moved = [d for d in range(a.dim()) if a.shape[d] != c.shape[d]]
+            if moved:
+                out[n.name] = moved[0]
+    return out
+
+
+def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, batch_size=None):
     """The torch-level pass list, options bound here (and only here)."""
     G = _backend.GraphPass
     return [
@@ -259,6 +276,8 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs):
         G("shard", functools.partial(shard_pass, rank=info.tp_rank, tp=info.tp)),
         G("insert_collectives", functools.partial(insert_collectives_pass, group_name=info.tp_group_name,
                                                   skip=cfg.skip_collectives, grad_inputs=grad_inputs)),
+        G("split_sub_batches", functools.partial(split_sub_batches_pass, num_sub_batches=plan.num_sub_batches,
+                                                 batch_size=batch_size)),
     ]
 
 
@@ -267,19 +286,34 @@ def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig):
     return [], []
 
 
-def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None):
-    was = model.training
-    model.train(training)
-    try:
-        traced = capture(model, args, kwargs)
-    finally:
-        model.train(was)
+def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None, traced=None):
+    if traced is None:
+        was = model.training
+        model.train(training)
+        try:
+            traced = capture(model, args, kwargs)
+        finally:
+            model.train(was)
     gm = traced.gm
     gm.meta.setdefault("oases", {})["notes"] = traced.notes
+    batch_size = _batch_size(traced.flat_inputs)
+    if plan.num_sub_batches > 1:
+        if batch_size is None or batch_size % plan.num_sub_batches:
+            raise InputError(
+                f"the batch of {batch_size} does not split into num_sub_batches={plan.num_sub_batches} equal "
+                f"sub-batches. Fix: use a batch divisible by {plan.num_sub_batches}, or a num_sub_batches that "
+                f"divides {batch_size}."
+            )
+        was = model.training
+        model.train(training)
+        try:
+            gm.meta["oases"]["batch_dims"] = batch_dims(model, args, kwargs, gm)
+        finally:
+            model.train(was)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     grad_inputs = frozenset(n.name for n, t in zip(placeholders, traced.flat_inputs)
                             if isinstance(t, torch.Tensor) and t.requires_grad)
-    gm = _backend.run_passes(gm, torch_passes(info, plan, cfg, grad_inputs), disabled=cfg.disabled_passes,
+    gm = _backend.run_passes(gm, torch_passes(info, plan, cfg, grad_inputs, batch_size), disabled=cfg.disabled_passes,
                              debug=cfg.debug, stage="torch")
     if bind_to is not None:  # a new variant shares the existing shards (the optimizer holds them)
         for name, p in bind_to.named_parameters():
@@ -353,6 +387,6 @@ def compile(
                             detail="The plan depends on the model, the example input shapes and the options. ")
     _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} of {len(regions)} regions sharded "
               f"over tp={info.tp}, k={plan.num_sub_batches}, recompute={plan.recompute}")
-    program = _build_program(model, info, plan, cfg, args, kwargs, model.training)
+    program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
     key = _input_key(args, kwargs, model.training)
     return OasesModule(model, mesh, info, plan, cfg, key, program)

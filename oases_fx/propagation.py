@@ -304,14 +304,15 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
         return
     if tgt in SDPA_OPS:
         q, k, v = node.args[:3]
-        head = ndim(q) - 3
-        if [st.of(q), st.of(k), st.of(v)] != [head, head, head]:
-            raise Incompatible("attention whose q, k, v are not all sharded on the heads dim")
+        dq = st.of(q)
+        if dq is None or [st.of(k), st.of(v)] != [dq, dq] or dq >= ndim(q) - 2:
+            raise Incompatible("attention whose q, k, v are not split alike on a batch or heads dim")
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and st.of(mask) is None and ndim(mask) >= 3:
-            if val(mask).shape[ndim(mask) - 3] != 1:
-                raise Incompatible("attention mask with a full heads dim (it would need slicing per rank)")
-        st.placement[node] = head
+        if isinstance(mask, fx.Node) and st.of(mask) != dq:
+            md = dq - (ndim(q) - ndim(mask))
+            if st.of(mask) is not None or (md >= 0 and val(mask).shape[md] != 1):
+                raise Incompatible("attention mask with the full split dim (it would need slicing per rank)")
+        st.placement[node] = dq
         return
     if tgt in (aten.bmm.default, aten.matmul.default):
         a, b = node.args[:2]

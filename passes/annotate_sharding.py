@@ -40,6 +40,7 @@ class RegionMatch:
     row: fx.Node
     nodes: list = field(default_factory=list)  # every node of the region (columns .. row), graph order
     state: Optional[ShardState] = None
+    summary: str = ""  # what was sharded, for explain() (later passes may copy or erase the nodes)
 
     def weights(self) -> list:
         return [linear_parts(n)[1] for n in self.columns + [self.row]]
@@ -160,6 +161,15 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int):
     return regions, declined
 
 
+def _summary(r: RegionMatch) -> str:
+    def desc(n):
+        w = linear_parts(n)[1]
+        rec = meta.get(w)
+        return f"{w.target} {rec.placement}" + (f" interleaved {list(rec.pieces)}" if rec.pieces else "")
+
+    return f"column {', '.join(desc(c) for c in r.columns)} -> row {desc(r.row)}"
+
+
 def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModule:
     """Tag the regions the plan shards; record the rest as declined (TAG)."""
     regions, declined = find_tmp_regions(gm, tp)
@@ -198,6 +208,7 @@ def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModu
         meta.update(w, region=r.name, role="row", placement=f"S({st.weight_dim[w]})")
         if isinstance(bias, fx.Node):
             meta.update(bias, region=r.name, role="row_bias", placement="R")
+        r.summary = _summary(r)
     gm_meta["regions"] = chosen
     gm_meta["all_regions"] = regions
     gm_meta["declined"] = declined

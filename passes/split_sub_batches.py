@@ -1,0 +1,179 @@
+"""split_sub_batches (ACT): run the batch-parallel region as k sub-batch copies joined by split/cat.
+
+Kind: ACT. Preconditions: the sharding passes have run (TMP regions tagged); gm.meta["oases"]
+["batch_dims"] maps each traced node name to the dim that carries the batch (found by tracing the
+model at two batch sizes: the dims whose size moves with the batch). Invariant: values are those
+of the unsplit graph up to the order of floating-point additions inside batch rows (none: every
+op in the region is row-wise), so only ops that mix batch rows (the loss, batch norm) see the
+whole batch, and the loss semantics are exact.
+
+The region runs from the first TMP region's first node to the last TMP region's last node. An op
+inside that mixes batch rows ends the region early (logged, and listed by explain()). Region
+inputs that carry the batch are split into k pieces; nodes that do not depend on the batch
+(weights, rotary tables) are computed once and shared; region values used later are joined by
+cat. Copies are emitted interleaved node by node (A0 B0 A1 B1 ...); schedule_overlap then orders
+them for overlap.
+
+    before:  h = layer_norm(x); y = block(h); z = loss(y)
+    after:   x0, x1 = split(x, B/2); h0 = layer_norm(x0); h1 = layer_norm(x1); y0 = block(h0);
+             y1 = block(h1); y = cat([y0, y1]); z = loss(y)
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from oases_fx import meta
+from oases_fx.errors import InputError, describe
+from oases_fx.propagation import VIEW_OPS, Incompatible, ShardState, UnknownOp, propagate_node
+
+aten = torch.ops.aten
+
+
+def _region_bounds(gm):
+    """First and last node of the TMP regions, in graph order (None if there are none)."""
+    marked = [n for n in gm.graph.nodes if meta.get(n).region is not None and n.op == "call_function"]
+    if not marked:
+        return None, None
+    return marked[0], marked[-1]
+
+
+def _batch_dim(gm_meta, node):
+    bd = gm_meta.get("batch_dims", {})
+    if node.name in bd:
+        return bd[node.name]
+    return None
+
+
+def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_size: int) -> fx.GraphModule:
+    """Split the batch-parallel region into k interleaved sub-batch copies (ACT); k=1: unchanged."""
+    k = num_sub_batches
+    gm_meta = gm.meta.setdefault("oases", {})
+    notes = gm_meta.setdefault("sub_batch_notes", [])
+    if k == 1:
+        return gm
+    if batch_size % k:
+        raise InputError(
+            f"the batch of {batch_size} does not split into num_sub_batches={k} equal sub-batches. "
+            f"Fix: use a batch divisible by {k}, or num_sub_batches that divides {batch_size}."
+        )
+    first, last = _region_bounds(gm)
+    if first is None:
+        notes.append("no TMP region: nothing to split")
+        return gm
+    nodes = list(gm.graph.nodes)
+    lo, hi = nodes.index(first), nodes.index(last)
+    # Walk back from the first region node to include its batch-carrying producers up to the
+    # previous row-mixing op is unnecessary: inputs of the region are split where they enter.
+    bd = {}
+    for n in nodes:
+        d = _batch_dim(gm_meta, n)
+        if d is None and n.op == "call_function" and meta.get(n).role in ("copy_to_tp", "reduce_from_tp", "row_bias"):
+            d = _batch_dim(gm_meta, n.args[0])  # inserted nodes keep their input's layout
+        bd[n] = d
+    # Check every region node is row-wise along the batch dim; the first that is not ends it.
+    st = ShardState(tp=k)
+    for n in nodes[:lo]:
+        st.placement[n] = bd[n]
+    end = hi
+    for i in range(lo, hi + 1):
+        n = nodes[i]
+        if n.op != "call_function":
+            continue
+        if meta.get(n).role in ("copy_to_tp", "reduce_from_tp", "row_bias"):
+            st.placement[n] = st.of(n.args[0])
+            continue
+        try:
+            propagate_node(n, st)
+        except (Incompatible, UnknownOp) as e:
+            notes.append(f"region ends before {describe(n)}: it mixes batch rows ({e})")
+            end = i - 1
+            break
+        got = st.placement.get(n)
+        want = bd[n]
+        if isinstance(got, tuple):
+            got = next((g for g in got if g is not None), None)
+        if got != want:
+            notes.append(f"region ends before {describe(n)}: batch dim {got} by propagation, {want} by tracing")
+            end = i - 1
+            break
+    region = [n for n in nodes[lo:end + 1] if n.op == "call_function"]
+    if not region:
+        return gm
+    in_region = set(region)
+    graph = gm.graph
+    copies = {n: [None] * k for n in region}
+    pieces = {}  # outside node -> its k pieces
+
+    def piece(a, i):
+        if a not in pieces:
+            d = bd[a]
+            size = int(a.meta["val"].shape[d])
+            with graph.inserting_before(first):
+                sp = graph.call_function(aten.split.Tensor, (a, size // k, d))
+                meta.update(sp, role="chunk")
+                got = []
+                for j in range(k):
+                    g = graph.call_function(operator.getitem, (sp, j))
+                    meta.update(g, role="chunk", sub_batch=j)
+                    got.append(g)
+            pieces[a] = got
+        return pieces[a][i]
+
+    shared = [n for n in region if bd[n] is None and not _depends_on_batch(n, bd, in_region)]
+    batch_nodes = [n for n in region if n not in shared]
+    for n in batch_nodes:
+        for i in range(k):
+            def remap(a, i=i):
+                if a in copies and copies[a][i] is not None:
+                    return copies[a][i]
+                if a in in_region:  # shared node
+                    return a
+                return piece(a, i) if bd.get(a) is not None else a
+
+            with graph.inserting_before(n):
+                c = graph.node_copy(n, remap)
+            c.meta = dict(n.meta)
+            meta.update(c, sub_batch=i)
+            _rewrite_shape_args(c, bd[n], k)
+            copies[n][i] = c
+    # Values used after the region: join the copies.
+    for n in batch_nodes:
+        outside = [u for u in n.users if u not in in_region and u not in sum(copies.values(), [])]
+        if not outside or isinstance(n.meta.get("val"), (list, tuple)):
+            continue
+        with graph.inserting_after(n):
+            cat = graph.call_function(aten.cat.default, (list(copies[n]), bd[n]))
+        cat.meta = dict(n.meta)
+        meta.update(cat, role="cat", sub_batch=None)
+        for u in outside:
+            u.replace_input_with(n, cat)
+    for n in reversed(batch_nodes):
+        if not n.users:
+            graph.erase_node(n)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    notes.append(f"split {len(batch_nodes)} nodes into {k} sub-batches of {batch_size // k} "
+                 f"({len(shared)} batch-independent nodes shared, {len(pieces)} inputs split)")
+    return gm
+
+
+def _depends_on_batch(n, bd, in_region):
+    return any(bd.get(a) is not None for a in n.all_input_nodes)
+
+
+def _rewrite_shape_args(c, d, k):
+    if d is None:
+        return
+    if c.target in VIEW_OPS or c.target is aten.expand.default:
+        shape = list(c.args[1])
+        if shape[d] != -1:
+            shape[d] = shape[d] // k
+        c.args = (c.args[0], shape) + tuple(c.args[2:])
+    elif c.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        sdim = int(c.args[2] if len(c.args) > 2 else 0)
+        if sdim % c.meta["val"][0].dim() == d:
+            raise AssertionError(f"split along the batch dim inside the region: {c}")
