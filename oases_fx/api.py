@@ -27,6 +27,7 @@ from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_r
 from oases_fx.passes.insert_collectives import insert_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
 from oases_fx.passes.split_sub_batches import split_sub_batches_pass
+from oases_fx.passes.recompute_policy import recompute_policy_pass
 
 log = logging.getLogger("oases_fx")
 
@@ -278,6 +279,7 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, ba
                                                   skip=cfg.skip_collectives, grad_inputs=grad_inputs)),
         G("split_sub_batches", functools.partial(split_sub_batches_pass, num_sub_batches=plan.num_sub_batches,
                                                  batch_size=batch_size)),
+        G("recompute_policy", functools.partial(recompute_policy_pass, policy=plan.recompute)),
     ]
 
 

@@ -340,8 +340,13 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
             raise Incompatible("cat of tensors sharded differently or along the sharded dim")
         st.placement[node] = ps[0]
         return
+    if tgt in (aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default):
+        if d >= ndim(x) - len(node.args[1]):
+            raise Incompatible(f"{tgt} normalises over the sharded dim")
+        st.placement[node] = (d,) + (None, None) if tgt is aten.native_layer_norm.default else d
+        return
     if tgt in NORM_OPS:
-        raise Incompatible(f"{tgt} normalises over the sharded dim")
+        raise Incompatible(f"{tgt} normalises over the split dim")
     if tgt in (aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default):
         st.placement[node] = None
         return

@@ -60,3 +60,38 @@ def skip_reduce_from_tp(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 COLLECTIVE_FNS = (copy_to_tp, reduce_from_tp, skip_copy_to_tp, skip_reduce_from_tp)
+
+
+# --- recomputation (recompute_policy) ----------------------------------------------------------
+
+def _fine_policy(ctx, op, *args, **kwargs):
+    """Oases fine-grained recompute: keep every collective's output, recompute the rest, so the
+    recomputation in backward needs no communication."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    ops = c10d_functional()
+    if op in (ops.all_reduce.default, ops.wait_tensor.default):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _fine_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_fine_policy)
+
+
+def checkpoint_fine(fn, *args):
+    """Run fn(*args) under selective checkpointing: collectives saved, everything else recomputed.
+    RNG state is stashed and restored by torch.utils.checkpoint (preserve_rng_state), so dropout
+    masks in the recomputation equal the forward's."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_fine_context, preserve_rng_state=True)
+
+
+def checkpoint_full(fn, *args):
+    """Run fn(*args) under full checkpointing: only the inputs are saved (collectives re-run)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)

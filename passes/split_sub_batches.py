@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from oases_fx import meta
 from oases_fx.errors import InputError, describe
+from oases_fx.passes.graph_utils import is_segment_end, stable_topo_sort
 from oases_fx.propagation import VIEW_OPS, Incompatible, ShardState, UnknownOp, propagate_node
 
 aten = torch.ops.aten
@@ -71,7 +72,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     for n in nodes:
         d = _batch_dim(gm_meta, n)
         if d is None and n.op == "call_function" and meta.get(n).role in ("copy_to_tp", "reduce_from_tp", "row_bias"):
-            d = _batch_dim(gm_meta, n.args[0])  # inserted nodes keep their input's layout
+            d = bd.get(n.args[0])  # inserted nodes keep their input's layout
         bd[n] = d
     # Check every region node is row-wise along the batch dim; the first that is not ends it.
     st = ShardState(tp=k)
@@ -153,6 +154,24 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     for n in reversed(batch_nodes):
         if not n.users:
             graph.erase_node(n)
+    # Order the copies segment by segment (all of sub-batch 0's segment, then sub-batch 1's, ...):
+    # the order Oases runs them in, and the order recompute_policy's checkpoints impose, so random
+    # ops draw the same numbers with recomputation on or off.
+    seg_of, seg = {}, 0
+    for n in graph.nodes:
+        seg_of[n] = seg
+        if meta.get(n).sub_batch == k - 1 and is_segment_end(n):
+            seg += 1
+    seg_count = [0] * k
+    for n in graph.nodes:
+        sb = meta.get(n).sub_batch
+        if sb is not None and meta.get(n).role != "chunk":
+            seg_of[n] = seg_count[sb]
+            if is_segment_end(n):
+                seg_count[sb] += 1
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    stable_topo_sort(graph, key=lambda n: (seg_of[n], meta.get(n).sub_batch or 0, pos[n])
+                     if meta.get(n).sub_batch is not None and meta.get(n).role != "chunk" else (seg_of[n], -1, pos[n]))
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

@@ -1,0 +1,94 @@
+"""Small fx utilities shared by the passes."""
+from __future__ import annotations
+
+import heapq
+
+import torch.fx as fx
+
+
+def is_segment_end(n: fx.Node) -> bool:
+    """The post-all-reduce output of a TMP region (g, or the row bias added after it): where one
+    segment of the batch-parallel span ends (split_sub_batches orders copies by segment,
+    recompute_policy checkpoints each segment)."""
+    from oases_fx import meta
+
+    role = meta.get(n).role
+    if role == "row_bias":
+        return True
+    if role == "reduce_from_tp":
+        return not any(meta.get(u).role == "row_bias" for u in n.users)
+    return False
+
+
+def stable_topo_sort(graph: fx.Graph, key=None) -> None:
+    """Reorder nodes topologically, keeping the current order (or the order of `key(node)`)
+    wherever dependencies allow."""
+    nodes = list(graph.nodes)
+    pos = {n: (key(n) if key else i) for i, n in enumerate(nodes)}
+    indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(pos[n], n.name) for n in nodes if indeg[n] == 0]
+    by_name = {n.name: n for n in nodes}
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        n = by_name[name]
+        out.append(n)
+        for u in n.users:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, (pos[u], u.name))
+    assert len(out) == len(nodes), "graph has a cycle"
+    out_node = [n for n in out if n.op == "output"]
+    prev = None
+    for n in [n for n in out if n.op != "output"] + out_node:
+        if prev is not None and prev.next is not n:
+            prev.append(n)
+        prev = n
+
+
+def outline(gm: fx.GraphModule, group: list, name: str, wrapper, extra_args=()) -> list:
+    """Move `group` (nodes of gm, in order) into a submodule `name` called as
+    wrapper(submodule, *inputs); returns the getitem nodes that replace the group's outputs."""
+    graph = gm.graph
+    members = set(group)
+    inputs = []
+    for n in group:
+        for a in n.all_input_nodes:
+            if a not in members and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in group if any(u not in members for u in n.users)]
+    sub = fx.Graph()
+    env = {}
+    for a in inputs:
+        env[a] = sub.placeholder(a.name)
+        env[a].meta = dict(a.meta)
+    for n in group:
+        env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(tuple(env[o] for o in outputs))
+    sub_gm = fx.GraphModule(gm, sub)
+    gm.add_submodule(name, sub_gm)
+    last = max(list(group) + inputs, key=lambda x: _position(graph, x))
+    with graph.inserting_after(last):
+        mod = graph.get_attr(name)
+    with graph.inserting_after(mod):
+        call = graph.call_function(wrapper, (mod, *inputs))
+    outs = []
+    prev = call
+    for i, o in enumerate(outputs):
+        with graph.inserting_after(prev):
+            g = graph.call_function(__import__("operator").getitem, (call, i))
+        g.meta = dict(o.meta)
+        o.replace_all_uses_with(g)
+        outs.append(g)
+        prev = g
+    for n in reversed(group):
+        graph.erase_node(n)
+    return outs
+
+
+def _position(graph, node):
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    raise AssertionError(node)

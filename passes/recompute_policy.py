@@ -1,0 +1,79 @@
+"""recompute_policy (TAG): Oases' fine-grained recomputation through AOTAutograd's own machinery.
+
+Kind: TAG (the marks are made by torch.utils.checkpoint's selective policy, which AOTAutograd
+turns into node.meta["recompute"] on the joint graph and its partitioner obeys). Precondition:
+insert_collectives (and split_sub_batches, if k > 1) have run. Invariant: values are unchanged;
+only what backward keeps versus recomputes changes.
+
+The batch-parallel span is cut into segments, one per TMP region (its end is the post-all-reduce
+output: g plus the row bias), and per sub-batch. Each (segment, sub-batch) is outlined into a
+submodule called under checkpoint:
+  - "fine" (Oases): collectives' outputs MUST_SAVE, everything else PREFER_RECOMPUTE, so the
+    recomputation in backward needs no communication; segment inputs (post-all-reduce outputs
+    of the previous segment) are saved.
+  - "full": plain checkpoint; the forward all-reduces run again in backward.
+  - "none": unchanged.
+RNG: torch.utils.checkpoint stashes and restores the RNG state (preserve_rng_state=True), and
+under torch.compile AOTAutograd's partitioner saves random ops' outputs instead of recomputing
+them, so dropout masks in the recomputation equal the forward's (tests check bitwise equality).
+
+    before:  ... f0 = copy_to_tp(h0); q = linear(f0, Wqkv) ... y0 = reduce_from_tp(.); z0 = add(y0, b)
+    after:   ckpt = checkpoint_fine(oases_ckpt_0_0, h0, Wqkv, ..., b); z0 = getitem(ckpt, 0)
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from oases_fx import meta, runtime
+from oases_fx.passes.graph_utils import is_segment_end, outline, stable_topo_sort
+
+def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
+    """Outline each (TMP segment, sub-batch) under checkpoint with the policy's marks."""
+    gm_meta = gm.meta.setdefault("oases", {})
+    notes = gm_meta.setdefault("recompute_notes", [])
+    if policy == "none":
+        return gm
+    wrapper = {"fine": runtime.checkpoint_fine, "full": runtime.checkpoint_full}[policy]
+    nodes = list(gm.graph.nodes)
+    marked = [i for i, n in enumerate(nodes) if n.op == "call_function" and meta.get(n).region is not None]
+    if not marked:
+        notes.append("no TMP region: nothing to recompute")
+        return gm
+    span = nodes[marked[0]: marked[-1] + 1]
+    groups: dict = {}
+    seg: dict = {}
+    for n in span:
+        if n.op != "call_function" or meta.get(n).role in ("chunk", "cat"):
+            continue
+        sb = meta.get(n).sub_batch
+        if sb is None and any(meta.get(a).sub_batch is not None for a in n.all_input_nodes):
+            continue  # a join of sub-batches: stays outside
+        if sb is None and n.op == "call_function" and not _uses_activation(n):
+            continue  # batch-independent (weights, tables): computed once, outside
+        key = (seg.get(sb, 0), -1 if sb is None else sb)
+        groups.setdefault(key, []).append(n)
+        if is_segment_end(n):
+            seg[sb] = seg.get(sb, 0) + 1
+    for (s, sb), group in sorted(groups.items()):
+        outline(gm, group, f"oases_ckpt_{s}_" + ("all" if sb < 0 else f"sb{sb}"), wrapper)
+    stable_topo_sort(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    notes.append(f"{policy} recompute: {len(groups)} checkpointed segments "
+                 f"({len(set(s for s, _ in groups))} per sub-batch)"
+                 + ("; collectives' outputs saved, recomputation needs no communication" if policy == "fine" else ""))
+    return gm
+
+
+def _uses_activation(n: fx.Node) -> bool:
+    """Depends on something other than parameters and constants."""
+    stack, seen = list(n.all_input_nodes), set()
+    while stack:
+        a = stack.pop()
+        if a in seen:
+            continue
+        seen.add(a)
+        if a.op == "placeholder":
+            return True
+        stack.extend(a.all_input_nodes)
+    return False
