@@ -173,3 +173,25 @@ def error_without_config(rank, world_size):
 def error_unknown_op(rank, world_size):
     torch.manual_seed(0)
     return _error_of(_CumsumMLP(), torch.randn(2, 4, 16))
+
+
+def recompute_bitwise(rank, world_size, *, k):
+    """Loss and grads under recompute none/fine/full with dropout, same seed; compared here
+    bitwise (exact equality is the property, not a tolerance)."""
+    from oases_fx.models import GPT, GPTConfig
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    idx = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for policy in ("none", "fine", "full"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.2))
+        m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), num_sub_batches=k, recompute=policy,
+                             backend="aot_eager", verbose=False)
+        torch.manual_seed(7)
+        _, loss = m(idx, idx)
+        loss.backward()
+        out[policy] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    base = out.pop("none")
+    return {p: (torch.equal(v[0], base[0]), all(torch.equal(v[1][n], base[1][n]) for n in base[1]))
+            for p, v in out.items()}

@@ -37,9 +37,15 @@ gpt_shapes = st.fixed_dictionaries(dict(
     n_head=st.sampled_from([4, 8]),
     head_dim=st.sampled_from([4, 8]),
     seq=st.sampled_from([8, 16]),
-    batch=st.sampled_from([2, 4]),
+    batch=st.sampled_from([4, 8]),
     bias=st.booleans(),
+    k=st.sampled_from([1, 2, 4]),
+    recompute=st.sampled_from(["none", "fine", "full"]),
 ))
+
+
+def _schedule(s):
+    return dict(num_sub_batches=s["k"], recompute=s["recompute"])
 
 
 def _gpt_cfg(s):
@@ -50,7 +56,7 @@ def _gpt_cfg(s):
 @given(s=gpt_shapes)
 def test_plain_gpt_tp2_matches_unsharded(s):
     r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=_gpt_cfg(s), batch=s["batch"],
-                        seq=s["seq"], steps=2)[0]
+                        seq=s["seq"], steps=2, compile_kwargs=_schedule(s))[0]
     assert_matches(r, steps=2)
 
 
@@ -58,25 +64,27 @@ def test_plain_gpt_tp2_matches_unsharded(s):
 @given(s=gpt_shapes)
 def test_plain_gpt_tp4_matches_unsharded(s):
     r = get_pool(4).run(tasks.compare_with_reference, kind="gpt", cfg=_gpt_cfg(s), batch=s["batch"],
-                        seq=s["seq"])[0]
+                        seq=s["seq"], compile_kwargs=_schedule(s))[0]
     assert_matches(r)
 
 
 @settings(max_examples=2)
-@given(n_head=st.sampled_from([4, 8]), n_layer=st.sampled_from([1, 2]))
-def test_hf_gpt2_tp2_matches_unsharded(n_head, n_layer):
+@given(n_head=st.sampled_from([4, 8]), n_layer=st.sampled_from([1, 2]), k=st.sampled_from([1, 2]))
+def test_hf_gpt2_tp2_matches_unsharded(n_head, n_layer, k):
     cfg = dict(vocab_size=64, block_size=16, n_layer=n_layer, n_head=n_head, n_embd=8 * n_head)
-    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_gpt2", cfg=cfg, batch=2, seq=8)[0]
+    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_gpt2", cfg=cfg, batch=4, seq=8,
+                        compile_kwargs=dict(num_sub_batches=k, recompute="fine" if k > 1 else "none"))[0]
     assert_matches(r)
     assert "c_attn.weight S(1) interleaved" in r["explain"]  # Conv1D: (in, out) weight, fused qkv
 
 
 @settings(max_examples=3)
-@given(heads=st.sampled_from([(4, 2), (4, 4), (8, 2)]), n_layer=st.sampled_from([1, 2]))
-def test_hf_llama_gqa_tp2_matches_unsharded(heads, n_layer):
+@given(heads=st.sampled_from([(4, 2), (4, 4), (8, 2)]), n_layer=st.sampled_from([1, 2]), k=st.sampled_from([1, 2]))
+def test_hf_llama_gqa_tp2_matches_unsharded(heads, n_layer, k):
     n_head, n_kv = heads
     cfg = dict(vocab_size=64, block_size=16, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=8 * n_head)
-    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_llama", cfg=cfg, batch=2, seq=8)[0]
+    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_llama", cfg=cfg, batch=4, seq=8,
+                        compile_kwargs=dict(num_sub_batches=k, recompute="fine" if k > 1 else "none"))[0]
     assert_matches(r)
 
 
@@ -98,6 +106,8 @@ def test_dp2_tp2_mesh_averages_gradients():
 @pytest.mark.slow
 def test_plain_gpt_tp2_inductor_matches_unsharded():
     cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=2, seq=8, backend="inductor")[0]
+    r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=4, seq=8, backend="inductor",
+                        compile_kwargs=dict(num_sub_batches=2, recompute="fine"))[0]
     assert_matches(r)
-    assert "4 all-reduces in forward, 4 in backward" in r["explain"]
+    # 2 layers x 2 regions x 2 sub-batches; fine recompute adds no collective to the backward
+    assert "8 all-reduces in forward, 8 in backward" in r["explain"]

@@ -4,11 +4,6 @@ Graphs are traced with make_fx from small functions that call the functional col
 1-process gloo group (an all-reduce over one rank is the identity, so values are checkable), plus
 one forward/backward pair captured from torch.compile through AOTAutograd.
 """
-import importlib
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,25 +11,11 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from oases_fx import meta as oases_meta
+from oases_fx import timeline
+from oases_fx.passes import schedule_overlap as so
 from oases_fx.timeline import TableCostModel, Timeline, is_collective, is_wait, peak_live_bytes
 
 
-def _load_pass_module():
-    # passes/ is installed as oases_fx.passes (package_dir mapping); from a bare checkout load the
-    # file under that same name.
-    try:
-        return importlib.import_module("oases_fx.passes.schedule_overlap")
-    except ModuleNotFoundError:
-        name = "oases_fx.passes.schedule_overlap"
-        path = pathlib.Path(__file__).resolve().parents[2] / "passes" / "schedule_overlap.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-
-so = _load_pass_module()
 ScheduleOptions, schedule_overlap_pass = so.ScheduleOptions, so.schedule_overlap_pass
 c10d = torch.ops._c10d_functional
 
@@ -301,6 +282,28 @@ def test_rng_ops_and_mutations_keep_their_order(group_name):
     assert torch.equal(gm(*[a.clone() for a in args]), ref)
 
 
+def test_ordering_classes():
+    aten = torch.ops.aten
+
+    def f(q, x, out):
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q)  # dropout_p = 0
+        b = aten.native_dropout(x, 0.1, True)
+        c = aten.native_dropout(x, 0.1, False)
+        out.add_(1.0)
+        return a, b, c, torch.rand(3), torch.bernoulli(x.sigmoid())
+    gm = make_fx(f)(torch.randn(1, 2, 4, 8), torch.randn(4), torch.zeros(3))
+    cls = [(str(n.target), n.args[2] if "native_dropout" in str(n.target) else None, so._ordering_class(n))
+           for n in gm.graph.nodes if n.op == "call_function" and "getitem" not in str(n.target)]
+    assert ("aten.native_dropout.default", True, so.ORDERED) in cls   # draws random numbers
+    assert ("aten.native_dropout.default", False, so.PURE) in cls     # eval mode: draws nothing
+    assert ("aten.rand.default", None, so.ORDERED) in cls
+    assert ("aten.bernoulli.default", None, so.ORDERED) in cls
+    assert ("aten.add_.Tensor", None, so.BARRIER) in cls
+    assert ("aten.sigmoid.default", None, so.PURE) in cls
+    attention = [c for c in cls if "attention" in c[0]]
+    assert attention and all(c[2] == so.PURE for c in attention)     # dropout_p == 0
+
+
 def test_memory_bound_is_respected(group_name):
     # Each chain ends in a sum, so the original order holds one chain's activations at a time
     # and interleaving the chains holds two: the bound must bind.
@@ -375,6 +378,7 @@ def test_aot_forward_and_backward_graphs(group_name):
                 outs.append(x_sub)
             return torch.cat(outs).sum()
 
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     graphs = {}
@@ -383,7 +387,7 @@ def test_aot_forward_and_backward_graphs(group_name):
         def compile_fn(gm, example_inputs):
             schedule_overlap_pass(gm, options=ScheduleOptions())
             graphs[tag] = gm
-            return gm.forward
+            return make_boxed_func(gm.forward)
         return compile_fn
 
     torch.manual_seed(0)
@@ -426,3 +430,13 @@ def _depends_on(n: fx.Node, anc: fx.Node) -> bool:
             seen.add(a)
             stack.extend(a.all_input_nodes)
     return False
+
+
+def test_cost_model_reads_symbolic_shapes_by_their_hint():
+    # Lives here, not in test_timeline.py: make_fx's first call costs seconds of imports.
+    gm = make_fx(lambda a, b: a @ b, tracing_mode="symbolic")(torch.randn(6, 4), torch.randn(4, 5))
+    mm = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert not isinstance(mm.meta["val"].shape[0], int)  # really symbolic
+    assert timeline.node_flops(mm) == 2 * 6 * 5 * 4
+    assert timeline.value_bytes(mm) == 6 * 5 * 4
+    assert timeline.AnalyticalCostModel().compute_us(mm) > 0

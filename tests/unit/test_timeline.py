@@ -272,3 +272,4 @@ def test_summary_and_png(tmp_path):
     path = tmp_path / "timeline.png"
     t.to_png(str(path), title="test")
     assert path.stat().st_size > 1000
+
