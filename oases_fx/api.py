@@ -67,7 +67,7 @@ def _batch_size(flat_inputs) -> Optional[int]:
 
 
 def auto_plan(regions, *, tp: int, num_sub_batches: Optional[int], recompute: Optional[str]) -> Plan:
-    """Until the planner decides: Megatron sharding of every attention and MLP block found."""
+    """plan="megatron": Megatron sharding of every attention and MLP block found, no search."""
     return Plan(
         tp_degree=tp,
         num_sub_batches=num_sub_batches or 1,
@@ -76,9 +76,11 @@ def auto_plan(regions, *, tp: int, num_sub_batches: Optional[int], recompute: Op
     )
 
 
-def _resolve_plan(plan, regions, *, tp, num_sub_batches, recompute) -> Plan:
-    if isinstance(plan, str) and plan == "auto":
+def _resolve_plan(plan, regions, *, tp, num_sub_batches, recompute, planner=None) -> Plan:
+    if isinstance(plan, str) and plan == "megatron":
         return auto_plan(regions, tp=tp, num_sub_batches=num_sub_batches, recompute=recompute)
+    if isinstance(plan, str) and plan == "auto":
+        return planner()
     if isinstance(plan, (str, Path)):
         path = Path(plan)
         if not path.exists():
@@ -143,6 +145,10 @@ class OasesModule(nn.Module):
         lines = [f"oases_fx plan (digest {self.plan.digest()}): TMP degree {self.plan.tp_degree}, "
                  f"dp {self._info.dp}, sub-batches {self.plan.num_sub_batches}, recompute {self.plan.recompute}, "
                  f"backend {self._cfg.backend}" + (" [collectives SKIPPED: floor benchmark]" if self._cfg.skip_collectives else "")]
+        if self.plan.predicted:
+            from oases_fx.planner import explain_plan
+
+            lines.append(explain_plan(self.plan, use_rich=False))
         lines.append("Sharded regions (Megatron column -> row):")
         for r in m.get("regions", []):
             lines.append(f"  {r.name} [{r.kind}]: {r.summary}")
@@ -169,7 +175,7 @@ class OasesModule(nn.Module):
             for g, stage in ((aot.forward[-1:], "forward"), (aot.backward[-1:], "backward")):
                 tl = g[0].meta.get("oases_timeline") if g else None
                 if tl is not None:
-                    lines.append(f"Schedule ({stage}): {tl.summary()}")
+                    lines.append(f"Schedule ({stage}, analytical cost model): {tl.summary()}")
         else:
             lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
         return "\n".join(lines)
@@ -284,8 +290,14 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, ba
 
 
 def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig):
-    """Pass lists for AOTAutograd's forward and backward graphs."""
-    return [], []
+    """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both)."""
+    from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
+    from oases_fx.timeline import AnalyticalCostModel, DeviceConstants
+
+    cost = AnalyticalCostModel(DeviceConstants(group_size=info.tp))
+    sched = _backend.GraphPass("schedule_overlap", functools.partial(
+        schedule_overlap_pass, options=ScheduleOptions(**cfg.schedule), cost_model=cost))
+    return [sched], [sched]
 
 
 def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None, traced=None):
@@ -360,7 +372,8 @@ def compile(
         mesh: a DeviceMesh with a "tp" axis (1-D ("tp",) or 2-D ("dp", "tp")).
         example_inputs: one batch as positional args, exactly as the training loop calls the model.
         example_kwargs: keyword args of that call (Hugging Face: dict(input_ids=..., labels=...)).
-        plan: "auto", a Plan, or the path of a saved plan (JSON).
+        plan: "auto" (the planner: measure the device, search k, recompute and shard/replicate per
+            region), "megatron" (shard every region, no search), a Plan, or the path of a saved plan.
         num_sub_batches: k sub-batches (None: the plan's choice).
         recompute: "none", "fine" or "full" (None: the plan's choice).
         backend: "inductor", "aot_eager" or "eager".
@@ -384,7 +397,27 @@ def compile(
     _say(cfg, f"tracing {type(model).__name__} with torch.export")
     traced = capture(model, args, kwargs)
     regions, _ = find_tmp_regions(traced.gm, info.tp)
-    plan = _resolve_plan(plan, regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute)
+
+    def planner():
+        from oases_fx.planner import plan_model
+
+        batch = _batch_size(flat)
+        seq = next((t.shape[1] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 1), 1)
+        ks = (num_sub_batches,) if num_sub_batches else tuple(k for k in (1, 2, 4) if batch and batch % k == 0)
+        if num_sub_batches and batch % num_sub_batches:
+            raise InputError(
+                f"the batch of {batch} does not split into num_sub_batches={num_sub_batches} equal sub-batches. "
+                f"Fix: use a batch divisible by {num_sub_batches}, or a num_sub_batches that divides {batch}.")
+        rcs = (recompute,) if recompute else ("none", "fine", "full")
+        _say(cfg, f"planning: {'measuring the device' if cfg.profile == 'measure' else 'analytical cost model'} "
+                  f"for k in {ks}, recompute in {rcs}, {len(regions)} regions")
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        return plan_model(traced.gm, regions, tp=info.tp, batch=batch, seq_len=int(seq), group=info.tp_group,
+                          measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
+                          k_choices=ks, recompute_choices=rcs)
+
+    plan = _resolve_plan(plan, regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute,
+                         planner=planner)
     check_same_on_all_ranks(info, "plan", plan.digest(),
                             detail="The plan depends on the model, the example input shapes and the options. ")
     _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} of {len(regions)} regions sharded "

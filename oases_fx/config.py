@@ -19,9 +19,16 @@ class CompileConfig:
     """Pass names to switch off (e.g. ("schedule_overlap",)). Each skipped pass is logged."""
     debug: bool = field(default_factory=lambda: os.environ.get("OASES_FX_DEBUG", "") not in ("", "0"))
     """Dump each graph before/after every pass and time the passes (env OASES_FX_DEBUG=1)."""
+    schedule: dict = field(default_factory=dict)
+    """Options for schedule_overlap (ScheduleOptions fields: max_in_flight, max_extra_live_bytes)."""
+    profile: str = "measure"
+    """How plan="auto" costs plans: "measure" (profile ops and collectives on this device, cached
+    on disk) or "analytical" (roofline constants; no measurement)."""
     verbose: bool = True
     """Print progress lines (tracing, planning, compiling) on rank 0."""
 
     def __post_init__(self):
+        if self.profile not in ("measure", "analytical"):
+            raise ValueError(f"profile={self.profile!r}: expected 'measure' or 'analytical'")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")

@@ -44,7 +44,7 @@ def _rank_main(rank: int, args, port: int, result):
     mesh = init_device_mesh("cpu", (args.tp,), mesh_dim_names=("tp",))
     say(f"== oases_fx demo: GPT h={cfg.n_embd} L={cfg.n_layer} heads={cfg.n_head}, batch {args.batch} x seq "
         f"{args.seq}, TP={args.tp} over gloo on CPU, backend {args.backend}")
-    m = oases_fx.compile(model, mesh, example_inputs=batches[0], num_sub_batches=args.sub_batches,
+    m = oases_fx.compile(model, mesh, example_inputs=batches[0], num_sub_batches=args.sub_batches, plan=args.plan,
                          recompute=args.recompute, backend=args.backend)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
@@ -85,11 +85,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--sub-batches", type=int, default=None, help="k (default: the plan's choice)")
-    p.add_argument("--recompute", default=None, choices=["none", "fine", "full"])
+    p.add_argument("--sub-batches", type=int, default=2, help="k sub-batches (default 2; 0: the planner's choice)")
+    p.add_argument("--plan", default="megatron",
+                   help="megatron (default: shard every block, so the demo exercises TMP; on 2 CPU cores the "
+                        "planner rightly prefers replication), auto (the planner), or a plan file")
+    p.add_argument("--recompute", default="fine", choices=["none", "fine", "full"])
     p.add_argument("--backend", default="aot_eager", choices=["aot_eager", "inductor", "eager"],
                    help="aot_eager compiles in about a second on CPU; inductor is the GPU default")
     args = p.parse_args(argv)
+    args.sub_batches = args.sub_batches or None
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
     mp.start_processes(_rank_main, args=(args, _free_port(), result), nprocs=args.tp, start_method="spawn")

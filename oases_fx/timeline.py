@@ -22,7 +22,6 @@ use their hint.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -110,6 +109,10 @@ def collective_of(
     return None
 
 
+# Ops whose output shares its input's storage although their schema does not say so.
+_UNANNOTATED_VIEWS = {"aten._unsafe_view"}
+
+
 def _returns_alias(node: fx.Node) -> bool:
     """Output shares storage with an input: views, in-place ops, ``getitem``, ``wait_tensor``."""
     t = node.target
@@ -118,7 +121,8 @@ def _returns_alias(node: fx.Node) -> bool:
     if t is operator.getitem or is_wait(node):
         return True
     if _is_op_overload(t):
-        return any(r.alias_info is not None for r in t._schema.returns)
+        return (any(r.alias_info is not None for r in t._schema.returns)
+                or str(t.overloadpacket) in _UNANNOTATED_VIEWS)
     return False
 
 
@@ -181,12 +185,14 @@ def _numel(x) -> int:
 
 
 def _arg(node: fx.Node, name: str, default=None):
-    """An OpOverload argument by schema name, positional or keyword."""
+    """An OpOverload argument by schema name: positional, keyword, or the schema's default."""
     if name in node.kwargs:
         return node.kwargs[name]
     for i, a in enumerate(node.target._schema.arguments):
         if a.name == name:
-            return node.args[i] if i < len(node.args) else default
+            if i < len(node.args) and not a.kwarg_only:
+                return node.args[i]
+            return a.default_value if a.has_default_value() else default
     return default
 
 
@@ -549,7 +555,8 @@ class Timeline:
         handles = ([Patch(color=sb_colors[s % len(sb_colors)], label=f"sub-batch {s}") for s in sbs]
                    or [Patch(color=kind_colors[k], label=k) for k in ("compute", "comm")])
         handles.append(Patch(color=kind_colors["wait"], label="waiting (exposed)"))
-        ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles))
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+                  frameon=False)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

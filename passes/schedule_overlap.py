@@ -27,14 +27,26 @@ Pseudocode
   while nodes remain:
       candidates = nodes whose missing inputs are only waits of issued collectives
       if none: emit the oldest ready wait; continue
-      pick the candidate minimising
-          (fits memory bound? , would stall on a wait?, predicted stall,
-           does not feed the collective in progress, first collective it feeds (original order),
-           -critical path to the graph's end (cost model), original position)
-      emit its waits (oldest collective first), then it   # so each wait sits just before its first use
-      issue every ready collective                        # issue as soon as the input exists
-      advance the predicted compute clock / comm clock    # what "would stall" is judged by
+      ready   = candidates whose waits' collectives are predicted done (emitting them won't stall)
+      best    = the ready candidate feeding the collective in progress (its nearest collective)
+                else the ready candidate minimising
+                    (nearest collective it feeds, by original order; -critical path (cost model);
+                     original position)
+                else the stalled candidate whose waits finish first (same ties)
+      if best would break the memory bound: best = the candidate earliest in the original order
+      emit best's waits (oldest collective first), then best   # each wait just before first use
+      issue every ready collective                              # as soon as its input exists
+      advance the predicted compute clock / comm clock          # what "stall" is judged by
   order += output
+  keep the original order (logged) if the result breaks the memory bound or is predicted slower
+
+Limits
+  RNG ops that draw from the global generator (dropout with p > 0 in training, rand, bernoulli,
+  philox_rand) keep their original relative order, so bitwise identity holds. If sub-batch
+  copies were traced one after another (all of A, then all of B), that chain pins A's every
+  dropout before B's first one and blocks most forward overlap: emit the copies interleaved at
+  collective boundaries, or functionalize RNG. Attention with dropout_p == 0 and dropout with
+  train=False are pure. The memory bound is checked on the result; the greedy only steers.
 
 Before / after (k=2 forward; A = sub-batch 0, B = sub-batch 1)
   before                                    after
@@ -54,6 +66,7 @@ Before / after (k=2 forward; A = sub-batch 0, B = sub-batch 1)
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import operator
 from dataclasses import dataclass
@@ -69,6 +82,7 @@ from oases_fx.timeline import (
     LiveBytes,
     Timeline,
     _is_higher_order_op,
+    _arg,
     _is_op_overload,
     collective_of,
     is_collective,
@@ -124,6 +138,22 @@ def _where(node: fx.Node) -> str:
     return f"node {node.name} (op {node.op} {node.target}{src})"
 
 
+def _draws_random_numbers(node: fx.Node) -> bool:
+    """False only where an RNG-tagged op provably leaves the generator alone: attention with
+    dropout_p == 0 (flash / efficient / cudnn / CPU kernels touch the generator only for
+    dropout_p > 0) and dropout with train=False. native_dropout with p == 0 in training still
+    draws (its CPU kernel runs bernoulli_(1 - p)), so it stays ordered."""
+    name = str(node.target.overloadpacket)
+    try:
+        if "attention" in name and _arg(node, "dropout_p", None) == 0.0:
+            return False
+        if "dropout" in name and _arg(node, "train", None) is False:
+            return False
+    except (IndexError, AttributeError):
+        pass
+    return True
+
+
 def _ordering_class(node: fx.Node) -> str:
     """PURE: free to move. ORDERED: keeps its order among ORDERED nodes (RNG, asserts, profiler
     marks, anything unknown). BARRIER: mutates memory, so nothing moves across it."""
@@ -137,7 +167,9 @@ def _ordering_class(node: fx.Node) -> str:
             return BARRIER
         if is_collective(node) or is_wait(node):
             return PURE
-        if torch.Tag.nondeterministic_seeded in t.tags or node.is_impure():
+        if torch.Tag.nondeterministic_seeded in t.tags:
+            return ORDERED if _draws_random_numbers(node) else PURE
+        if node.is_impure():
             return ORDERED
         return PURE
     if _is_higher_order_op(t):
@@ -201,144 +233,259 @@ def _lowest_bit(mask: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _list_schedule(graph: fx.Graph, cm: CostModel, options: ScheduleOptions,
-                   live_budget: Optional[int]) -> list[fx.Node]:
-    nodes = list(graph.nodes)
-    pos = {n: i for i, n in enumerate(nodes)}
-    head = [n for n in nodes if n.op in ("placeholder", "get_attr")]
-    output = nodes[-1]
-    body = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
-    body_set = set(body)
-    deps = _dependencies(body)
-    succs: dict[fx.Node, list[fx.Node]] = {n: [] for n in body}
-    for n, ds in deps.items():
-        for d in ds:
-            succs[d].append(n)
+class _MemoCostModel:
+    """Asks the cost model once per node (the pass simulates twice and schedules once)."""
 
-    comms = [n for n in body if is_collective(n)]
-    comm_bit = {c: i for i, c in enumerate(comms)}
-    waits = [n for n in body if is_wait(n)]
-    wait_coll = {w: collective_of(w) for w in waits}
-    waits_left = {c: 0 for c in comms}
-    for w, c in wait_coll.items():
-        if c is not None:
-            waits_left[c] += 1
-    wait_set = set(waits)
+    def __init__(self, cm: CostModel):
+        self._cm = cm
+        self.compute_interference = getattr(cm, "compute_interference", 1.0)
+        self.comm_interference = getattr(cm, "comm_interference", 1.0)
+        self._compute: dict[fx.Node, float] = {}
+        self._comm: dict[fx.Node, float] = {}
 
-    cost: dict[fx.Node, float] = {}
-    for n in body:
-        cost[n] = cm.comm_us(n) if n in comm_bit else 0.0 if n in wait_set else cm.compute_us(n)
+    def compute_us(self, node: fx.Node) -> float:
+        if node not in self._compute:
+            self._compute[node] = float(self._cm.compute_us(node))
+        return self._compute[node]
 
-    # desc: bitmask of collectives each node feeds; bottom: critical path (us) to the graph's end.
-    desc: dict[fx.Node, int] = {}
-    bottom: dict[fx.Node, float] = {}
-    for n in reversed(body):
-        users = [u for u in n.users if u in body_set]
-        mask = 1 << comm_bit[n] if n in comm_bit else 0
-        for u in users:
-            mask |= desc[u]
-        desc[n] = mask
-        bottom[n] = cost[n] + max((bottom[u] for u in users), default=0.0)
+    def comm_us(self, node: fx.Node) -> float:
+        if node not in self._comm:
+            self._comm[node] = float(self._cm.comm_us(node))
+        return self._comm[node]
 
-    missing = {n: len(deps[n]) for n in body}
-    missing_nonwait = {n: sum(1 for d in deps[n] if d not in wait_set) for n in body}
-    near = {n for n in body if n not in wait_set and missing_nonwait[n] == 0}
-    emitted: set[fx.Node] = set()
-    order: list[fx.Node] = list(head)
-    live = LiveBytes(graph) if live_budget is not None else None
-    if live is not None:
-        for n in head:
-            live.emit(n)
 
-    clock = {"compute": 0.0, "comm": 0.0}   # predicted free time of each stream
-    done_at: dict[fx.Node, float] = {}      # predicted end of each issued collective
-    in_flight: list[fx.Node] = []           # issued collectives with waits still to come
-    state = {"target": None}                # bit of the collective being worked towards
+class _ListScheduler:
+    """One pass of list scheduling over ``graph``; ``run()`` returns the new node order.
 
-    def emit(n: fx.Node) -> None:
-        order.append(n)
-        emitted.add(n)
-        near.discard(n)
-        if live is not None:
-            live.emit(n)
-        for u in succs[n]:
-            missing[u] -= 1
-            if n not in wait_set:
-                missing_nonwait[u] -= 1
-                if missing_nonwait[u] == 0 and u not in wait_set:
-                    near.add(u)
-        if n in comm_bit:
-            done_at[n] = max(clock["compute"], clock["comm"]) + cost[n]
-            clock["comm"] = done_at[n]
-            if waits_left[n] > 0:
-                in_flight.append(n)
-            if state["target"] == comm_bit[n]:
-                state["target"] = None
-        elif n in wait_set:
-            c = wait_coll[n]
+    Candidates are non-wait nodes whose unemitted inputs are only waits of issued collectives.
+    They live in heaps keyed by a static part ``(first, -bottom, pos)`` (first: the nearest
+    collective the node feeds, by original order; bottom: critical path to the graph's end;
+    pos: original position), split by the dynamic part:
+      ready   - emitting it now would not stall (its waits' collectives are predicted done);
+                also indexed by ``first`` so work towards the collective in progress comes first;
+      stalled - keyed by the predicted time its waits finish, then the static part.
+    Entries are invalidated lazily by a per-node version number.
+    """
+
+    def __init__(self, graph: fx.Graph, cm: CostModel, options: ScheduleOptions,
+                 live_budget: Optional[int]):
+        self.options = options
+        nodes = list(graph.nodes)
+        self.nodes = nodes
+        self.pos = {n: i for i, n in enumerate(nodes)}
+        self.head = [n for n in nodes if n.op in ("placeholder", "get_attr")]
+        self.output = nodes[-1]
+        self.body = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
+        body_set = set(self.body)
+        self.deps = _dependencies(self.body)
+        self.succs: dict[fx.Node, list[fx.Node]] = {n: [] for n in self.body}
+        for n, ds in self.deps.items():
+            for d in ds:
+                self.succs[d].append(n)
+
+        comms = [n for n in self.body if is_collective(n)]
+        self.comm_bit = {c: i for i, c in enumerate(comms)}
+        self.num_comms = len(comms)
+        self.is_wait = {n: is_wait(n) for n in self.body}
+        self.wait_coll = {w: collective_of(w) for w in self.body if self.is_wait[w]}
+        self.waits_left = {c: 0 for c in comms}
+        for c in self.wait_coll.values():
             if c is not None:
-                clock["compute"] = max(clock["compute"], done_at[c])
-                waits_left[c] -= 1
-                if waits_left[c] == 0:
-                    in_flight.remove(c)
+                self.waits_left[c] += 1
+
+        self.cost = {}
+        for n in self.body:
+            self.cost[n] = (cm.comm_us(n) if n in self.comm_bit
+                            else 0.0 if self.is_wait[n] else cm.compute_us(n))
+
+        # first: nearest collective fed (bit index, num_comms if none); bottom: critical path.
+        desc: dict[fx.Node, int] = {}
+        bottom: dict[fx.Node, float] = {}
+        for n in reversed(self.body):
+            users = [u for u in n.users if u in body_set]
+            mask = 1 << self.comm_bit[n] if n in self.comm_bit else 0
+            for u in users:
+                mask |= desc[u]
+            desc[n] = mask
+            bottom[n] = self.cost[n] + max((bottom[u] for u in users), default=0.0)
+        self.first = {n: (_lowest_bit(desc[n]) if desc[n] else self.num_comms) for n in self.body}
+        self.static = {n: (self.first[n], -bottom[n], self.pos[n]) for n in self.body}
+
+        self.wait_deps = {n: [d for d in self.deps[n] if self.is_wait[d]] for n in self.body}
+        self.missing = {n: len(self.deps[n]) for n in self.body}          # all unemitted deps
+        self.nonwait_left = {n: len(self.deps[n]) - len(self.wait_deps[n]) for n in self.body}
+        self.blocked_waits = {n: len(self.wait_deps[n]) for n in self.body}  # waits not ready
+        for w in self.body:
+            if self.is_wait[w] and self.missing[w] == 0:
+                for v in self.succs[w]:
+                    self.blocked_waits[v] -= 1
+
+        self.emitted: set[fx.Node] = set()
+        self.order: list[fx.Node] = list(self.head)
+        self.live = LiveBytes(graph) if live_budget is not None else None
+        self.live_budget = live_budget
+        if self.live is not None:
+            for n in self.head:
+                self.live.emit(n)
+
+        self.compute_clock = 0.0
+        self.comm_clock = 0.0
+        self.done_at: dict[fx.Node, float] = {}
+        self.in_flight: list[fx.Node] = []
+        self.target: Optional[int] = None
+
+        self.version = {n: 0 for n in self.body}
+        self.ready_all: list = []                     # (static, version, node)
+        self.ready_by_first: dict[int, list] = {}     # first -> [(static, version, node)]
+        self.stalled: list = []                       # (ready_at, static, version, node)
+        self.by_pos: list = []                        # (pos, version, node): every candidate
+        self.ready_comms: list = []                   # (pos, node): collectives ready to issue
+        self.ready_waits: list = []                   # (pos, node): waits whose collective issued
+        for n in self.body:
+            if self.is_wait[n] and self.missing[n] == 0:
+                heapq.heappush(self.ready_waits, (self.pos[n], n))
+            self._maybe_candidate(n)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _pending_waits(self, n: fx.Node) -> list[fx.Node]:
+        return [w for w in self.wait_deps[n] if w not in self.emitted]
+
+    def _ready_at(self, waits: list[fx.Node]) -> float:
+        t = self.compute_clock
+        for w in waits:
+            c = self.wait_coll[w]
+            if c is not None:
+                t = max(t, self.done_at[c])
+        return t
+
+    def _maybe_candidate(self, n: fx.Node) -> None:
+        """(Re)file ``n`` if it is a candidate now: all non-wait inputs emitted, waits ready."""
+        if (n in self.emitted or self.is_wait[n] or self.nonwait_left[n] != 0
+                or self.blocked_waits[n] != 0):
+            return
+        self.version[n] += 1
+        ver = self.version[n]
+        pending = self._pending_waits(n)
+        if n in self.comm_bit and not pending:
+            heapq.heappush(self.ready_comms, (self.pos[n], n))
+            return
+        heapq.heappush(self.by_pos, (self.pos[n], ver, n))
+        ready_at = self._ready_at(pending)
+        if ready_at <= self.compute_clock:
+            self._file_ready(n, ver)
         else:
-            clock["compute"] += cost[n]
+            heapq.heappush(self.stalled, (ready_at, self.static[n], ver, n))
 
-    def issue_ready_collectives() -> None:
-        while len(in_flight) < options.max_in_flight:
-            ready = [c for c in near if c in comm_bit and missing[c] == 0]
-            if not ready:
+    def _file_ready(self, n: fx.Node, ver: int) -> None:
+        entry = (self.static[n], ver, n)
+        heapq.heappush(self.ready_all, entry)
+        heapq.heappush(self.ready_by_first.setdefault(self.first[n], []), entry)
+
+    def _valid(self, ver: int, n: fx.Node) -> bool:
+        return n not in self.emitted and self.version[n] == ver
+
+    def _top(self, heap: list) -> Optional[fx.Node]:
+        while heap and not self._valid(heap[0][-2], heap[0][-1]):
+            heapq.heappop(heap)
+        return heap[0][-1] if heap else None
+
+    def _promote_stalled(self) -> None:
+        while self.stalled and self.stalled[0][0] <= self.compute_clock:
+            _, _, ver, n = heapq.heappop(self.stalled)
+            if self._valid(ver, n):
+                self._file_ready(n, ver)
+
+    # -- emission ---------------------------------------------------------------------------
+
+    def _emit(self, n: fx.Node) -> None:
+        self.order.append(n)
+        self.emitted.add(n)
+        if self.live is not None:
+            self.live.emit(n)
+        if n in self.comm_bit:
+            self.done_at[n] = max(self.compute_clock, self.comm_clock) + self.cost[n]
+            self.comm_clock = self.done_at[n]
+            if self.waits_left[n] > 0:
+                self.in_flight.append(n)
+            if self.target == self.comm_bit[n]:
+                self.target = None
+        elif self.is_wait[n]:
+            c = self.wait_coll[n]
+            if c is not None:
+                self.compute_clock = max(self.compute_clock, self.done_at[c])
+                self.waits_left[c] -= 1
+                if self.waits_left[c] == 0:
+                    self.in_flight.remove(c)
+        else:
+            self.compute_clock += self.cost[n]
+        for u in self.succs[n]:
+            self.missing[u] -= 1
+            if self.is_wait[u]:
+                if self.missing[u] == 0:  # its collective is issued: the wait is ready
+                    heapq.heappush(self.ready_waits, (self.pos[u], u))
+                    for v in self.succs[u]:
+                        self.blocked_waits[v] -= 1
+                        self._maybe_candidate(v)
+            elif self.is_wait[n]:
+                self._maybe_candidate(u)  # one pending wait fewer: re-file
+            else:
+                self.nonwait_left[u] -= 1
+                self._maybe_candidate(u)
+        self._promote_stalled()
+
+    def _issue_ready_collectives(self) -> None:
+        while len(self.in_flight) < self.options.max_in_flight:
+            while self.ready_comms and self.ready_comms[0][1] in self.emitted:
+                heapq.heappop(self.ready_comms)
+            if not self.ready_comms:
                 return
-            emit(min(ready, key=pos.__getitem__))
+            self._emit(heapq.heappop(self.ready_comms)[1])
 
-    def wait_ready_at(w: fx.Node) -> float:
-        c = wait_coll[w]
-        return done_at[c] if c is not None else clock["compute"]
+    def _pick(self) -> Optional[fx.Node]:
+        best = None
+        if self.target is not None and self.target in self.ready_by_first:
+            best = self._top(self.ready_by_first[self.target])
+        if best is None:
+            best = self._top(self.ready_all)
+        if best is None:
+            best = self._top(self.stalled)
+        if best is not None and self.live is not None:
+            grow = self.live.alloc_bytes(best)
+            if self.live.live + grow > self.live_budget:
+                best = self._top(self.by_pos)  # over the bound: take what the original order would
+        return best
 
-    def priority(n: fx.Node, pending: list[fx.Node]) -> tuple:
-        ready_at = max((wait_ready_at(w) for w in pending), default=clock["compute"])
-        stall = max(0.0, ready_at - clock["compute"])
-        target = state["target"]
-        feeds_target = target is not None and (desc[n] >> target) & 1 == 1
-        first = _lowest_bit(desc[n]) if desc[n] else len(comms)
-        key = (stall > 0.0, stall, not feeds_target, first, -bottom[n], pos[n])
-        if live is not None:
-            fits = live.live + live.alloc_bytes(n) <= live_budget
-            key = (0,) + key if fits else (1, pos[n])  # over budget: fall back to original order
-        return key
+    # -- main loop --------------------------------------------------------------------------
 
-    issue_ready_collectives()
-    while len(emitted) < len(body):
-        candidates = []
-        for n in near:
-            if n in comm_bit and missing[n] == 0:
-                continue  # ready collective held back by max_in_flight
-            pending = [d for d in deps[n] if d not in emitted]  # only waits, as n is in `near`
-            if all(missing[w] == 0 for w in pending):
-                candidates.append((priority(n, pending), n, pending))
-        if not candidates:
-            # Left: waits whose only users are the output (or collectives held back by the bound).
-            ready_waits = [w for w in waits if w not in emitted and missing[w] == 0]
-            assert ready_waits, (
-                "schedule_overlap: no schedulable node; unscheduled: "
-                f"{[n.name for n in body if n not in emitted][:10]}")
-            emit(min(ready_waits, key=lambda w: (wait_ready_at(w), pos[w])))
-            issue_ready_collectives()
-            continue
-        _, best, pending = min(candidates, key=lambda c: c[0])
-        if not (state["target"] is not None and (desc[best] >> state["target"]) & 1):
-            state["target"] = _lowest_bit(desc[best]) if desc[best] else None
-        for w in sorted(pending, key=lambda w: (wait_ready_at(w), pos[w])):
-            emit(w)
-            issue_ready_collectives()
-        if best in emitted or (best in comm_bit and len(in_flight) >= options.max_in_flight):
-            continue  # a collective pulled in by its waits: issued, or issued when a slot frees
-        emit(best)
-        issue_ready_collectives()
-
-    order.append(output)
-    _assert_valid_order(nodes, order, deps)
-    return order
+    def run(self) -> list[fx.Node]:
+        self._issue_ready_collectives()
+        while len(self.emitted) < len(self.body):
+            best = self._pick()
+            if best is None:
+                # Left: waits used only by the output (or collectives held back by the bound).
+                while self.ready_waits and self.ready_waits[0][1] in self.emitted:
+                    heapq.heappop(self.ready_waits)
+                assert self.ready_waits, (
+                    "schedule_overlap: no schedulable node; unscheduled: "
+                    f"{[n.name for n in self.body if n not in self.emitted][:10]}")
+                waits = [w for _, w in self.ready_waits if w not in self.emitted]
+                self._emit(min(waits, key=lambda w: (self._ready_at([w]), self.pos[w])))
+                self._issue_ready_collectives()
+                continue
+            if self.first[best] != self.target:
+                self.target = self.first[best] if self.first[best] < self.num_comms else None
+            for w in sorted(self._pending_waits(best), key=lambda w: (self._ready_at([w]), self.pos[w])):
+                self._emit(w)
+                self._issue_ready_collectives()
+            if best in self.emitted or (best in self.comm_bit and
+                                        len(self.in_flight) >= self.options.max_in_flight):
+                continue  # a collective pulled in by its waits: issued, or issued when a slot frees
+            self._emit(best)
+            self._issue_ready_collectives()
+        self.order.append(self.output)
+        _assert_valid_order(self.nodes, self.order, self.deps)
+        return self.order
 
 
 def _assert_valid_order(nodes: list[fx.Node], order: list[fx.Node],
@@ -388,7 +535,7 @@ def schedule_overlap_pass(
     """
     if not options.enabled:
         return gm
-    cm = cost_model if cost_model is not None else AnalyticalCostModel()
+    cm = _MemoCostModel(cost_model if cost_model is not None else AnalyticalCostModel())
     graph = gm.graph
     nodes = list(graph.nodes)
     _check_graph(nodes)
@@ -400,7 +547,7 @@ def schedule_overlap_pass(
     budget = None
     if options.max_extra_live_bytes is not None:
         budget = peak_live_bytes(nodes) + options.max_extra_live_bytes
-    order = _list_schedule(graph, cm, options, budget)
+    order = _ListScheduler(graph, cm, options, budget).run()
     after = simulate(order, cm)
 
     reason = None

@@ -62,7 +62,8 @@ def compare_with_reference(rank, world_size, *, kind, cfg, batch, seq, backend="
     idx = torch.randint(0, cfg["vocab_size"], (batch * dp, seq), generator=g)
     tgt = torch.randint(0, cfg["vocab_size"], (batch * dp, seq), generator=g)
     local = slice(dp_rank * batch, (dp_rank + 1) * batch)
-    kw = {} if kind == "gpt" else None
+    compile_kwargs = dict(compile_kwargs or {})
+    compile_kwargs.setdefault("plan", "megatron")  # shard every region (plan="auto" may replicate some)
     if kind == "gpt":
         m = oases_fx.compile(model, mesh, example_inputs=(idx[local], tgt[local]), backend=backend,
                              verbose=False, **(compile_kwargs or {}))
@@ -103,10 +104,10 @@ def expect_error(rank, world_size, *, kind, cfg, batch, seq, mesh_names=("tp",),
     idx = torch.randint(0, cfg["vocab_size"], (batch, seq))
     try:
         if kind == "gpt":
-            oases_fx.compile(model, mesh, backend="eager", verbose=False, **compile_kwargs)
+            oases_fx.compile(model, mesh, backend="eager", verbose=False, plan="megatron", **compile_kwargs)
         else:
             oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=idx), backend="eager",
-                             verbose=False, **compile_kwargs)
+                             verbose=False, plan="megatron", **compile_kwargs)
     except Exception as e:
         return type(e).__name__, str(e)
     return None
@@ -121,7 +122,7 @@ def rank_dependent_plan(rank, world_size, *, cfg):
     model = GPT(GPTConfig(**cfg))
     idx = torch.randint(0, cfg["vocab_size"], (4, 8))
     try:
-        oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="eager", verbose=False,
+        oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="eager", verbose=False, plan="megatron",
                          recompute="full" if rank == 1 else "none")
     except Exception as e:
         return type(e).__name__, str(e)
@@ -159,7 +160,7 @@ class _CumsumMLP(torch.nn.Module):
 def _error_of(model, x):
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     try:
-        oases_fx.compile(model, mesh, example_inputs=(x,), backend="eager", verbose=False)
+        oases_fx.compile(model, mesh, example_inputs=(x,), backend="eager", verbose=False, plan="megatron")
     except Exception as e:
         return type(e).__name__, str(e)
     return None
@@ -187,7 +188,7 @@ def recompute_bitwise(rank, world_size, *, k):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.2))
         m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), num_sub_batches=k, recompute=policy,
-                             backend="aot_eager", verbose=False)
+                             backend="aot_eager", verbose=False, plan="megatron")
         torch.manual_seed(7)
         _, loss = m(idx, idx)
         loss.backward()

@@ -111,3 +111,13 @@ def test_plain_gpt_tp2_inductor_matches_unsharded():
     assert_matches(r)
     # 2 layers x 2 regions x 2 sub-batches; fine recompute adds no collective to the backward
     assert "8 all-reduces in forward, 8 in backward" in r["explain"]
+
+
+def test_auto_plan_measures_cpu_and_stays_correct():
+    # plan="auto": the planner profiles ops and the gloo all-reduce on these ranks, searches k,
+    # recompute and shard/replicate per region, and whatever it picks must still be exact.
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=4, seq=8,
+                        compile_kwargs=dict(plan="auto"))[0]
+    assert_matches(r)
+    assert "predicted" in r["explain"].lower() or "step" in r["explain"].lower()

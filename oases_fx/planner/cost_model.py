@@ -1,0 +1,804 @@
+"""Predict a plan's step time (forward + backward) and peak memory from a profile.
+
+The model's TMP regions form a chain. For one plan (k sub-batches, a recompute policy, shard or
+replicate per region) this module writes down the events one training step issues, in the host
+order the schedule pass produces, and runs them through :func:`oases_fx.timeline.simulate`, the
+one two-stream execution model of oases_fx. Nothing here schedules or overlaps by itself.
+
+Events of region r for sub-batch j (times from the profile, at the sub-batch shapes):
+
+    F   region forward (column linears .. row linear)    AR_f  all-reduce of the row output (g)
+    G   glue forward (bias/dropout/residual/norm up to the next region)
+    B   region backward except the column weight-grads   AR_b  all-reduce of the input grad (f)
+    W   column weight-grads (run while AR_b is in flight, as Megatron does)
+    Gb  glue backward                                    R     recompute (fine: F + G, no comm)
+
+Host order (the Oases interleave: sub-batch j's collective overlaps sub-batch j+1's compute,
+and the last sub-batch's collective overlaps the first sub-batch's work of the next region):
+
+    forward:   head; for r: for j: [wait AR_f(r-1, j); G(r-1, j)]; F(r, j); AR_f(r, j)
+               for j: wait AR_f(last, j); G(last, j); tail forward; tail backward
+    backward:  for r (reversed):
+                   full: for j: F'(r, j); AR_f'(r, j)          (all sub-batches' recompute first)
+                   for j:
+                       fine: R(r, j)                 (before the wait: recompute needs no grad)
+                       wait AR_b(r+1, j)
+                       full: wait AR_f'(r, j); G'(r, j)
+                       Gb(r, j); B(r, j); AR_b(r, j); W(r, j)
+               for j: wait AR_b(first, j); head backward
+
+A replicated region has no collectives and full-size (unsharded) compute. Head (before the first
+region) and tail (after the last) run whole: split_sub_batches only splits the region chain.
+The optimizer step is not part of the predicted step (the benchmarks' "step" is forward+backward).
+
+Memory (bytes on one rank, an estimate): parameters + gradients (parameter dtype) + Adam's two
+fp32 states per parameter element (exp_avg, exp_avg_sq; no fp32 master copy) + activations kept
+from forward to backward, by recompute policy:
+
+    none: every compute op's output of every region and glue (whole batch)
+    fine: each region's input and its post-all-reduce output (whole batch), plus the transient
+          of one sub-batch's region while it is recomputed and differentiated
+    full: each region's input (whole batch), plus the transient of the k sub-batches'
+          recomputed region (they are recomputed together, see the host order)
+    head and tail outputs are kept in every policy.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from oases_fx import meta as oases_meta
+from oases_fx.plan import RECOMPUTE_POLICIES, Plan
+from oases_fx.timeline import COMM, COMPUTE, TableCostModel, Timeline, is_free_op, op_key, simulate
+
+if TYPE_CHECKING:  # profile imports this module, not the other way round
+    from oases_fx.planner.profile import Profile
+
+GIB = 1024 ** 3
+ADAM_STATE_BYTES_PER_ELEMENT = 8
+"""Adam keeps exp_avg and exp_avg_sq in fp32: 2 x 4 bytes per parameter element."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The workload: what each region computes, per (k, shard) variant
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpSpec:
+    """One compute op at one variant's shapes (the profile times it by ``key``)."""
+
+    key: str
+    """Profile key: :func:`oases_fx.timeline.op_key` of the op at these shapes, plus its
+    non-tensor arguments (``is_causal`` changes an attention's time, not its shapes)."""
+    part: str
+    """"region" (between the column and the row linears), "glue" (after the region's row, up to
+    the next region), "head" or "tail" (outside the region chain, whole batch)."""
+    out_bytes: int = 0
+    """Bytes of the op's output at these shapes (what a no-recompute backward keeps)."""
+    column: bool = False
+    """A column linear: half of its backward (the weight-grad) may run under the input-grad
+    all-reduce."""
+    node: Optional[fx.Node] = field(default=None, compare=False, repr=False)
+    """The op in a scratch graph with ``meta["val"]`` at these shapes; profile.py runs it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionVariant:
+    """A region's work for ONE sub-batch, given k and shard/replicate."""
+
+    ops: tuple
+    """OpSpec of the region's ops then its glue ops, graph order."""
+    comm_fwd_bytes: int = 0
+    """Bytes of the forward all-reduce (row output; 0 when replicated)."""
+    comm_bwd_bytes: int = 0
+    """Bytes of the backward all-reduce (grad of the column input; 0 when replicated)."""
+    in_bytes: int = 0
+    """Bytes of the region's input (column linears' activation)."""
+    out_bytes: int = 0
+    """Bytes of the region's (post-all-reduce) output."""
+    param_numel: int = 0
+    """Parameter elements of the region on one rank."""
+    param_bytes: int = 0
+    """Parameter bytes of the region on one rank."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionSpec:
+    name: str
+    """Region name as find_tmp_regions gives it (e.g. "transformer.h.0.attn")."""
+    kind: str
+    """"attention" or "mlp"."""
+    variants: Mapping
+    """(num_sub_batches, shard) -> RegionVariant."""
+
+    @property
+    def signature(self) -> tuple:
+        """Equal for regions that cost the same in every variant (identical layers)."""
+        return tuple(
+            (key, v.comm_fwd_bytes, v.comm_bwd_bytes, v.in_bytes, v.out_bytes, v.param_numel, v.param_bytes,
+             tuple((o.key, o.part, o.out_bytes, o.column) for o in v.ops))
+            for key, v in sorted(self.variants.items())
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Everything the cost model needs to know about one model at one batch size and TMP degree."""
+
+    regions: tuple
+    """RegionSpec per TMP region, chain (graph) order."""
+    tp: int
+    """TMP degree."""
+    batch: int
+    """Batch size of one step (per data-parallel replica)."""
+    head_ops: tuple = ()
+    """OpSpec of the ops before the first region (embeddings, masks), whole batch, replicated."""
+    tail_ops: tuple = ()
+    """OpSpec of the ops after the last region (final norm, LM head, loss), whole batch."""
+    other_param_numel: int = 0
+    """Parameter elements outside the regions (embeddings, norms, LM head): replicated."""
+    other_param_bytes: int = 0
+    """Their bytes."""
+    notes: tuple = ()
+    """What describe_model assumed (shown by explain)."""
+
+    @property
+    def k_choices(self) -> tuple:
+        """The sub-batch counts every region has variants for."""
+        ks = None
+        for r in self.regions:
+            mine = {k for k, _ in r.variants}
+            ks = mine if ks is None else ks & mine
+        return tuple(sorted(ks or ()))
+
+    def all_ops(self) -> list:
+        """Every OpSpec of every variant (the profile must time all their keys)."""
+        out = list(self.head_ops) + list(self.tail_ops)
+        for r in self.regions:
+            for _, v in sorted(r.variants.items()):
+                out.extend(v.ops)
+        return out
+
+    def op_keys(self) -> list:
+        return sorted({o.key for o in self.all_ops()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a ModelSpec from the traced graph
+# ---------------------------------------------------------------------------------------------
+
+
+def _ints(shape) -> list:
+    out = []
+    for s in shape:
+        try:
+            out.append(int(s))
+        except Exception:  # a symbolic size without a hint: its hint through the node
+            out.append(int(s.node.hint) if getattr(s.node, "hint", None) is not None else 1)
+    return out
+
+
+def _metas(v) -> list:
+    """[(shape, dtype)] of every tensor in a node value (tensor or nested list/tuple)."""
+    if isinstance(v, torch.Tensor):
+        return [(_ints(v.shape), v.dtype)]
+    if isinstance(v, (list, tuple)):
+        return [m for x in v for m in _metas(x)]
+    return []
+
+
+def _batch_carrying(graph: fx.Graph, batch: int) -> set:
+    """Nodes whose value flows from a graph input with leading dim == batch (the data)."""
+    carrying = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            ms = _metas(n.meta.get("val"))
+            if ms and ms[0][0] and ms[0][0][0] == batch:
+                carrying.add(n)
+        elif n.op == "call_function" and any(a in carrying for a in n.all_input_nodes):
+            carrying.add(n)
+    return carrying
+
+
+class _Shapes:
+    """Shapes of a node's value at a variant: batch dim divided by k, the sharded dim by tp."""
+
+    def __init__(self, *, batch: int, carrying: set, params: set):
+        self.batch, self.carrying, self.params = batch, carrying, params
+
+    def placement(self, n: fx.Node, st) -> object:
+        if st is None:
+            return None
+        if n in st.weight_dim:
+            return st.weight_dim[n]
+        if n in st.bias_dim:
+            return st.bias_dim[n]
+        return st.placement.get(n)
+
+    def scaled(self, n: fx.Node, k: int, tp: int, st) -> list:
+        pl = self.placement(n, st)
+        out = []
+        for i, (shape, dtype) in enumerate(_metas(n.meta.get("val"))):
+            shape = list(shape)
+            p = pl[i] if isinstance(pl, tuple) and i < len(pl) else (pl if not isinstance(pl, tuple) else None)
+            if isinstance(p, int) and shape:
+                shape[p] //= tp
+            is_param = n.op == "get_attr" or n in self.params
+            if shape and not is_param and k > 1 and (
+                    shape[0] == self.batch or (n in self.carrying and shape[0] % self.batch == 0)):
+                shape[0] //= k
+            out.append((shape, dtype))
+        return out
+
+
+def _meta_value(metas: list, like) -> object:
+    vals = [torch.empty(s, dtype=d, device="meta") for s, d in metas]
+    if isinstance(like, torch.Tensor):
+        return vals[0] if vals else None
+    return vals
+
+
+def _nbytes(metas: list) -> int:
+    return sum(math.prod(s) * d.itemsize for s, d in metas)
+
+
+def _non_tensor_args(node: fx.Node) -> str:
+    parts = []
+
+    def keep(a):
+        if isinstance(a, fx.Node):
+            return "_"
+        if isinstance(a, torch.device):  # meta-traced (CLI) and CUDA-traced (compile) keys must agree
+            return "device"
+        if isinstance(a, (list, tuple)):
+            return "[" + ",".join(keep(x) for x in a) + "]"
+        return repr(a)
+
+    for a in node.args:
+        parts.append(keep(a))
+    for k in sorted(node.kwargs):
+        parts.append(f"{k}={keep(node.kwargs[k])}")
+    return ",".join(parts)
+
+
+class _VariantBuilder:
+    """Makes scratch-graph copies of ops at variant shapes (for keys, measuring and roofline)."""
+
+    def __init__(self, shapes: _Shapes):
+        self.shapes = shapes
+        self.graph = fx.Graph()
+        self._cache: dict = {}
+
+    def op(self, n: fx.Node, *, k: int, tp: int, st, part: str, column: bool = False) -> OpSpec:
+        ck = (n, k, tp, id(st) if st is not None else None, part, column)
+        if ck in self._cache:
+            return self._cache[ck]
+        phs = {}
+        for a in n.all_input_nodes:
+            ph = self.graph.placeholder(f"in_{a.name}")
+            ph.meta["val"] = _meta_value(self.shapes.scaled(a, k, tp, st), a.meta.get("val"))
+            phs[a] = ph
+        args = fx.node.map_arg(n.args, lambda a: phs[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: phs[a])
+        v = self.graph.create_node("call_function", n.target, args, kwargs, name=n.name)
+        out = self.shapes.scaled(n, k, tp, st)
+        v.meta["val"] = _meta_value(out, n.meta.get("val"))
+        spec = OpSpec(key=f"{op_key(v)}|{_non_tensor_args(n)}", part=part, out_bytes=_nbytes(out),
+                      column=column, node=v)
+        self._cache[ck] = spec
+        return spec
+
+
+def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int,
+                   k_choices: Sequence[int] = (1, 2, 4)) -> ModelSpec:
+    """The planner's view of a traced model: per region and variant, the ops and byte counts.
+
+    Args:
+        gm: the traced graph (oases_fx.tracing.capture), nodes with ``meta["val"]`` at FULL shapes.
+        regions: find_tmp_regions(gm, tp)[0], graph order.
+        tp: TMP degree; batch: the step's batch size; k_choices: sub-batch counts to describe
+            (those that do not divide the batch are left out, with a note).
+    """
+    from oases_fx.propagation import linear_parts
+
+    graph = gm.graph
+    if not regions:
+        raise ValueError("describe_model: no TMP regions (nothing to plan)")
+    params = set()
+    if isinstance(gm, torch.nn.Module):
+        names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+        params = {n for n in graph.nodes if n.op == "get_attr" and str(n.target) in names}
+    else:
+        params = {n for n in graph.nodes if n.op == "get_attr"}
+    shapes = _Shapes(batch=batch, carrying=_batch_carrying(graph, batch), params=params)
+    build = _VariantBuilder(shapes)
+    notes = []
+    ks = []
+    for k in sorted(set(k_choices)):
+        if batch % k:
+            notes.append(f"k={k} left out: batch {batch} does not divide into {k} sub-batches")
+        else:
+            ks.append(k)
+
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    in_region = {n for r in regions for n in r.nodes}
+    ends = [order[r.row] for r in regions]
+    first = min(order[r.nodes[0]] for r in regions)
+    head, tail, glue = [], [], [[] for _ in regions]
+    for n in graph.nodes:
+        if n.op != "call_function" or n in in_region or is_free_op(n):
+            continue
+        i = order[n]
+        if i < first:
+            head.append(n)
+        elif i > ends[-1]:
+            tail.append(n)
+        else:
+            r = bisect.bisect_left(ends, i) - 1  # last region whose row comes before n
+            (glue[r] if r >= 0 else head).append(n)
+
+    def param_nodes(r):
+        out = []
+        for lin in list(r.columns) + [r.row]:
+            _, w, bias, _ = linear_parts(lin)
+            out.append(w)
+            if isinstance(bias, fx.Node):
+                out.append(bias)
+        return out
+
+    region_params = set()
+    specs = []
+    for ri, r in enumerate(regions):
+        pnodes = param_nodes(r)
+        region_params.update(pnodes)
+        col_inputs = list(dict.fromkeys(linear_parts(c)[0] for c in r.columns))
+        compute = [n for n in r.nodes if n.op == "call_function" and not is_free_op(n)]
+        variants = {}
+        for k in ks:
+            for shard in ((True, False) if tp > 1 else (True,)):
+                st = r.state if shard else None
+                ops = [build.op(n, k=k, tp=tp, st=st, part="region", column=n in r.columns) for n in compute]
+                ops += [build.op(n, k=k, tp=tp, st=None, part="glue") for n in glue[ri]]
+                in_b = sum(_nbytes(shapes.scaled(x, k, tp, None)) for x in col_inputs)
+                out_b = _nbytes(shapes.scaled(r.row, k, tp, None))
+                p_metas = [m for p in pnodes for m in shapes.scaled(p, 1, tp, st)]
+                comm = shard and tp > 1
+                variants[(k, shard)] = RegionVariant(
+                    ops=tuple(ops), comm_fwd_bytes=out_b if comm else 0, comm_bwd_bytes=in_b if comm else 0,
+                    in_bytes=in_b, out_bytes=out_b,
+                    param_numel=sum(math.prod(s) for s, _ in p_metas), param_bytes=_nbytes(p_metas))
+        specs.append(RegionSpec(name=r.name, kind=r.kind, variants=variants))
+
+    others = {}
+    for n in params - region_params:
+        others.setdefault(str(n.target), n)  # tied weights: one parameter, several get_attrs
+    o_metas = [m for n in others.values() for m in _metas(n.meta.get("val"))]
+    return ModelSpec(
+        regions=tuple(specs), tp=tp, batch=batch,
+        head_ops=tuple(build.op(n, k=1, tp=tp, st=None, part="head") for n in head),
+        tail_ops=tuple(build.op(n, k=1, tp=tp, st=None, part="tail") for n in tail),
+        other_param_numel=sum(math.prod(s) for s, _ in o_metas), other_param_bytes=_nbytes(o_metas),
+        notes=tuple(notes),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A plan as the cost model sees it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    """The decisions of one plan."""
+
+    num_sub_batches: int
+    recompute: str
+    shard: tuple
+    """Per region (chain order): True = Megatron-sharded over the TMP group, False = replicated."""
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE_POLICIES:
+            raise ValueError(f"recompute={self.recompute!r}: expected one of {RECOMPUTE_POLICIES}")
+
+    def tie_key(self) -> tuple:
+        """Deterministic order among equally fast plans: fewer sub-batches, lighter recompute,
+        sharded before replicated, earlier regions first."""
+        return (self.num_sub_batches, RECOMPUTE_POLICIES.index(self.recompute),
+                tuple(not s for s in self.shard))
+
+    def summary(self, names: Optional[Sequence[str]] = None) -> str:
+        n_shard = sum(self.shard)
+        s = f"k={self.num_sub_batches} recompute={self.recompute} sharded {n_shard}/{len(self.shard)}"
+        if names is not None and n_shard < len(self.shard):
+            rep = [nm for nm, sh in zip(names, self.shard) if not sh]
+            s += " (replicated: " + ", ".join(rep[:2]) + (f" +{len(rep) - 2} more" if len(rep) > 2 else "") + ")"
+        return s
+
+
+def choice_of(plan: Plan, model: ModelSpec) -> Choice:
+    """The Choice a Plan makes for this model (a region missing from the plan is replicated)."""
+    by_name = {r.name: r for r in plan.regions}
+    shard = tuple(bool(by_name[r.name].shard) if r.name in by_name else False for r in model.regions)
+    return Choice(num_sub_batches=plan.num_sub_batches, recompute=plan.recompute, shard=shard)
+
+
+# ---------------------------------------------------------------------------------------------
+# Events -> timeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_event(*_):
+    """Target of a compute event node (never called: the nodes only feed the simulator)."""
+
+
+def _comm_event(*_):
+    """Target of a collective event node."""
+
+
+def _wait_event(*_):
+    """Target of a wait event node."""
+
+
+def _is_comm_event(n: fx.Node) -> bool:
+    return n.target is _comm_event
+
+
+def _is_wait_event(n: fx.Node) -> bool:
+    return n.target is _wait_event
+
+
+@dataclass(frozen=True)
+class _PartCosts:
+    """One region variant's event costs for one sub-batch, microseconds."""
+
+    fwd: float
+    glue_fwd: float
+    bwd: float
+    wgrad: float
+    glue_bwd: float
+    ar_fwd: float
+    ar_bwd: float
+
+
+class CostCache:
+    """Region/part costs from a profile, cached per (region signature, k, shard)."""
+
+    def __init__(self, model: ModelSpec, profile: "Profile"):
+        self.model, self.profile = model, profile
+        self._cache: dict = {}
+        self._sigs = [r.signature for r in model.regions]
+
+    def op(self, o: OpSpec) -> tuple:
+        return self.profile.op_time(o.key)
+
+    def region(self, ri: int, k: int, shard: bool) -> _PartCosts:
+        ck = (self._sigs[ri], k, shard)
+        hit = self._cache.get(ck)
+        if hit is not None:
+            return hit
+        v = self.model.regions[ri].variants[(k, shard)]
+        fwd = glue_fwd = bwd = wgrad = glue_bwd = 0.0
+        for o in v.ops:
+            f, b = self.op(o)
+            if o.part == "glue":
+                glue_fwd += f
+                glue_bwd += b
+            else:
+                fwd += f
+                w = 0.5 * b if o.column else 0.0  # linear backward: dgrad and wgrad have equal flops
+                wgrad += w
+                bwd += b - w
+        ar = self.profile.all_reduce
+        pc = _PartCosts(fwd, glue_fwd, bwd, wgrad, glue_bwd,
+                        ar.predict_us(v.comm_fwd_bytes) if v.comm_fwd_bytes else 0.0,
+                        ar.predict_us(v.comm_bwd_bytes) if v.comm_bwd_bytes else 0.0)
+        self._cache[ck] = pc
+        return pc
+
+    def outside(self, ops) -> tuple:
+        f = b = 0.0
+        for o in ops:
+            of, ob = self.op(o)
+            f, b = f + of, b + ob
+        return f, b
+
+
+_SUB_BATCH_META: dict = {}
+
+
+@dataclass
+class _Template:
+    """The event nodes of a step (or of a few regions) in host order, without their costs.
+
+    Region indices are relative to the first simulated region, and costs are references (which
+    _PartCosts fields an event sums), so the search's many small simulations of the same shape
+    reuse one set of nodes.
+    """
+
+    nodes: list = field(default_factory=list)
+    compute: list = field(default_factory=list)
+    """(name, region or None, fields): the event costs the sum of these _PartCosts fields
+    (for region None: fields[0] is "head_fwd", "head_bwd", "tail_fwd" or "tail_bwd")."""
+    comm: list = field(default_factory=list)
+    """(name, region, field)."""
+    owner: dict = field(default_factory=dict)
+    """Event name -> region (relative) or None."""
+    _graph: fx.Graph = field(default_factory=fx.Graph)
+
+    def _node(self, target, name, args, owner, sub_batch):
+        n = fx.Node(self._graph, name, "call_function", target, args, {})
+        if sub_batch is not None:
+            meta = _SUB_BATCH_META.get(sub_batch)
+            if meta is None:
+                meta = _SUB_BATCH_META[sub_batch] = oases_meta.OasesMeta(sub_batch=sub_batch)
+            n.meta[oases_meta.KEY] = meta
+        self.nodes.append(n)
+        self.owner[name] = owner
+        return n
+
+    def compute_ev(self, name, owner, sub_batch, *fields):
+        self._node(_compute_event, name, (), owner, sub_batch)
+        self.compute.append((name, owner, fields))
+
+    def comm_ev(self, name, owner, sub_batch, what):
+        n = self._node(_comm_event, name, (), owner, sub_batch)
+        self.comm.append((name, owner, what))
+        return n
+
+    def wait_ev(self, comm_node, owner, sub_batch):
+        if comm_node is not None:
+            self._node(_wait_event, "wait_" + comm_node.name, (comm_node,), owner, sub_batch)
+
+
+def _build_template(k: int, rc: str, has_comm: tuple, outside: bool) -> _Template:
+    """See the module docstring for the order. has_comm[r]: region r issues all-reduces."""
+    n = len(has_comm)
+    ev = _Template()
+    if outside:
+        ev.compute_ev("head_fwd", None, None, "head_fwd")
+
+    ar_f: dict = {}
+    for r in range(n):
+        for j in range(k):
+            if r > 0:
+                ev.wait_ev(ar_f.get((r - 1, j)), r - 1, j)
+                ev.compute_ev(f"glue.r{r - 1}.s{j}", r - 1, j, "glue_fwd")
+            ev.compute_ev(f"fwd.r{r}.s{j}", r, j, "fwd")
+            if has_comm[r]:
+                ar_f[(r, j)] = ev.comm_ev(f"ar_fwd.r{r}.s{j}", r, j, "ar_fwd")
+    for j in range(k):
+        ev.wait_ev(ar_f.get((n - 1, j)), n - 1, j)
+        ev.compute_ev(f"glue.r{n - 1}.s{j}", n - 1, j, "glue_fwd")
+    if outside:
+        ev.compute_ev("tail_fwd", None, None, "tail_fwd")
+        ev.compute_ev("tail_bwd", None, None, "tail_bwd")
+
+    ar_b: dict = {}
+    for r in reversed(range(n)):
+        ar_re: dict = {}
+        if rc == "full":  # every sub-batch's recompute first: AR_f'(j) hides behind F'(j+1)
+            for j in range(k):
+                ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "fwd")
+                if has_comm[r]:
+                    ar_re[j] = ev.comm_ev(f"ar_recompute.r{r}.s{j}", r, j, "ar_fwd")
+        for j in range(k):
+            if rc == "fine":
+                ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "fwd", "glue_fwd")
+            ev.wait_ev(ar_b.get((r + 1, j)), r + 1, j)
+            if rc == "full":
+                ev.wait_ev(ar_re.get(j), r, j)
+                ev.compute_ev(f"recompute_glue.r{r}.s{j}", r, j, "glue_fwd")
+            ev.compute_ev(f"glue_bwd.r{r}.s{j}", r, j, "glue_bwd")
+            ev.compute_ev(f"bwd.r{r}.s{j}", r, j, "bwd")
+            if has_comm[r]:
+                ar_b[(r, j)] = ev.comm_ev(f"ar_bwd.r{r}.s{j}", r, j, "ar_bwd")
+            ev.compute_ev(f"wgrad.r{r}.s{j}", r, j, "wgrad")
+    for j in range(k):
+        ev.wait_ev(ar_b.get((0, j)), 0, j)
+    if outside:
+        ev.compute_ev("head_bwd", None, None, "head_bwd")
+    return ev
+
+
+_TEMPLATES: dict = {}
+_TEMPLATE_CACHE_MAX_REGIONS = 2
+"""Templates of up to this many regions (the search's single and pair simulations) are kept."""
+
+
+def _template(k: int, rc: str, has_comm: tuple, outside: bool) -> _Template:
+    if len(has_comm) > _TEMPLATE_CACHE_MAX_REGIONS:
+        return _build_template(k, rc, has_comm, outside)
+    key = (k, rc, has_comm, outside)
+    t = _TEMPLATES.get(key)
+    if t is None:
+        t = _TEMPLATES[key] = _build_template(k, rc, has_comm, outside)
+    return t
+
+
+def simulate_choice(model: ModelSpec, choice: Choice, profile: "Profile", *, lo: int = 0,
+                    hi: Optional[int] = None, outside: bool = True, cache: Optional[CostCache] = None):
+    """Timeline of one step (or of regions lo..hi-1 alone, for the search), and the events'
+    owners (event name -> region index, None for head/tail). Event names count regions from lo."""
+    hi = len(model.regions) if hi is None else hi
+    costs = cache or CostCache(model, profile)
+    k = choice.num_sub_batches
+    pcs = [costs.region(r, k, choice.shard[r]) for r in range(lo, hi)]
+    has_comm = tuple(model.tp > 1 and bool(choice.shard[r]) for r in range(lo, hi))
+    tpl = _template(k, choice.recompute, has_comm, outside)
+    fixed = {}
+    if outside:
+        fixed["head_fwd"], fixed["head_bwd"] = costs.outside(model.head_ops)
+        fixed["tail_fwd"], fixed["tail_bwd"] = costs.outside(model.tail_ops)
+    compute = {}
+    for name, r, fields in tpl.compute:
+        if r is None:
+            compute[name] = fixed[fields[0]]
+        else:
+            p = pcs[r]
+            compute[name] = sum(getattr(p, f) for f in fields)
+    comm = {name: getattr(pcs[r], f) for name, r, f in tpl.comm}
+    cm = TableCostModel(compute=compute, comm=comm, compute_interference=profile.compute_interference,
+                        comm_interference=profile.comm_interference)
+    tl = simulate(tpl.nodes, cm, comm_is=_is_comm_event, wait_is=_is_wait_event)
+    owner = {name: (None if r is None else r + lo) for name, r in tpl.owner.items()}
+    return tl, owner
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    transient: int
+    per_region: tuple
+    """Bytes per region (its params + grads + Adam state + kept activations)."""
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.transient
+
+
+def region_kept_bytes(v: RegionVariant, k: int, recompute: str) -> int:
+    """Activation bytes a region keeps from forward to backward (whole batch = k sub-batches)."""
+    if recompute == "none":
+        return k * sum(o.out_bytes for o in v.ops)
+    if recompute == "fine":
+        return k * (v.in_bytes + v.out_bytes)
+    return k * v.in_bytes
+
+
+def region_memory_bytes(v: RegionVariant, k: int, recompute: str) -> int:
+    """A region's share of the memory: params, grads, Adam state and kept activations."""
+    return 2 * v.param_bytes + ADAM_STATE_BYTES_PER_ELEMENT * v.param_numel + region_kept_bytes(v, k, recompute)
+
+
+def memory(model: ModelSpec, choice: Choice) -> MemoryBreakdown:
+    k, rc = choice.num_sub_batches, choice.recompute
+    vs = [r.variants[(k, s)] for r, s in zip(model.regions, choice.shard)]
+    params = model.other_param_bytes + sum(v.param_bytes for v in vs)
+    numel = model.other_param_numel + sum(v.param_numel for v in vs)
+    kept = [region_kept_bytes(v, k, rc) for v in vs]
+    outside = sum(o.out_bytes for o in model.head_ops + model.tail_ops)
+    live = 0 if rc == "none" else 1 if rc == "fine" else k  # sub-batches recomputed at once
+    transient = live * max((sum(o.out_bytes for o in v.ops) for v in vs), default=0)
+    return MemoryBreakdown(
+        params=params, grads=params, optimizer=ADAM_STATE_BYTES_PER_ELEMENT * numel,
+        activations=sum(kept) + outside, transient=transient,
+        per_region=tuple(region_memory_bytes(v, k, rc) for v in vs),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionBreakdown:
+    compute_us: float
+    """Time the region's compute events occupy the compute stream (interference included)."""
+    exposed_comm_us: float
+    """Time its collectives run while the compute stream does no work."""
+    hidden_comm_us: float
+    """Time its collectives run under compute."""
+    memory_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    choice: Choice
+    step_us: float
+    memory: MemoryBreakdown
+    memory_budget_bytes: Optional[int]
+    per_region: tuple
+    """RegionBreakdown per region, chain order."""
+    timeline: Timeline = field(repr=False)
+
+    @property
+    def feasible(self) -> bool:
+        return self.memory_budget_bytes is None or self.memory.total <= self.memory_budget_bytes
+
+    @property
+    def reason(self) -> str:
+        """Why the plan is rejected ("" when it fits)."""
+        if self.feasible:
+            return ""
+        m = self.memory
+        return (f"{self.choice.summary()}: needs {m.total / GIB:.2f} GiB > budget "
+                f"{self.memory_budget_bytes / GIB:.2f} GiB (params {m.params / GIB:.2f}, grads "
+                f"{m.grads / GIB:.2f}, Adam {m.optimizer / GIB:.2f}, activations "
+                f"{(m.activations + m.transient) / GIB:.2f} GiB)")
+
+
+def _overlaps(busy: list, starts: list, a: float, b: float) -> float:
+    """Overlap of [a, b) with the sorted, disjoint busy intervals."""
+    total = 0.0
+    i = max(bisect.bisect_right(starts, a) - 1, 0)
+    while i < len(busy) and busy[i].start_us < b:
+        lo, hi = max(a, busy[i].start_us), min(b, busy[i].end_us)
+        if hi > lo:
+            total += hi - lo
+        i += 1
+    return total
+
+
+def breakdown(tl: Timeline, owner: Mapping, num_regions: int) -> list:
+    """(compute, exposed comm, hidden comm) per region from a simulated timeline."""
+    comp = [0.0] * num_regions
+    exp = [0.0] * num_regions
+    hid = [0.0] * num_regions
+    busy = [iv for iv in tl.streams[COMPUTE] if iv.kind == "compute" and iv.duration_us > 0]
+    starts = [iv.start_us for iv in busy]
+    for iv in busy:
+        r = owner.get(iv.name)
+        if r is not None:
+            comp[r] += iv.duration_us
+    for iv in tl.streams[COMM]:
+        r = owner.get(iv.name)
+        if r is None:
+            continue
+        h = _overlaps(busy, starts, iv.start_us, iv.end_us)
+        hid[r] += h
+        exp[r] += iv.duration_us - h
+    return list(zip(comp, exp, hid))
+
+
+def predict(model: ModelSpec, choice: Choice, profile: "Profile", *,
+            memory_budget_bytes: Optional[int] = None, cache: Optional[CostCache] = None) -> Prediction:
+    """Step time (forward + backward) and memory of one plan, explained per region."""
+    if len(choice.shard) != len(model.regions):
+        raise ValueError(f"choice has {len(choice.shard)} shard decisions for {len(model.regions)} regions")
+    tl, owner = simulate_choice(model, choice, profile, cache=cache)
+    mem = memory(model, choice)
+    parts = breakdown(tl, owner, len(model.regions))
+    per_region = tuple(
+        RegionBreakdown(compute_us=c, exposed_comm_us=e, hidden_comm_us=h, memory_bytes=mb)
+        for (c, e, h), mb in zip(parts, mem.per_region))
+    return Prediction(choice=choice, step_us=tl.makespan_us, memory=mem, memory_budget_bytes=memory_budget_bytes,
+                      per_region=per_region, timeline=tl)
+
+
+def predict_plan(model: ModelSpec, plan: Plan, profile: "Profile", *,
+                 memory_budget_bytes: Optional[int] = None) -> Prediction:
+    """predict() for a Plan (e.g. a hand-written one, to compare with the planner's choice)."""
+    return predict(model, choice_of(plan, model), profile, memory_budget_bytes=memory_budget_bytes)
+
+
+__all__ = [
+    "OpSpec", "RegionVariant", "RegionSpec", "ModelSpec", "describe_model", "Choice", "choice_of",
+    "simulate_choice", "MemoryBreakdown", "memory", "region_memory_bytes", "region_kept_bytes",
+    "RegionBreakdown", "Prediction", "predict", "predict_plan", "breakdown", "GIB",
+    "ADAM_STATE_BYTES_PER_ELEMENT",
+]

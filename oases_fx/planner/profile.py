@@ -1,0 +1,663 @@
+"""Measure what the cost model needs on the real device: op times, collectives, interference, memory.
+
+- Op times: every compute op of the model at every variant's shapes (sub-batch b/k; sharded or
+  replicated), run on real tensors: warm-up, then the median of repeats (CUDA events on GPU,
+  perf_counter on CPU); forward under no_grad (compiled graphs record no autograd), backward as
+  ``autograd.grad`` of the op's outputs w.r.t. its floating-point inputs (weights included).
+- All-reduce: t(bytes) = alpha + beta * bytes, a least-squares fit over log-spaced sizes on the
+  actual TMP process group.
+- Interference: a GEMM alone vs while all-reduces run (async_op=True), and all-reduces alone vs
+  while GEMMs run; the slowdowns are clamped to [1, 3] (noisy on CPU/gloo).
+- Device memory capacity.
+
+All ranks end with the same Profile: each rank measures, the numbers are averaged with an
+all_reduce, and rank 0's resulting JSON is broadcast. Profiles are cached on disk
+($OASES_FX_CACHE or ~/.cache/oases_fx, under profiles/) keyed by device name, torch version,
+TMP degree and the op shapes; a cache hit is used only when every rank has it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from oases_fx.planner.cost_model import ModelSpec
+from oases_fx.timeline import AnalyticalCostModel, DeviceConstants
+
+log = logging.getLogger("oases_fx")
+
+PROFILE_FORMAT = 1
+"""Bumped when the Profile JSON changes meaning (older cache files are ignored)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileOptions:
+    warmup: int = 3
+    """Untimed runs of each op before timing it."""
+    repeats: int = 10
+    """Timed runs of each op; the median is kept."""
+    collective_sizes_bytes: tuple = tuple(64 * 1024 * 2 ** i for i in range(11))
+    """All-reduce message sizes for the alpha-beta fit (default 64 KiB .. 64 MiB, log-spaced)."""
+    collective_repeats: int = 5
+    """Timed all-reduces per size (median)."""
+    interference_gemm_n: int = 4096
+    """Square GEMM size for the interference measurement (64..256 is plenty on CPU)."""
+    interference_comm_bytes: int = 64 * 1024 * 1024
+    """All-reduce size for the interference measurement."""
+    interference_gemms: int = 20
+    """GEMMs timed per interference repeat."""
+    interference_repeats: int = 5
+    """Interference repeats (median)."""
+
+    @classmethod
+    def for_device(cls, device_type: str) -> "ProfileOptions":
+        """Defaults sized for the device: on CPU (gloo) small GEMMs and messages keep profiling
+        to a few seconds; on GPUs the full ranges above."""
+        if device_type == "cpu":
+            return cls(warmup=1, repeats=3, collective_sizes_bytes=tuple(16 * 1024 * 2 ** i for i in range(5)),
+                       collective_repeats=3, interference_gemm_n=128, interference_comm_bytes=1024 * 1024,
+                       interference_gemms=5, interference_repeats=3)
+        return cls()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaBeta:
+    """t(bytes) = alpha_us + beta_us_per_byte * bytes, fitted to (sizes_bytes, times_us)."""
+
+    alpha_us: float
+    """Fixed latency, microseconds (>= 0)."""
+    beta_us_per_byte: float
+    """Inverse bandwidth, microseconds per byte (> 0)."""
+    sizes_bytes: tuple = ()
+    """Measured message sizes."""
+    times_us: tuple = ()
+    """Measured times (median per size, averaged over ranks)."""
+
+    def predict_us(self, nbytes: float) -> float:
+        return self.alpha_us + self.beta_us_per_byte * float(nbytes)
+
+    @property
+    def bandwidth_gb_s(self) -> float:
+        """Algorithm bandwidth bytes / (beta * bytes), GB/s."""
+        return 1e-3 / self.beta_us_per_byte if self.beta_us_per_byte > 0 else math.inf
+
+
+MIN_BETA_US_PER_BYTE = 1e-9
+"""Floor of the fitted slope: 1e-9 us/B = 1e15 B/s, far above any link, but positive."""
+
+
+def fit_alpha_beta(sizes_bytes: Sequence[float], times_us: Sequence[float]) -> AlphaBeta:
+    """Least squares t = alpha + beta * bytes with alpha >= 0 and beta > 0.
+
+    Weighted by 1/t so that small messages (latency-bound) count as much as large ones. If the
+    unconstrained fit has alpha < 0 the line is refitted through the origin; a non-positive
+    slope (noise on a fast or single-rank group) is floored at MIN_BETA_US_PER_BYTE.
+    """
+    import numpy as np
+
+    x = np.asarray(sizes_bytes, dtype=np.float64)
+    y = np.asarray(times_us, dtype=np.float64)
+    if len(x) < 2 or len(set(x.tolist())) < 2:
+        raise ValueError(f"an alpha-beta fit needs at least 2 distinct sizes, got {list(sizes_bytes)}")
+    w = 1.0 / np.maximum(y, 1e-6)
+    beta, alpha = np.polyfit(x, y, 1, w=w)
+    if alpha < 0:
+        alpha = 0.0
+        beta = float(np.sum(w * w * x * y) / np.sum(w * w * x * x))
+    if beta < MIN_BETA_US_PER_BYTE:
+        beta = MIN_BETA_US_PER_BYTE
+        alpha = max(float(np.sum(w * w * (y - beta * x)) / np.sum(w * w)), 0.0)
+    return AlphaBeta(alpha_us=float(alpha), beta_us_per_byte=float(beta),
+                     sizes_bytes=tuple(int(s) for s in x), times_us=tuple(float(t) for t in y))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """Measured (or analytical) costs for one device, torch version, TMP degree and model shapes."""
+
+    source: str
+    """"measured" or "analytical" (roofline constants, not measured)."""
+    device_name: str
+    """torch.cuda.get_device_name() (or "cpu-<arch>-<n>cores"; for analytical: the constants)."""
+    torch_version: str
+    """torch.__version__ of the measuring process."""
+    tp_degree: int
+    """Size of the TMP group the collectives were timed on."""
+    op_us: Mapping
+    """Op key (cost_model.OpSpec.key) -> (forward_us, backward_us)."""
+    all_reduce: AlphaBeta
+    compute_interference: float = 1.0
+    """Compute runs this many times slower while an all-reduce runs (>= 1)."""
+    comm_interference: float = 1.0
+    """An all-reduce runs this many times slower while compute runs (>= 1)."""
+    memory_bytes: int
+    """Device memory capacity (the smallest over ranks)."""
+    notes: tuple = ()
+    """Ops that could not be run at their shapes (timed by the roofline instead), etc."""
+    key: str = ""
+    """Cache key (device, torch, tp, shapes)."""
+    format: int = PROFILE_FORMAT
+    """PROFILE_FORMAT of the writer."""
+    from_cache: bool = field(default=False, compare=False)
+    """True when this object was read from the disk cache (not serialised)."""
+
+    def op_time(self, key: str) -> tuple:
+        try:
+            f, b = self.op_us[key]
+        except KeyError:
+            raise KeyError(
+                f"the {self.source} profile for {self.device_name} (tp={self.tp_degree}) has no time for op "
+                f"{key!r}. Fix: measure a profile for this model, batch and k choices "
+                "(oases_fx.planner.measure_profile), or use analytical_profile()."
+            ) from None
+        return float(f), float(b)
+
+    def missing(self, keys) -> list:
+        return sorted(k for k in keys if k not in self.op_us)
+
+    def label(self) -> str:
+        if self.source == "analytical":
+            return f"analytical, not measured ({self.device_name})"
+        return f"{self.source} on {self.device_name}, torch {self.torch_version}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("from_cache")
+        d["op_us"] = {k: [float(v[0]), float(v[1])] for k, v in sorted(self.op_us.items())}
+        d["notes"] = list(self.notes)
+        d["all_reduce"]["sizes_bytes"] = list(self.all_reduce.sizes_bytes)
+        d["all_reduce"]["times_us"] = list(self.all_reduce.times_us)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, *, from_cache: bool = False) -> "Profile":
+        d = dict(d)
+        ar = dict(d["all_reduce"])
+        ar["sizes_bytes"] = tuple(ar.get("sizes_bytes", ()))
+        ar["times_us"] = tuple(ar.get("times_us", ()))
+        d["all_reduce"] = AlphaBeta(**ar)
+        d["op_us"] = {k: (float(v[0]), float(v[1])) for k, v in d["op_us"].items()}
+        d["notes"] = tuple(d.get("notes", ()))
+        return cls(**d, from_cache=from_cache)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, *, from_cache: bool = False) -> "Profile":
+        return cls.from_dict(json.loads(text), from_cache=from_cache)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)  # atomic: ranks sharing a filesystem may write the same file
+
+    @classmethod
+    def load(cls, path, *, from_cache: bool = False) -> "Profile":
+        return cls.from_json(Path(path).read_text(), from_cache=from_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where profiles are kept: $OASES_FX_CACHE/profiles or ~/.cache/oases_fx/profiles."""
+    root = os.environ.get("OASES_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "oases_fx")
+    return Path(root) / "profiles"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:60] or "device"
+
+
+def profile_key(*, device_name: str, torch_version: str, tp: int, op_keys: Sequence[str]) -> str:
+    """The cache key: device, torch version, TMP degree and a digest of the op shapes."""
+    digest = hashlib.sha256(json.dumps(sorted(op_keys)).encode()).hexdigest()[:16]
+    return f"{_slug(device_name)}-torch{_slug(torch_version)}-tp{tp}-{digest}"
+
+
+def load_cached_profile(model: ModelSpec, *, device_name: Optional[str] = None) -> Optional[Profile]:
+    """A cached measured profile that times every op of ``model`` at its TMP degree, or None.
+
+    With no device_name, any device's profile qualifies (the most recently written wins): the
+    CLI plans on a laptop with the profile compile() measured on the GPU machine.
+    """
+    d = cache_dir()
+    if not d.is_dir():
+        return None
+    keys = model.op_keys()
+    if device_name is not None:
+        p = d / f"{profile_key(device_name=device_name, torch_version=torch.__version__, tp=model.tp, op_keys=keys)}.json"
+        cands = [p] if p.exists() else []
+    else:
+        cands = sorted(d.glob(f"*-tp{model.tp}-*.json"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    for p in cands:
+        try:
+            prof = Profile.load(p, from_cache=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if prof.format == PROFILE_FORMAT and prof.tp_degree == model.tp and not prof.missing(keys):
+            return prof
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytical profile (no device)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_MEMORY_BYTES = 80 * 1024 ** 3
+"""Analytical default device memory: one H100 (80 GiB)."""
+
+
+def _backward_factor(node: Optional[fx.Node]) -> float:
+    # Linear: dgrad + wgrad = 2x forward flops. Attention backward: dQ, dK, dV plus the recomputed
+    # scores, the 2.5x timeline.node_flops uses for attention backward ops.
+    name = str(getattr(node, "target", ""))
+    return 2.5 if "attention" in name else 2.0
+
+
+def analytical_profile(model: ModelSpec, *, constants: Optional[DeviceConstants] = None,
+                       memory_bytes: int = DEFAULT_MEMORY_BYTES) -> Profile:
+    """A Profile from timeline.AnalyticalCostModel's roofline and alpha-beta constants.
+
+    Forward times are the roofline of each op at its variant shapes; backward = 2x forward
+    (2.5x for attention). Label: "analytical, not measured".
+    """
+    c = constants or DeviceConstants(group_size=model.tp)
+    cm = AnalyticalCostModel(c)
+    op_us = {}
+    for o in model.all_ops():
+        if o.key in op_us:
+            continue
+        f = cm.compute_us(o.node) if o.node is not None else 0.0
+        op_us[o.key] = (f, f * _backward_factor(o.node))
+    n = max(model.tp, 1)
+    share = 2.0 * (n - 1) / n if n > 1 else 0.0
+    ar = AlphaBeta(alpha_us=c.comm_alpha_us,
+                   beta_us_per_byte=max(share / c.comm_bus_bw_bytes_per_s * 1e6, MIN_BETA_US_PER_BYTE))
+    return Profile(
+        source="analytical", device_name=f"roofline {c.peak_flops / 1e12:.0f} TFLOP/s, "
+        f"{c.mem_bw_bytes_per_s / 1e12:.2f} TB/s, all-reduce {c.comm_bus_bw_bytes_per_s / 1e9:.0f} GB/s busbw",
+        torch_version=torch.__version__, tp_degree=model.tp, op_us=op_us, all_reduce=ar,
+        compute_interference=c.compute_interference, comm_interference=c.comm_interference,
+        memory_bytes=int(memory_bytes), notes=("analytical cost model constants, not measured",),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_MEMORY_BYTES
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timer:
+    """Times single calls: CUDA events on GPU, perf_counter on CPU. Microseconds."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def median_us(self, fn, *, warmup: int, repeats: int) -> float:
+        for _ in range(warmup):
+            fn()
+        _sync(self.device)
+        times = []
+        if self.device.type == "cuda":
+            pairs = []
+            for _ in range(repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                pairs.append((a, b))
+            torch.cuda.synchronize(self.device)
+            times = [a.elapsed_time(b) * 1e3 for a, b in pairs]
+        else:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+        return float(statistics.median(times))
+
+    def span_us(self, fn) -> float:
+        """One timed call of fn (which may launch many kernels)."""
+        _sync(self.device)
+        if self.device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) * 1e3
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+
+
+def _materialize(val, device: torch.device):
+    if isinstance(val, torch.Tensor):
+        shape, dtype = tuple(int(s) for s in val.shape), val.dtype
+        if dtype.is_floating_point or dtype.is_complex:
+            return torch.randn(shape, dtype=dtype, device=device)
+        if dtype == torch.bool:
+            return torch.ones(shape, dtype=dtype, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)  # indices: 0 is always in range
+    if isinstance(val, (list, tuple)):
+        return type(val)(_materialize(v, device) for v in val)
+    return val
+
+
+def _flat_tensors(x) -> list:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in _flat_tensors(y)]
+    return []
+
+
+def _measure_op(node: fx.Node, device: torch.device, timer: _Timer, opts: ProfileOptions) -> tuple:
+    """(forward_us, backward_us) of one op at the shapes in its placeholders' meta["val"]."""
+    inputs = {a: _materialize(a.meta["val"], device) for a in node.all_input_nodes}
+    args = fx.node.map_arg(node.args, lambda a: inputs[a])
+    kwargs = fx.node.map_arg(node.kwargs, lambda a: inputs[a])
+    if "device" in kwargs:
+        kwargs = dict(kwargs, device=device)
+    target = node.target
+    with torch.no_grad():
+        fwd = timer.median_us(lambda: target(*args, **kwargs), warmup=opts.warmup, repeats=opts.repeats)
+    mutable = isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+    leaves = [t for t in _flat_tensors(list(inputs.values())) if t.dtype.is_floating_point]
+    if mutable or not leaves:
+        return fwd, 0.0
+    for t in leaves:
+        t.requires_grad_(True)
+    outs = [o for o in _flat_tensors(target(*args, **kwargs)) if o.requires_grad]
+    if not outs:
+        return fwd, 0.0
+    grads = [torch.randn_like(o) for o in outs]
+    bwd = timer.median_us(
+        lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True),
+        warmup=opts.warmup, repeats=opts.repeats)
+    return fwd, bwd
+
+
+def _comm_device(group) -> torch.device:
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_mean(values: list, group, device: torch.device) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return (t / dist.get_world_size(group)).tolist()
+
+
+def _all_reduce_int(value: int, op, group, device: torch.device) -> int:
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=op, group=group)
+    return int(t.item())
+
+
+def _barrier(group, device: torch.device) -> None:
+    _all_reduce_int(0, dist.ReduceOp.SUM, group, device)
+
+
+def _broadcast_text(text: Optional[str], group) -> str:
+    obj = [text]
+    dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0), group=group)
+    return obj[0]
+
+
+def _time_all_reduce(x: torch.Tensor, group, timer: _Timer, opts: ProfileOptions, device) -> float:
+    times = []
+    for i in range(opts.warmup + opts.collective_repeats):
+        _barrier(group, device)  # start together: a skewed start would count as collective time
+        t = timer.span_us(lambda: dist.all_reduce(x, group=group))
+        if i >= opts.warmup:
+            times.append(t)
+    return float(statistics.median(times))
+
+
+def _poll_done(works) -> bool:
+    return all(w.is_completed() for w in works)
+
+
+def _measure_interference(group, device, timer: _Timer, opts: ProfileOptions, dtype, comm_device) -> tuple:
+    """(gemm alone, gemm under all-reduce, all-reduce alone, all-reduce under gemm), microseconds.
+
+    Both "under" cases overlap for their whole duration: the concurrent side is sized (and for the
+    collective, repeated) to outlast the measured side.
+    """
+    n = opts.interference_gemm_n
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    x = torch.zeros(max(opts.interference_comm_bytes // dtype.itemsize, 1), dtype=dtype, device=device)
+    gemm_us = timer.median_us(lambda: torch.mm(a, b), warmup=opts.warmup, repeats=opts.repeats)
+    ar_us = _time_all_reduce(x, group, timer, opts, comm_device)
+    gemms = opts.interference_gemms
+    # Same number of collectives on every rank, enough to outlast `gemms` GEMMs 1.5 times.
+    m = max(1, math.ceil(1.5 * gemms * gemm_us / max(ar_us, 1e-3)))
+    m = min(_all_reduce_int(m, dist.ReduceOp.MAX, group, comm_device), 256)
+
+    def run_gemms():
+        for _ in range(gemms):
+            torch.mm(a, b)
+
+    gemm_alone, gemm_under, ar_alone, ar_under = [], [], [], []
+    for _ in range(opts.interference_repeats):
+        gemm_alone.append(timer.span_us(run_gemms) / gemms)
+        _barrier(group, comm_device)
+        _sync(device)
+        works = [dist.all_reduce(x, group=group, async_op=True) for _ in range(m)]
+        gemm_under.append(timer.span_us(run_gemms) / gemms)
+        for w in works:
+            w.wait()
+        _sync(device)
+        # All-reduces alone / under GEMMs, timed on the host by polling their completion.
+        for under, out in ((False, ar_alone), (True, ar_under)):
+            _barrier(group, comm_device)
+            _sync(device)
+            t0 = time.perf_counter()
+            works = [dist.all_reduce(x, group=group, async_op=True) for _ in range(m)]
+            launched = 0
+            while not _poll_done(works):
+                if under and launched < 100 * gemms:
+                    torch.mm(a, b)
+                    launched += 1
+            out.append((time.perf_counter() - t0) * 1e6 / m)
+            for w in works:
+                w.wait()
+            _sync(device)
+    med = statistics.median
+    return med(gemm_alone), med(gemm_under), med(ar_alone), med(ar_under)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_description(self, s):
+        pass
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool, desc: str):
+    """A progress bar: rich if installed, else tqdm, else none."""
+    if not enabled:
+        yield _NoBar()
+        return
+    try:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as prog:
+            task = prog.add_task(desc, total=total)
+
+            class _Bar:
+                def update(self, n=1):
+                    prog.update(task, advance=n)
+
+                def set_description(self, s):
+                    prog.update(task, description=s)
+
+            yield _Bar()
+        return
+    except ImportError:
+        pass
+    try:
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=desc, leave=False) as bar:
+            yield bar
+        return
+    except ImportError:
+        yield _NoBar()
+
+
+def _model_dtype(model: ModelSpec) -> torch.dtype:
+    for r in model.regions:
+        for v in r.variants.values():
+            for o in v.ops:
+                val = o.node.meta.get("val") if o.node is not None else None
+                if isinstance(val, torch.Tensor) and val.dtype.is_floating_point:
+                    return val.dtype
+    return torch.float32
+
+
+def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.device] = None,
+                    options: ProfileOptions = ProfileOptions(), cache: bool = True,
+                    progress: bool = True) -> Profile:
+    """Measure (or read from the cache) the profile of ``model`` on this device and TMP group.
+
+    Collective: call on every rank of ``group`` (default: the world). ``device`` defaults to the
+    current CUDA device for an NCCL group, else the CPU. Every rank returns the same Profile.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "measure_profile needs an initialised process group (the TMP group): collectives are timed "
+            "on it. Fix: dist.init_process_group(...) first, or use analytical_profile(model).")
+    group = group if group is not None else dist.group.WORLD
+    comm_device = _comm_device(group)
+    device = torch.device(device) if device is not None else comm_device
+    world = dist.get_world_size(group)
+    if world != model.tp:
+        raise ValueError(f"measure_profile: the group has {world} ranks but the model spec is for tp={model.tp}")
+    rank0 = dist.get_rank(group) == 0
+    keys = model.op_keys()
+    name = _device_name(device)
+    key = profile_key(device_name=name, torch_version=torch.__version__, tp=model.tp, op_keys=keys)
+    path = cache_dir() / f"{key}.json"
+
+    local = None
+    if cache and path.exists():
+        try:
+            local = Profile.load(path, from_cache=True)
+            if local.format != PROFILE_FORMAT or local.missing(keys):
+                local = None
+        except (OSError, ValueError, KeyError, TypeError):
+            local = None
+    if cache and _all_reduce_int(local is not None, dist.ReduceOp.MIN, group, comm_device):
+        text = _broadcast_text(local.to_json() if rank0 else None, group)  # bitwise the same everywhere
+        return Profile.from_json(text, from_cache=True)
+
+    ops = {}
+    for o in model.all_ops():
+        ops.setdefault(o.key, o)
+    timer = _Timer(device)
+    dtype = _model_dtype(model)
+    sizes = list(options.collective_sizes_bytes)
+    notes = []
+    fallback = AnalyticalCostModel(DeviceConstants(group_size=model.tp))
+    values = []
+    with _progress(len(ops) + len(sizes) + 1, progress and rank0, "oases_fx: profiling") as bar:
+        for k in sorted(ops):
+            o = ops[k]
+            bar.set_description(f"op {k.split('(')[0]}")
+            try:
+                f, b = _measure_op(o.node, device, timer, options)
+            except Exception as e:  # an op that cannot run at the variant shapes (baked constants)
+                f = fallback.compute_us(o.node)
+                b = f * _backward_factor(o.node)
+                notes.append(f"{k[:120]}: not runnable at these shapes ({type(e).__name__}); roofline time used")
+            values += [f, b]
+            bar.update()
+        bar.set_description("all-reduce")
+        ar_times = []
+        for s in sizes:
+            x = torch.zeros(max(s // dtype.itemsize, 1), dtype=dtype, device=device)
+            ar_times.append(_time_all_reduce(x, group, timer, options, comm_device))
+            bar.update()
+        bar.set_description("interference")
+        intf = _measure_interference(group, device, timer, options, dtype, comm_device)
+        bar.update()
+    avg = _all_reduce_mean(values + ar_times + list(intf), group, comm_device)
+    mem = _all_reduce_int(_device_memory(device), dist.ReduceOp.MIN, group, comm_device)
+    n_ops = len(ops)
+    op_us = {k: (avg[2 * i], avg[2 * i + 1]) for i, k in enumerate(sorted(ops))}
+    ar_avg = avg[2 * n_ops: 2 * n_ops + len(sizes)]
+    g_alone, g_under, c_alone, c_under = avg[2 * n_ops + len(sizes):]
+    clamp = lambda v: min(max(v, 1.0), 3.0)  # noqa: E731
+    notes.append(f"interference: GEMM {g_alone:.1f} us alone, {g_under:.1f} us under all-reduce; "
+                 f"all-reduce {c_alone:.1f} us alone, {c_under:.1f} us under GEMMs (clamped to [1, 3])")
+    prof = Profile(
+        source="measured", device_name=name, torch_version=torch.__version__, tp_degree=model.tp,
+        op_us=op_us, all_reduce=fit_alpha_beta([int(s) for s in sizes], ar_avg),
+        compute_interference=clamp(g_under / g_alone if g_alone > 0 else 1.0),
+        comm_interference=clamp(c_under / c_alone if c_alone > 0 else 1.0),
+        memory_bytes=mem, notes=tuple(notes), key=key,
+    )
+    text = _broadcast_text(prof.to_json() if rank0 else None, group)
+    prof = Profile.from_json(text)
+    if cache:
+        try:
+            prof.save(path)
+        except OSError as e:  # a read-only home: plan anyway (the profile is the same on all ranks)
+            log.warning("oases_fx: profile cache %s not written: %s", path, e)
+    return prof
+
+
+__all__ = ["ProfileOptions", "AlphaBeta", "fit_alpha_beta", "Profile", "cache_dir", "profile_key",
+           "load_cached_profile", "analytical_profile", "measure_profile", "DEFAULT_MEMORY_BYTES"]
