@@ -113,9 +113,12 @@ class System:
         return loss.detach()
 
     def close(self) -> None:
+        """Drop every reference to the model (extras such as `explain` included) and free it."""
         self.zero_grad()
-        self.modules = []
-        self._step_fn = None
+        for key in list(vars(self)):
+            if key not in ("name", "notes"):
+                delattr(self, key)
+        self.modules, self._step_fn, self._wrap_call = [], None, None
         free_memory()
 
 
@@ -151,7 +154,8 @@ def fingerprint(sd: StateDict) -> float:
     """A cheap float64 checksum of the weights, to check that all ranks hold the same ones."""
     total = 0.0
     for i, k in enumerate(sorted(sd)):
-        total += (i + 1) * float(sd[k].double().sum()) + float(sd[k].double().abs().sum())
+        t = sd[k]
+        total += (i + 1) * float(t.sum(dtype=torch.float64)) + float(t.abs().sum(dtype=torch.float64))
     return total
 
 

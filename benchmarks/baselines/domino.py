@@ -25,10 +25,13 @@ autograd engine's:
 
 What overlaps: with k=2 every forward all-reduce of sub-batch A runs while sub-batch B computes
 the same unit, and B's all-reduce runs while A computes the next unit (across layer boundaries);
-the same holds for the backward input-gradient all-reduces. Exposed: the last forward all-reduce
-before the head, the last backward one of the embedding... i.e. one per direction, plus the
-vocab-parallel cross-entropy's three small all-reduces. Not done: recomputation, fusion, CUDA
-graphs; compute is eager PyTorch (SDPA for attention) like Megatron's local spec.
+the same holds for the backward input-gradient all-reduces. Effectively exposed: the embedding's
+forward all-reduce of A (only B's lookup runs meanwhile) and layer 0's backward attention
+all-reduce of B (only A's embedding backward runs meanwhile), plus the vocab-parallel
+cross-entropy's three small blocking all-reduces per sub-batch. Whether an all-reduce really runs
+concurrently is up to the GPU: NCCL kernels compete with GEMMs for SMs (FINDINGS 1). Not done:
+recomputation, fusion, CUDA graphs; compute is eager PyTorch (SDPA for attention), like
+Megatron's local spec.
 """
 from __future__ import annotations
 

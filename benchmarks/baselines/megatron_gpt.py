@@ -88,10 +88,9 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
     """
 
     def __init__(self, config, hidden_size, eps=1e-5, **kwargs):
-        super().__init__(hidden_size, eps=eps, device=kwargs.get("device"),
-                         dtype=config.params_dtype)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in (self.weight, self.bias):
-            setattr(p, "sequence_parallel", config.sequence_parallel)
+            p.sequence_parallel = config.sequence_parallel
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def load_megatron_weights(model: nn.Module, full: StateDict, tp_attrs: dict, *, 
 
 
 def build_megatron_model(cfg: GPTConfig, sd: StateDict, *, device: torch.device,
-                         dtype: torch.dtype, sequence_parallel: bool, seed: int = 1234):
+                         dtype: torch.dtype, sequence_parallel: bool):
     """Megatron GPTModel with the plain GPT's weights on `device` (model parallel state must be
     initialised already). Returns the model."""
     _import_megatron()
@@ -223,22 +222,23 @@ def build_megatron_model(cfg: GPTConfig, sd: StateDict, *, device: torch.device,
             submodules=TransformerBlockSubmodules(
                 layer_specs=[layer_spec] * cfg.n_layer, layer_norm=SequenceParallelLayerNorm),
         )
-    with torch.device(device):  # torch LayerNorms follow the default device
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=decoder_spec,
-            vocab_size=cfg.vocab_size,
-            max_sequence_length=cfg.block_size,
-            pre_process=True,
-            post_process=True,
-            parallel_output=True,  # vocab-parallel logits + vocab-parallel cross-entropy
-            share_embeddings_and_output_weights=True,
-            position_embedding_type="learned_absolute",
-        )
-    tp_attrs = {n: (bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", None))
-                for n, p in model.named_parameters()}
+    model = GPTModel(  # TP layers allocate on the current CUDA device, torch norms on CPU
+        config=config,
+        transformer_layer_spec=decoder_spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.block_size,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,  # vocab-parallel logits + vocab-parallel cross-entropy
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="learned_absolute",
+    )
+    tp_attrs = {n: (bool(getattr(p, "tensor_model_parallel", False)),
+                    getattr(p, "partition_dim", None)) for n, p in model.named_parameters()}
     sp_names = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
-    model.to(device=device, dtype=dtype)  # FINDINGS 5: needed for bf16 with the local spec
+    # FINDINGS 5: the cast is needed with the local spec; it also moves the torch norms. The TP
+    # attributes were read above because .to() may hand back new Parameter objects.
+    model.to(device=device, dtype=dtype)
     load_megatron_weights(model, megatron_state_dict_from_gpt(sd, cfg), tp_attrs,
                           tp_rank=tp_rank, tp_size=tp_size)
     model.sp_param_names = sp_names
@@ -263,8 +263,10 @@ def _ensure_model_parallel(tp_size: int, seed: int, device: torch.device) -> Non
         model_parallel_cuda_manual_seed(seed)
 
 
-def _build(ctx: BuildContext, name: str, *, sequence_parallel: bool) -> System:
-    if ctx.device.type != "cuda":
+def _build(ctx: BuildContext, name: str, *, sequence_parallel: bool,
+           require_cuda: bool = True) -> System:
+    """require_cuda=False only for CPU experiments that patch megatron's CUDA calls."""
+    if require_cuda and ctx.device.type != "cuda":
         raise SystemUnavailable("megatron-core's TP layers allocate on torch.cuda.current_device(); "
                                 "CUDA only")
     notes = []
@@ -295,7 +297,8 @@ def _build(ctx: BuildContext, name: str, *, sequence_parallel: bool) -> System:
                     g.copy_(synced)
         return loss
 
-    notes.append("local spec + SDPA core attention" + (", SP torch LayerNorm" if sequence_parallel else ""))
+    notes.append("local spec + SDPA core attention"
+                 + (", SP torch LayerNorm" if sequence_parallel else ""))
     return System(name, step, [model], notes="; ".join(notes))
 
 

@@ -95,13 +95,15 @@ def _async_tp_counter():
 
     class CountAsyncTP(CustomGraphPass):
         def __init__(self):
+            self.graphs = 0  # 0 after a cache hit: Inductor did not run its passes
             self.fused = 0
             self.unfused = 0
 
         def __call__(self, graph):
+            self.graphs += 1
             for node in graph.nodes:
-                name = str(node.target)
-                if "fused_all_gather_matmul" in name or "fused_matmul_reduce_scatter" in name:
+                name = str(node.target)  # e.g. symm_mem.fused_all_gather_matmul.default
+                if "symm_mem.fused_" in name:
                     self.fused += 1
                 elif "all_gather_into_tensor" in name or "reduce_scatter_tensor" in name:
                     self.unfused += 1
@@ -138,11 +140,11 @@ def _build(ctx: BuildContext, name: str, *, sequence_parallel: bool, async_tp: b
         counter = _async_tp_counter()
 
         def wrap_call():
-            # Patched only around this system's calls, so no other system is compiled with it.
-            # The FX graph cache is off so that the counting pass sees every compile.
+            # Patched only around this system's calls (compiles happen inside them), so no other
+            # system is compiled with async TP or the counting pass.
             import torch._inductor.config as inductor_config
 
-            return inductor_config.patch(_micro_pipeline_tp=True, fx_graph_cache=False,
+            return inductor_config.patch(_micro_pipeline_tp=True,
                                          post_grad_custom_post_pass=counter)
 
     model = build_titan_gpt(cfg, ctx.state_dict, device=ctx.device, dtype=ctx.dtype)

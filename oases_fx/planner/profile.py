@@ -235,8 +235,11 @@ def _slug(s: str) -> str:
 
 
 def profile_key(*, device_name: str, torch_version: str, tp: int, op_keys: Sequence[str]) -> str:
-    """The cache key: device, torch version, TMP degree and a digest of the op shapes."""
-    digest = hashlib.sha256(json.dumps(sorted(op_keys)).encode()).hexdigest()[:16]
+    """The cache key: device, torch version, TMP degree, the NCCL/CUDA environment that changes
+    the interconnect's speed (NCCL_P2P_DISABLE and friends) and a digest of the op shapes."""
+    env = sorted((k, v) for k, v in os.environ.items()
+                 if k.startswith("NCCL_") or k in ("CUDA_DEVICE_MAX_CONNECTIONS",))
+    digest = hashlib.sha256(json.dumps([sorted(op_keys), env]).encode()).hexdigest()[:16]
     return f"{_slug(device_name)}-torch{_slug(torch_version)}-tp{tp}-{digest}"
 
 

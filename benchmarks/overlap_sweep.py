@@ -1,0 +1,232 @@
+"""Sub-batch overlap sweep (the schedule issue's benchmark) and planner accuracy, on 2 GPUs.
+
+For the plain GPT (bf16, TP=2): step time (forward + backward, median of --steps after warm-up,
+CUDA events) and peak memory for k in --ks x recompute in --recomputes, the floor (the same
+compiled graph with every collective skipped) and the planner's own choice (plan="auto");
+the planner's predicted step time for every measured plan (from a profile measured on these
+GPUs); the hidden share of the exposed communication (T_k1 - T_best) / (T_k1 - T_floor); a bf16
+check of loss and gradients against the unsharded model; and, from a torch.profiler trace of
+the k=2 plan, the fraction of NCCL kernel time that ran concurrently with compute kernels.
+
+    torchrun --nproc-per-node 2 -m benchmarks.overlap_sweep --hidden 2048 --layers 4 --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_k, _v)
+
+import torch
+import torch.distributed as dist
+
+
+def _time_steps(m, idx, tgt, steps, warmup):
+    cuda = idx.is_cuda
+    for _ in range(warmup):
+        _, loss = m(idx, tgt)
+        loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        if not cuda:
+            t0 = time.perf_counter()
+            _, loss = m(idx, tgt)
+            loss.backward()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        _, loss = m(idx, tgt)
+        loss.backward()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    for p in m.parameters():
+        p.grad = None
+    return statistics.median(times)
+
+
+def overlap_from_trace(path):
+    """Fraction of NCCL kernel time that overlaps some non-NCCL kernel (from a chrome trace)."""
+    with open(path) as f:
+        ev = json.load(f)["traceEvents"]
+    kern = [e for e in ev if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    by_pid = {}
+    for e in kern:
+        by_pid.setdefault(e["pid"], []).append(e)
+    total = over = 0.0
+    for evs in by_pid.values():
+        nccl = [(e["ts"], e["ts"] + e["dur"]) for e in evs if "nccl" in e["name"].lower()]
+        comp = sorted((e["ts"], e["ts"] + e["dur"]) for e in evs if "nccl" not in e["name"].lower())
+        merged = []
+        for s, t in comp:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], t)
+            else:
+                merged.append([s, t])
+        for s, t in nccl:
+            total += t - s
+            over += sum(max(0.0, min(t, b) - max(s, a)) for a, b in merged if a < t and b > s)
+    return (over / total if total else float("nan")), total
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--hidden", type=int, nargs="+", default=[2048])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--recomputes", nargs="+", default=["none", "fine"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--backend", default="inductor")
+    p.add_argument("--no-auto", action="store_true")
+    p.add_argument("--trace", action="store_true", help="profile the k=2 plan and compute the overlap")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (gloo) for a smoke test of this script")
+    args = p.parse_args(argv)
+
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    rank = dist.get_rank()
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+        torch.cuda.reset_peak_memory_stats = lambda *a: None
+        torch.cuda.max_memory_allocated = lambda *a: 0
+        torch.cuda.empty_cache = lambda *a: None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import oases_fx
+    from oases_fx.models import GPT, GPTConfig
+    from oases_fx.passes.annotate_sharding import find_tmp_regions
+    from oases_fx.plan import Plan, RegionPlan
+    from oases_fx.planner import describe_model, measure_profile, predict_plan
+    from oases_fx.tracing import capture
+
+    mesh = init_device_mesh(args.device, (2,), mesh_dim_names=("tp",))
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    interconnect = "NCCL_P2P_DISABLE=1" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "NVLink"
+    rows = []
+    os.makedirs(args.out, exist_ok=True)
+    for h in args.hidden:
+        cfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers, n_head=h // 64, n_embd=h)
+        torch.manual_seed(0)
+        base = GPT(cfg).to(args.device, torch.bfloat16 if cuda else torch.float32)
+        g = torch.Generator(device=args.device).manual_seed(0)
+        idx = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
+        tgt = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
+
+        # Planner inputs: one trace, a profile measured on these GPUs (cached on disk).
+        t0 = time.time()
+        traced = capture(base, (idx, tgt), {})
+        regions, _ = find_tmp_regions(traced.gm, 2)
+        spec = describe_model(traced.gm, regions, tp=2, batch=args.batch, k_choices=tuple(args.ks))
+        from oases_fx.planner import ProfileOptions
+        profile = measure_profile(spec, group=mesh.get_group("tp"), options=ProfileOptions.for_device(args.device),
+                                  progress=rank == 0)
+        say(f"h={h}: profile in {time.time() - t0:.1f} s")
+
+        variants = [(k, rc) for k in args.ks for rc in args.recomputes]
+        plans = {f"k={k} recompute={rc}": Plan(tp_degree=2, num_sub_batches=k, recompute=rc,
+                                               regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
+                 for k, rc in variants}
+        plans["floor (no comm)"] = Plan(tp_degree=2, num_sub_batches=1, recompute="none",
+                                        regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
+        if not args.no_auto:
+            from oases_fx.planner import choose_plan
+
+            plans["plan=auto"] = choose_plan(spec, tp=2, batch=args.batch, seq_len=args.seq, profile=profile)
+        results = {}
+        for name, plan in plans.items():
+            t0 = time.time()
+            model = copy.deepcopy(base)
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), plan=plan, backend=args.backend,
+                                     verbose=False, skip_collectives=name.startswith("floor"))
+                ms = _time_steps(m, idx, tgt, args.steps, args.warmup)
+            except Exception as e:  # report, never drop a row silently
+                say(f"  {name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                results[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            pred = predict_plan(spec, plan, profile).step_us / 1000 if not name.startswith("floor") else None
+            results[name] = dict(ms=ms, peak_gib=peak, predicted_ms=pred, plan=plan.to_dict(),
+                                 compile_s=time.time() - t0)
+            say(f"  {name}: {ms:.2f} ms (predicted {pred if pred is None else round(pred, 2)}), "
+                f"peak {peak:.1f} GiB, built+timed in {time.time() - t0:.0f} s")
+            if args.trace and plan.num_sub_batches == 2 and plan.recompute == "fine" and not name.startswith("plan"):
+                from torch.profiler import ProfilerActivity, profile as tprof
+
+                with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        _, loss = m(idx, tgt)
+                        loss.backward()
+                    torch.cuda.synchronize()
+                if rank == 0:
+                    tp = os.path.join(args.out, f"trace_h{h}_{interconnect.split('=')[0]}.json")
+                    prof.export_chrome_trace(tp)
+                    frac, total = overlap_from_trace(tp)
+                    results[name]["nccl_overlap_fraction"] = frac
+                    say(f"  trace: {frac:.1%} of NCCL kernel time ({total / 1e3:.1f} ms over 3 steps) ran "
+                        "concurrently with compute kernels")
+            del m, model
+            torch.cuda.empty_cache()
+        # bf16 correctness of k=2 fine against the unsharded model (first batch).
+        check = {}
+        if "k=2 recompute=fine" in plans:
+            model = copy.deepcopy(base)
+            m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), plan=plans["k=2 recompute=fine"],
+                                 backend=args.backend, verbose=False)
+            _, loss = m(idx, tgt)
+            loss.backward()
+            ref = copy.deepcopy(base)
+            _, rloss = ref(idx, tgt)
+            rloss.backward()
+            grads = m.full_grads()
+            rel = max(((grads[n].float() - q.grad.float()).norm() / q.grad.float().norm()).item()
+                      for n, q in ref.named_parameters())
+            check = dict(loss=loss.item(), ref_loss=rloss.item(), max_rel_grad_err=rel)
+            say(f"  bf16 check k=2 fine: loss {loss.item():.5f} vs unsharded {rloss.item():.5f}, "
+                f"max relative grad error {rel:.2e}")
+            del m, model, ref
+            torch.cuda.empty_cache()
+        ok = {n: r for n, r in results.items() if "ms" in r}
+        t1 = ok.get("k=1 recompute=none", {}).get("ms")
+        tf = ok.get("floor (no comm)", {}).get("ms")
+        best_name = min((n for n in ok if not n.startswith("floor")), key=lambda n: ok[n]["ms"], default=None)
+        hidden = (t1 - ok[best_name]["ms"]) / (t1 - tf) if t1 and tf and best_name and t1 > tf else None
+        rows.append(dict(hidden=h, layers=args.layers, batch=args.batch, seq=args.seq, interconnect=interconnect,
+                         results=results, check=check, best=best_name, hidden_share=hidden))
+        say(f"h={h} {interconnect}: best {best_name}; hidden share of exposed comm "
+            f"{'n/a' if hidden is None else f'{hidden:.0%}'}")
+    if rank == 0:
+        meta = dict(card=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                    nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    command="torchrun --nproc-per-node 2 -m benchmarks.overlap_sweep " + " ".join(sys.argv[1:]))
+        tag = "p2p_disabled" if interconnect != "NVLink" else "nvlink"
+        with open(os.path.join(args.out, f"overlap_{tag}.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        print(json.dumps(dict(meta=meta, summary=[dict(h=r["hidden"], ic=r["interconnect"], best=r["best"],
+                         hidden_share=r["hidden_share"], ms={n: round(v.get("ms", -1), 2) for n, v in r["results"].items()},
+                         pred={n: (round(v["predicted_ms"], 2) if v.get("predicted_ms") else None) for n, v in r["results"].items()})
+                         for r in rows]), indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
