@@ -52,7 +52,7 @@ def _check_divisible(model: nn.Module, tp: int) -> None:
         if isinstance(v, int) and v % tp:
             raise ShardingError(
                 f"{type(model).__name__}: {what} ({attr}={v}) is not divisible by the TMP degree {tp}. "
-                f"Fix: use a 'tp' mesh axis whose size divides {v}, or a plan that replicates the blocks."
+                f"Fix: use a 'tp' mesh axis whose size divides {v}."
             )
 
 
@@ -179,6 +179,16 @@ class OasesModule(nn.Module):
         else:
             lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
         return "\n".join(lines)
+
+    def timeline_png(self, path, *, stage: str = "forward") -> str:
+        """Draw the schedule's predicted timeline of both streams (compute, communication) for the
+        forward or backward graph of the last compile, coloured by sub-batch; returns the path."""
+        graphs = self.graphs.aot.forward if stage == "forward" else self.graphs.aot.backward
+        tl = graphs[-1].meta.get("oases_timeline") if graphs else None
+        if tl is None:
+            raise OasesError(f"no {stage} schedule yet: call the module once (and keep schedule_overlap enabled)")
+        tl.to_png(path, title=f"oases_fx {stage}: k={self.plan.num_sub_batches}, recompute={self.plan.recompute}")
+        return str(path)
 
     # --- checkpoints ------------------------------------------------------------------------
     def full_state_dict(self) -> dict:

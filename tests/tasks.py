@@ -196,3 +196,38 @@ def recompute_bitwise(rank, world_size, *, k):
     base = out.pop("none")
     return {p: (torch.equal(v[0], base[0]), all(torch.equal(v[1][n], base[1][n]) for n in base[1]))
             for p, v in out.items()}
+
+
+def schedule_order(rank, world_size, *, k, recompute):
+    """For the compiled GPT's AOTAutograd graphs: for each all-reduce, whether some matmul runs
+    between its issue and its wait (the overlap the schedule is for), in graph order."""
+    from oases_fx._compat import is_all_reduce, is_wait
+    from oases_fx.models import GPT, GPTConfig
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    idx = torch.randint(0, 64, (4, 8))
+    m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), num_sub_batches=k, recompute=recompute,
+                         backend="aot_eager", verbose=False, plan="megatron")
+    _, loss = m(idx, idx)
+    loss.backward()
+    mm = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    out = {}
+    for stage, graphs in (("forward", m.graphs.aot.forward), ("backward", m.graphs.aot.backward)):
+        nodes = list(graphs[-1].graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        covered = []
+        for n in nodes:
+            if is_all_reduce(n):
+                wait = next(u for u in n.users if is_wait(u))
+                covered.append(any(x.target in mm for x in nodes[pos[n] + 1:pos[wait]]))
+        out[stage] = covered
+    if rank == 0:
+        import tempfile
+
+        png = m.timeline_png(tempfile.mktemp(suffix=".png"))
+        import os
+
+        out["png_bytes"] = os.path.getsize(png)
+    return out

@@ -1,0 +1,84 @@
+"""split_sub_batches and recompute_policy on a small traced GPT (one rank, collectives are identities)."""
+import copy
+
+import pytest
+import torch
+
+from oases_fx import meta, runtime
+from oases_fx.api import batch_dims
+from oases_fx.errors import InputError
+from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
+from oases_fx.passes.insert_collectives import insert_collectives_pass
+from oases_fx.passes.recompute_policy import recompute_policy_pass
+from oases_fx.passes.shard import shard_pass
+from oases_fx.passes.split_sub_batches import split_sub_batches_pass
+from oases_fx.plan import Plan, RegionPlan
+from tests.unit.graphs import single_rank_group, traced_gpt
+
+
+def _pipeline(k, recompute="none", batch=4):
+    model, traced, idx = traced_gpt(batch=batch)
+    gm = traced.gm
+    regions, _ = find_tmp_regions(gm, 1)
+    plan = Plan(tp_degree=1, regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
+    annotate_sharding_pass(gm, plan=plan, tp=1)
+    shard_pass(gm, rank=0, tp=1)
+    insert_collectives_pass(gm, group_name=single_rank_group().group_name)
+    gm.meta["oases"]["batch_dims"] = batch_dims(model, (idx, idx.clone()), {}, gm)
+    split_sub_batches_pass(gm, num_sub_batches=k, batch_size=batch)
+    recompute_policy_pass(gm, policy=recompute)
+    return model, gm, idx
+
+
+def test_batch_dims_found_by_tracing_two_batch_sizes():
+    model, traced, idx = traced_gpt(batch=4)
+    dims = batch_dims(model, (idx, idx.clone()), {}, traced.gm)
+    assert dims["idx"] == 0 and dims["layer_norm"] == 0
+    assert "arange" not in dims  # positions do not depend on the batch
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_split_makes_k_copies_and_keeps_values(k):
+    model, gm, idx = _pipeline(k)
+    gm.graph.lint()
+    subs = {meta.get(n).sub_batch for n in gm.graph.nodes if meta.get(n).sub_batch is not None}
+    assert subs == set(range(k))
+    gs = [n for n in gm.graph.nodes if n.target is runtime.reduce_from_tp]
+    assert len(gs) == 4 * k  # every region's g runs once per sub-batch
+    logits, loss = gm(idx, idx.clone())
+    ref_logits, ref_loss = model(idx, idx.clone())
+    # row-wise ops on a slice of the rows: same arithmetic, so equal to float rounding of the
+    # matmul blocking (different row counts can pick different kernels): 1e-6.
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+
+
+def test_k1_leaves_the_graph_unchanged():
+    _, traced, _ = traced_gpt()
+    before = [n.target for n in traced.gm.graph.nodes]
+    _, gm, _ = _pipeline(1)
+    # only f/g/bias were added by insert_collectives; no split or cat
+    assert not any(meta.get(n).role in ("chunk", "cat") for n in gm.graph.nodes)
+    assert len(list(gm.graph.nodes)) == len(before) + 12
+
+
+def test_batch_that_does_not_split_is_an_error():
+    with pytest.raises(InputError, match="does not split"):
+        _pipeline(3, batch=4)
+
+
+@pytest.mark.parametrize("policy", ["fine", "full"])
+def test_recompute_outlines_one_checkpoint_per_segment_and_sub_batch(policy):
+    model, gm, idx = _pipeline(2, policy)
+    gm.graph.lint()
+    wrapper = runtime.checkpoint_fine if policy == "fine" else runtime.checkpoint_full
+    calls = [n for n in gm.graph.nodes if n.target is wrapper]
+    assert len(calls) == 2 * 4  # 2 sub-batches x 4 regions
+    ref = copy.deepcopy(model)
+    _, loss = gm(idx, idx.clone())
+    loss.backward()
+    _, ref_loss = ref(idx, idx.clone())
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for (n, p), (_, q) in zip(gm.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
