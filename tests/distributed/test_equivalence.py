@@ -121,3 +121,16 @@ def test_auto_plan_measures_cpu_and_stays_correct():
                         compile_kwargs=dict(plan="auto"))[0]
     assert_matches(r)
     assert "predicted" in r["explain"].lower() or "step" in r["explain"].lower()
+
+
+def test_tp8_and_dp2_tp4_match_unsharded():
+    # The 4- and 8-GPU machines are withheld; the sharding itself is checked at those degrees here.
+    pool = get_pool(8)
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=8, n_embd=64)
+    r = pool.run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=4, seq=8,
+                 compile_kwargs=dict(num_sub_batches=2, recompute="fine"))[0]
+    assert_matches(r)
+    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=8, n_kv_head=8, n_embd=64)
+    assert_matches(pool.run(tasks.compare_with_reference, kind="hf_llama", cfg=cfg, batch=2, seq=8)[0])
+    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
+    assert_matches(pool.run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=2, seq=8, mesh_shape=(2, 4))[0])
