@@ -66,7 +66,7 @@ def _batch_size(flat_inputs) -> Optional[int]:
     return sizes.pop() if sizes else None
 
 
-def auto_plan(regions, *, tp: int, num_sub_batches: Optional[int], recompute: Optional[str]) -> Plan:
+def megatron_plan(regions, *, tp: int, num_sub_batches: Optional[int], recompute: Optional[str]) -> Plan:
     """plan="megatron": Megatron sharding of every attention and MLP block found, no search."""
     return Plan(
         tp_degree=tp,
@@ -78,7 +78,7 @@ def auto_plan(regions, *, tp: int, num_sub_batches: Optional[int], recompute: Op
 
 def _resolve_plan(plan, regions, *, tp, num_sub_batches, recompute, planner=None) -> Plan:
     if isinstance(plan, str) and plan == "megatron":
-        return auto_plan(regions, tp=tp, num_sub_batches=num_sub_batches, recompute=recompute)
+        return megatron_plan(regions, tp=tp, num_sub_batches=num_sub_batches, recompute=recompute)
     if isinstance(plan, str) and plan == "auto":
         return planner()
     if isinstance(plan, (str, Path)):
