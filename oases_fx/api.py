@@ -131,6 +131,10 @@ class OasesModule(nn.Module):
             prog = _build_program(self._model, self._info, self.plan, self._cfg, args, kwargs, self.training,
                                   bind_to=self)
             self._programs[key] = prog
+        if not prog.called and self._cfg.backend != "eager":
+            _say(self._cfg, f"compiling with {self._cfg.backend} on this first call (forward now, backward at "
+                            "the first backward())")
+        prog.called = True
         return prog.compiled(*args, **kwargs)
 
     # --- introspection ----------------------------------------------------------------------
@@ -256,6 +260,7 @@ def _input_key(args, kwargs, training):
 class _Program:
     def __init__(self, gm, compiled, aot):
         self.gm, self.compiled, self.aot = gm, compiled, aot
+        self.called = False
 
 
 def batch_dims(model, args, kwargs, gm) -> dict:

@@ -231,3 +231,25 @@ def schedule_order(rank, world_size, *, k, recompute):
 
         out["png_bytes"] = os.path.getsize(png)
     return out
+
+
+def new_shapes_and_eval(rank, world_size):
+    """A call with another batch size and a call in eval mode retrace and still match the model."""
+    from oases_fx.models import GPT, GPTConfig
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32, dropout=0.1))
+    model = copy.deepcopy(ref)
+    idx = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), num_sub_batches=2, backend="aot_eager",
+                         verbose=False, plan="megatron")
+    m(idx, idx)[1].backward()
+    small = idx[:2, :4].contiguous()
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        out = m(small, small)[0]
+        want = ref(small, small)[0]
+    return dict(err=(out - want).abs().max().item(), programs=len(m._programs),
+                same_params=all(p is q for p, q in zip(m.parameters(), m.graphs.gm.parameters())))

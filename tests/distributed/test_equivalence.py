@@ -134,3 +134,10 @@ def test_tp8_and_dp2_tp4_match_unsharded():
     assert_matches(pool.run(tasks.compare_with_reference, kind="hf_llama", cfg=cfg, batch=2, seq=8)[0])
     cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
     assert_matches(pool.run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=2, seq=8, mesh_shape=(2, 4))[0])
+
+
+def test_other_input_shapes_and_eval_mode_retrace_onto_the_same_shards():
+    r = get_pool(2).run(tasks.new_shapes_and_eval)[0]
+    assert r["programs"] == 2  # the training shape, then (eval, batch 2, seq 4)
+    assert r["same_params"], "the retraced program must use the shards the optimizer holds"
+    assert r["err"] < ATOL
