@@ -40,6 +40,10 @@ def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
         notes.append("no TMP region: nothing to recompute")
         return gm
     span = nodes[marked[0]: marked[-1] + 1]
+    activation = set()  # nodes that depend on a graph input (not only on parameters and constants)
+    for n in nodes:
+        if n.op == "placeholder" or any(a in activation for a in n.all_input_nodes):
+            activation.add(n)
     groups: dict = {}
     seg: dict = {}
     for n in span:
@@ -48,7 +52,7 @@ def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
         sb = meta.get(n).sub_batch
         if sb is None and any(meta.get(a).sub_batch is not None for a in n.all_input_nodes):
             continue  # a join of sub-batches: stays outside
-        if sb is None and n.op == "call_function" and not _uses_activation(n):
+        if sb is None and n not in activation:
             continue  # batch-independent (weights, tables): computed once, outside
         key = (seg.get(sb, 0), -1 if sb is None else sb)
         groups.setdefault(key, []).append(n)
@@ -63,17 +67,3 @@ def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
                  f"({len(set(s for s, _ in groups))} per sub-batch)"
                  + ("; collectives' outputs saved, recomputation needs no communication" if policy == "fine" else ""))
     return gm
-
-
-def _uses_activation(n: fx.Node) -> bool:
-    """Depends on something other than parameters and constants."""
-    stack, seen = list(n.all_input_nodes), set()
-    while stack:
-        a = stack.pop()
-        if a in seen:
-            continue
-        seen.add(a)
-        if a.op == "placeholder":
-            return True
-        stack.extend(a.all_input_nodes)
-    return False

@@ -66,8 +66,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
         return gm
     nodes = list(gm.graph.nodes)
     lo, hi = nodes.index(first), nodes.index(last)
-    # Walk back from the first region node to include its batch-carrying producers up to the
-    # previous row-mixing op is unnecessary: inputs of the region are split where they enter.
+    # Inputs of the region that carry the batch are split where they enter it (piece() below).
     bd = {}
     for n in nodes:
         d = _batch_dim(gm_meta, n)
@@ -123,7 +122,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
             pieces[a] = got
         return pieces[a][i]
 
-    shared = [n for n in region if bd[n] is None and not _depends_on_batch(n, bd, in_region)]
+    shared = [n for n in region if bd[n] is None and not any(bd.get(a) is not None for a in n.all_input_nodes)]
     batch_nodes = [n for n in region if n not in shared]
     for n in batch_nodes:
         for i in range(k):
@@ -178,10 +177,6 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     notes.append(f"split {len(batch_nodes)} nodes into {k} sub-batches of {batch_size // k} "
                  f"({len(shared)} batch-independent nodes shared, {len(pieces)} inputs split)")
     return gm
-
-
-def _depends_on_batch(n, bd, in_region):
-    return any(bd.get(a) is not None for a in n.all_input_nodes)
 
 
 def _rewrite_shape_args(c, d, k):
