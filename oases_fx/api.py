@@ -7,6 +7,7 @@ the model's call signature and this rank's shards as its parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -26,7 +27,7 @@ from oases_fx.tracing import capture
 from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
 from oases_fx.passes.insert_collectives import insert_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
-from oases_fx.passes.split_sub_batches import split_sub_batches_pass
+from oases_fx.passes.split_sub_batches import check_batch_splits, split_sub_batches_pass
 from oases_fx.passes.recompute_policy import recompute_policy_pass
 
 log = logging.getLogger("oases_fx")
@@ -315,30 +316,28 @@ def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig):
     return [sched], [sched]
 
 
+@contextlib.contextmanager
+def _mode(model, training: bool):
+    """Trace in the mode the module will run in (dropout is baked into the graph); restore after."""
+    was = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None, traced=None):
     if traced is None:
-        was = model.training
-        model.train(training)
-        try:
+        with _mode(model, training):
             traced = capture(model, args, kwargs)
-        finally:
-            model.train(was)
     gm = traced.gm
     gm.meta.setdefault("oases", {})["notes"] = traced.notes
     batch_size = _batch_size(traced.flat_inputs)
     if plan.num_sub_batches > 1:
-        if batch_size is None or batch_size % plan.num_sub_batches:
-            raise InputError(
-                f"the batch of {batch_size} does not split into num_sub_batches={plan.num_sub_batches} equal "
-                f"sub-batches. Fix: use a batch divisible by {plan.num_sub_batches}, or a num_sub_batches that "
-                f"divides {batch_size}."
-            )
-        was = model.training
-        model.train(training)
-        try:
+        check_batch_splits(batch_size, plan.num_sub_batches)  # before tracing again for the batch dims
+        with _mode(model, training):
             gm.meta["oases"]["batch_dims"] = batch_dims(model, args, kwargs, gm)
-        finally:
-            model.train(was)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     grad_inputs = frozenset(n.name for n, t in zip(placeholders, traced.flat_inputs)
                             if isinstance(t, torch.Tensor) and t.requires_grad)
@@ -419,10 +418,7 @@ def compile(
         batch = _batch_size(flat)
         seq = next((t.shape[1] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 1), 1)
         ks = (num_sub_batches,) if num_sub_batches else tuple(k for k in (1, 2, 4) if batch and batch % k == 0)
-        if num_sub_batches and batch % num_sub_batches:
-            raise InputError(
-                f"the batch of {batch} does not split into num_sub_batches={num_sub_batches} equal sub-batches. "
-                f"Fix: use a batch divisible by {num_sub_batches}, or a num_sub_batches that divides {batch}.")
+        check_batch_splits(batch, num_sub_batches or 1)
         rcs = (recompute,) if recompute else ("none", "fine", "full")
         _say(cfg, f"planning: {'measuring the device' if cfg.profile == 'measure' else 'analytical cost model'} "
                   f"for k in {ks}, recompute in {rcs}, {len(regions)} regions")

@@ -20,6 +20,16 @@ def is_segment_end(n: fx.Node) -> bool:
     return False
 
 
+def region_span(graph: fx.Graph) -> list:
+    """All nodes from the first to the last node of any TMP region, in graph order ([] if none):
+    the batch-parallel span that split_sub_batches splits and recompute_policy checkpoints."""
+    from oases_fx import meta
+
+    nodes = list(graph.nodes)
+    marked = [i for i, n in enumerate(nodes) if n.op == "call_function" and meta.get(n).region is not None]
+    return nodes[marked[0]: marked[-1] + 1] if marked else []
+
+
 def stable_topo_sort(graph: fx.Graph, key=None) -> None:
     """Reorder nodes topologically, keeping the current order (or the order of `key(node)`)
     wherever dependencies allow."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from oases_fx import meta, runtime
-from oases_fx.passes.graph_utils import is_segment_end, outline, stable_topo_sort
+from oases_fx.passes.graph_utils import is_segment_end, outline, region_span, stable_topo_sort
 
 def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
     """Outline each (TMP segment, sub-batch) under checkpoint with the policy's marks."""
@@ -34,14 +34,12 @@ def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
     if policy == "none":
         return gm
     wrapper = {"fine": runtime.checkpoint_fine, "full": runtime.checkpoint_full}[policy]
-    nodes = list(gm.graph.nodes)
-    marked = [i for i, n in enumerate(nodes) if n.op == "call_function" and meta.get(n).region is not None]
-    if not marked:
+    span = region_span(gm.graph)
+    if not span:
         notes.append("no TMP region: nothing to recompute")
         return gm
-    span = nodes[marked[0]: marked[-1] + 1]
     activation = set()  # nodes that depend on a graph input (not only on parameters and constants)
-    for n in nodes:
+    for n in gm.graph.nodes:
         if n.op == "placeholder" or any(a in activation for a in n.all_input_nodes):
             activation.add(n)
     groups: dict = {}

@@ -27,25 +27,20 @@ import torch.fx as fx
 
 from oases_fx import meta
 from oases_fx.errors import InputError, describe
-from oases_fx.passes.graph_utils import is_segment_end, stable_topo_sort
+from oases_fx.passes.graph_utils import is_segment_end, region_span, stable_topo_sort
 from oases_fx.propagation import VIEW_OPS, Incompatible, ShardState, UnknownOp, propagate_node
 
 aten = torch.ops.aten
 
 
-def _region_bounds(gm):
-    """First and last node of the TMP regions, in graph order (None if there are none)."""
-    marked = [n for n in gm.graph.nodes if meta.get(n).region is not None and n.op == "call_function"]
-    if not marked:
-        return None, None
-    return marked[0], marked[-1]
-
-
-def _batch_dim(gm_meta, node):
-    bd = gm_meta.get("batch_dims", {})
-    if node.name in bd:
-        return bd[node.name]
-    return None
+def check_batch_splits(batch_size, k: int) -> None:
+    """The batch must split into k equal sub-batches: a clear error otherwise (the one place this
+    rule lives; compile() calls it before planning and tracing for the split)."""
+    if k > 1 and (batch_size is None or batch_size % k):
+        raise InputError(
+            f"the batch of {batch_size} does not split into num_sub_batches={k} equal sub-batches. "
+            f"Fix: use a batch divisible by {k}, or a num_sub_batches that divides {batch_size}."
+        )
 
 
 def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_size: int) -> fx.GraphModule:
@@ -55,21 +50,20 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     notes = gm_meta.setdefault("sub_batch_notes", [])
     if k == 1:
         return gm
-    if batch_size % k:
-        raise InputError(
-            f"the batch of {batch_size} does not split into num_sub_batches={k} equal sub-batches. "
-            f"Fix: use a batch divisible by {k}, or num_sub_batches that divides {batch_size}."
-        )
-    first, last = _region_bounds(gm)
-    if first is None:
+    check_batch_splits(batch_size, k)
+    span = region_span(gm.graph)
+    if not span:
         notes.append("no TMP region: nothing to split")
         return gm
+    first = span[0]
     nodes = list(gm.graph.nodes)
-    lo, hi = nodes.index(first), nodes.index(last)
+    lo = nodes.index(first)
+    hi = lo + len(span) - 1
+    batch_dims = gm_meta.get("batch_dims", {})
     # Inputs of the region that carry the batch are split where they enter it (piece() below).
     bd = {}
     for n in nodes:
-        d = _batch_dim(gm_meta, n)
+        d = batch_dims.get(n.name)
         if d is None and n.op == "call_function" and meta.get(n).role in ("copy_to_tp", "reduce_from_tp", "row_bias"):
             d = bd.get(n.args[0])  # inserted nodes keep their input's layout
         bd[n] = d
@@ -140,8 +134,9 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
             _rewrite_shape_args(c, bd[n], k)
             copies[n][i] = c
     # Values used after the region: join the copies.
+    copy_nodes = {c for cs in copies.values() for c in cs}
     for n in batch_nodes:
-        outside = [u for u in n.users if u not in in_region and u not in sum(copies.values(), [])]
+        outside = [u for u in n.users if u not in in_region and u not in copy_nodes]
         if not outside or isinstance(n.meta.get("val"), (list, tuple)):
             continue
         with graph.inserting_after(n):
