@@ -25,6 +25,16 @@ class RegionPlan:
     """"attention" or "mlp"."""
     shard: bool = True
     """Megatron column/row sharding over the TMP group; False keeps the region replicated."""
+    tp_degree: Optional[int] = None
+    """This region's TMP degree d, a divisor of the plan's tp_degree (None: the plan's). Below the
+    plan's degree the TMP group splits the batch as Oases does: tp/d groups of d ranks each shard
+    the region over their d ranks and run 1/(tp/d) of the batch (data parallelism across the
+    groups, weight gradients summed over them); d=1 is data parallelism inside the TMP group.
+    Only with shard=True."""
+
+    def __post_init__(self):
+        if self.tp_degree is not None and (not self.shard or self.tp_degree < 1):
+            raise ValueError(f"region {self.name}: tp_degree={self.tp_degree} needs shard=True and a degree >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +47,9 @@ class Plan:
     """Activation recomputation: "none", "fine" (Oases: keep post-all-reduce outputs) or "full"."""
     regions: tuple = ()
     """RegionPlan per TMP region, in graph order."""
+    vocab_parallel: bool = False
+    """Embedding and LM head sharded over the vocabulary across the TMP group, with a parallel
+    cross-entropy (Megatron's VocabParallelEmbedding, vocab-parallel output layer and loss)."""
     predicted: Optional[dict] = field(default=None, compare=False)
     """The planner's predicted breakdown (informational; not part of the plan's identity)."""
 
@@ -45,6 +58,17 @@ class Plan:
             raise ValueError(f"recompute={self.recompute!r}: expected one of {RECOMPUTE_POLICIES}")
         if self.num_sub_batches < 1:
             raise ValueError(f"num_sub_batches={self.num_sub_batches}: must be >= 1")
+        for r in self.regions:
+            if r.tp_degree is not None and self.tp_degree % r.tp_degree:
+                raise ValueError(f"region {r.name}: tp_degree={r.tp_degree} does not divide the plan's "
+                                 f"TMP degree {self.tp_degree}")
+
+    def region_degree(self, name: str) -> Optional[int]:
+        """The TMP degree sharded region `name` runs at; None when it is replicated or not planned."""
+        r = self.region(name)
+        if r is None or not r.shard:
+            return None
+        return r.tp_degree or self.tp_degree
 
     def region(self, name: str) -> Optional[RegionPlan]:
         return next((r for r in self.regions if r.name == name), None)
@@ -83,7 +107,7 @@ class Plan:
     def diff(self, other: "Plan") -> list:
         """Human-readable differences between two plans, one line each."""
         out = []
-        for f in ("tp_degree", "num_sub_batches", "recompute"):
+        for f in ("tp_degree", "num_sub_batches", "recompute", "vocab_parallel"):
             a, b = getattr(self, f), getattr(other, f)
             if a != b:
                 out.append(f"{f}: {a} -> {b}")
