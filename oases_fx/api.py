@@ -177,10 +177,13 @@ class OasesModule(nn.Module):
             nf = sum(is_all_reduce(n) for g in aot.forward[-1:] for n in g.graph.nodes)
             nb = sum(is_all_reduce(n) for g in aot.backward[-1:] for n in g.graph.nodes)
             lines.append(f"AOTAutograd graphs: {nf} all-reduces in forward, {nb} in backward")
+            c = schedule_constants(self.plan, self.plan.tp_degree)
+            comm_src = (f"all-reduce {c.comm_alpha_us:.1f} us + bytes / {c.comm_bus_bw_bytes_per_s / 1e9:.1f} GB/s bus"
+                        + (" (defaults)" if c == _defaults(self.plan.tp_degree) else " measured by the planner"))
             for g, stage in ((aot.forward[-1:], "forward"), (aot.backward[-1:], "backward")):
                 tl = g[0].meta.get("oases_timeline") if g else None
                 if tl is not None:
-                    lines.append(f"Schedule ({stage}, analytical cost model): {tl.summary()}")
+                    lines.append(f"Schedule ({stage}, analytical compute, {comm_src}): {tl.summary()}")
         else:
             lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
         return "\n".join(lines)
@@ -305,12 +308,38 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, ba
     ]
 
 
+def _defaults(tp: int):
+    from oases_fx.timeline import DeviceConstants
+
+    return DeviceConstants(group_size=tp)
+
+
+def schedule_constants(plan: Plan, tp: int):
+    """Cost constants for schedule_overlap: the interconnect the planner measured when it made
+    the plan (all-reduce latency and bandwidth, interference; kept in ``plan.predicted``), else the
+    analytical defaults (H100 NVLink). Which collective is still in flight when a sub-batch's next
+    op is due depends on the link: with NVLink constants on a PCIe-class path the scheduler
+    believes every all-reduce is done early and places its consumers too soon."""
+    from oases_fx.timeline import DeviceConstants
+
+    pred = plan.predicted or {}
+    ar = pred.get("all_reduce") or {}
+    if not str(pred.get("profile", "")).startswith("measured") or not ar.get("gb_per_s"):
+        return DeviceConstants(group_size=tp)
+    share = 2.0 * (tp - 1) / tp  # all-reduce bus bandwidth = algorithm bandwidth x 2(n-1)/n
+    inter = pred.get("interference") or {}
+    return DeviceConstants(group_size=tp, comm_alpha_us=float(ar["alpha_us"]),
+                           comm_bus_bw_bytes_per_s=float(ar["gb_per_s"]) * 1e9 * share,
+                           compute_interference=max(1.0, float(inter.get("compute", 1.0))),
+                           comm_interference=max(1.0, float(inter.get("comm", 1.0))))
+
+
 def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig):
     """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both)."""
     from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
-    from oases_fx.timeline import AnalyticalCostModel, DeviceConstants
+    from oases_fx.timeline import AnalyticalCostModel
 
-    cost = AnalyticalCostModel(DeviceConstants(group_size=info.tp))
+    cost = AnalyticalCostModel(schedule_constants(plan, info.tp))
     sched = _backend.GraphPass("schedule_overlap", functools.partial(
         schedule_overlap_pass, options=ScheduleOptions(**cfg.schedule), cost_model=cost))
     return [sched], [sched]
