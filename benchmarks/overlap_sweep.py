@@ -79,6 +79,41 @@ def overlap_from_trace(path):
     return (over / total if total else float("nan")), total
 
 
+def collective_table(path) -> str:
+    """One line per NCCL kernel of the last profiled step on the first GPU: when it started (ms
+    from the step's first kernel), how long it ran, how much of it overlapped compute kernels,
+    and the compute kernels that ran while it was in flight (the schedule as the device ran it)."""
+    with open(path) as f:
+        ev = json.load(f)["traceEvents"]
+    kern = [e for e in ev if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    pid = min(e["pid"] for e in kern)
+    kern = sorted((e for e in kern if e["pid"] == pid), key=lambda e: e["ts"])
+    # Steps are separated by the longest idle gaps; take the kernels after the second-longest gap.
+    gaps = sorted(((kern[i + 1]["ts"] - (kern[i]["ts"] + kern[i]["dur"]), i) for i in range(len(kern) - 1)),
+                  reverse=True)[:2]
+    start = max(i for _, i in gaps) + 1 if len(gaps) == 2 else 0
+    kern = kern[start:]
+    t0 = kern[0]["ts"]
+    comp = [e for e in kern if "nccl" not in e["name"].lower()]
+    lines = [f"# {path}: last step, GPU pid {pid}; t in ms from the step's first kernel",
+             "# start_ms  dur_ms  overlapped  compute kernels in flight (count, busy ms)"]
+    tot = hid = 0.0
+    for e in kern:
+        if "nccl" not in e["name"].lower():
+            continue
+        s, t = e["ts"], e["ts"] + e["dur"]
+        ov = [c for c in comp if c["ts"] < t and c["ts"] + c["dur"] > s]
+        busy = sum(min(t, c["ts"] + c["dur"]) - max(s, c["ts"]) for c in ov)
+        tot += e["dur"]
+        hid += min(busy, e["dur"])
+        lines.append(f"{(s - t0) / 1e3:9.3f} {e['dur'] / 1e3:7.3f}  {min(busy, e['dur']) / max(e['dur'], 1e-9):9.0%}"
+                     f"  {len(ov):4d} {busy / 1e3:7.3f}  {e['name'][:60]}")
+    end = max(e["ts"] + e["dur"] for e in kern)
+    lines.append(f"# step {(end - t0) / 1e3:.3f} ms on the device; NCCL {tot / 1e3:.3f} ms, of which "
+                 f"{hid / 1e3:.3f} ms overlapped compute; compute busy {sum(c['dur'] for c in comp) / 1e3:.3f} ms")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, nargs="+", default=[2048])
@@ -168,7 +203,8 @@ def main(argv=None):
                                  compile_s=time.time() - t0)
             say(f"  {name}: {ms:.2f} ms (predicted {pred if pred is None else round(pred, 2)}), "
                 f"peak {peak:.1f} GiB, built+timed in {time.time() - t0:.0f} s")
-            if args.trace and plan.num_sub_batches == 2 and plan.recompute == "fine" and not name.startswith("plan"):
+            if (args.trace and plan.num_sub_batches == 2 and plan.recompute == args.recomputes[-1]
+                    and not name.startswith("plan")):
                 from torch.profiler import ProfilerActivity, profile as tprof
 
                 with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -181,6 +217,12 @@ def main(argv=None):
                     prof.export_chrome_trace(tp)
                     frac, total = overlap_from_trace(tp)
                     results[name]["nccl_overlap_fraction"] = frac
+                    with open(tp[:-5] + "_collectives.txt", "w") as f:
+                        f.write(collective_table(tp))
+                    import gzip, shutil
+                    with open(tp, "rb") as src, gzip.open(tp + ".gz", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.remove(tp)
                     say(f"  trace: {frac:.1%} of NCCL kernel time ({total / 1e3:.1f} ms over 3 steps) ran "
                         "concurrently with compute kernels")
             del m, model
