@@ -427,11 +427,16 @@ def find_vocab_pattern(gm: fx.GraphModule):
         if not ms or len(ms[0][0]) != 2:
             continue
         V, h = ms[0][0]
-        for lin in linears:
+        # Candidates: linears with a [V, h] weight; the tied one first, else the last in graph order
+        # (an MLP's [4h, h] weight has the same shape when V == 4h).
+        cands = []
+        for i, lin in enumerate(linears):
             lw = lin.args[1] if len(lin.args) > 1 else None
             lms = _metas(lw.meta.get("val")) if isinstance(lw, fx.Node) else []
-            if not lms or lms[0][0] != [V, h]:
-                continue
+            if lms and lms[0][0] == [V, h]:
+                cands.append((lw is not w, -i, lin))
+        for _, _, lin in sorted(cands, key=lambda c: c[:2]):
+            lw = lin.args[1]
             bias = lin.args[2] if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node) else None
             # Do the logits reach the outputs through views only?
             out, todo, seen = False, [lin], {lin}
