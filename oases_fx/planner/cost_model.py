@@ -62,7 +62,8 @@ from forward to backward, by recompute policy:
 
 A region at degree d keeps parameters, gradients and Adam state / d and activations at its
 batch B/(k n) and d-way shards. vocab_parallel divides the embedding/LM-head parameters (and
-their gradients and Adam state) and the logits-sized tail activations by T.
+their gradients and Adam state) and the logits-sized tail activations by T, and adds the
+all-gathered logits when they are a graph output.
 """
 from __future__ import annotations
 
@@ -1074,6 +1075,8 @@ def memory(model: ModelSpec, choice: Choice) -> MemoryBreakdown:
         head, tail = voc.head_ops, voc.tail_ops
     kept = [region_kept_bytes(v, k, rc) for v in vs]
     outside = sum(o.out_bytes for o in head + tail)
+    if choice.vocab_parallel and model.vocab is not None:
+        outside += model.vocab.logits_gather_bytes  # the gathered logits (a graph output), whole
     live = 0 if rc == "none" else 1 if rc == "fine" else k  # sub-batches recomputed at once
     transient = live * max((sum(o.out_bytes for o in v.ops) for v in vs), default=0)
     return MemoryBreakdown(
