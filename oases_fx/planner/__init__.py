@@ -1,7 +1,8 @@
 """The Oases planner: profile the device, model overlapped execution, search the strategy.
 
     regions, _ = find_tmp_regions(gm, tp)
-    model = describe_model(gm, regions, tp=tp, batch=batch)          # ops per region and variant
+    model = describe_model(gm, regions, tp=tp, batch=batch)          # ops per region, variant, degree
+                                                                      # and the vocab-parallel head/tail
     profile = measure_profile(model, group=tp_group)                  # or analytical_profile(model)
     plan = choose_plan(model, tp=tp, batch=batch, seq_len=seq, profile=profile)
     print(explain_plan(plan))

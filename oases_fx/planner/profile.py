@@ -18,7 +18,13 @@
 All ranks end with the same Profile: each rank measures, the numbers are averaged with an
 all_reduce, and rank 0's resulting JSON is broadcast. Profiles are cached on disk
 ($OASES_FX_CACHE or ~/.cache/oases_fx, under profiles/) keyed by device name, torch version,
-TMP degree and the op shapes; a cache hit is used only when every rank has it.
+TMP degree, the op shapes, the collectives measured and PROFILE_FORMAT; a cache hit is used only
+when every rank has it.
+
+Limitation: on a TMP x data-parallel world, measuring subgroup collectives needs every rank of the
+world in measure_profile at once (new_group is collective over the world) and the same cache
+outcome in every TMP group; compile() profiles on every rank, but a cache present on some hosts
+only would hang. Degrees = (T,) (what compile() passes today) creates no subgroup.
 """
 from __future__ import annotations
 

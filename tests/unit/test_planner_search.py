@@ -308,6 +308,15 @@ def test_fast_link_keeps_the_full_degree_and_ties_prefer_it():
     assert all(r.tp_degree is None for r in plan.regions)
 
 
+def test_tie_order_prefers_full_degree_then_higher_degrees_then_replicate():
+    assert region_states(8) == (8, 4, 2, 1, REPLICATED)
+    assert region_states(4, (1, 4)) == (4, 1, REPLICATED)
+    chs = [Choice.of_states(num_sub_batches=1, recompute="none", states=(s,), tp=8) for s in (REPLICATED, 1, 4, 2, 8)]
+    assert [c.states(8)[0] for c in sorted(chs, key=Choice.tie_key)] == [8, 4, 2, 1, REPLICATED]
+    assert chs[-1].degrees == ()  # the full degree is normalised away: plans without degrees compare equal
+    assert chs[-1] == Choice(num_sub_batches=1, recompute="none", shard=(True,))
+
+
 def test_memory_budget_moves_regions_off_degree_1():
     # Large activation all-reduces, compute to hide the gradient all-reduce: d=1 is fastest for
     # the MLP, but it holds all of its parameters, gradients and Adam state (6 bytes per
