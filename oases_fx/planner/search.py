@@ -456,8 +456,6 @@ def explain_plan(plan: Plan, *, use_rich: Optional[bool] = None) -> str:
     ru_header = ["runner-up", "step ms", "memory GiB"]
     ru_rows = [[x["plan"], f"{x['step_ms']:.3f}", f"{x['memory_gib']:.3f}"] for x in p.get("runners_up", [])]
     tail = [f"rejected: {r}" for r in p.get("rejected", [])] + [f"note: {n}" for n in p.get("notes", [])]
-    if p.get("vocab_note") and not any(r.startswith("vocab_parallel:") for r in p.get("rejected", [])):
-        tail.append(f"note: vocab_parallel not possible: {p['vocab_note']}")
 
     if use_rich is None:
         try:
