@@ -1,7 +1,8 @@
 """`python -m oases_fx plan`: plan a named model config without a GPU or training.
 
     python -m oases_fx plan --model gpt --hidden 2048 --layers 4 --heads 32 --seq 2048 --batch 8 --tp 2 \
-        [--profile cached|analytical|PATH] [--save plan.json] [--diff other.json]
+        [--profile cached|analytical|PATH] [--degrees all|2,1] [--vocab-parallel auto|on|off]
+        [--save plan.json] [--diff other.json]
 
 The model is built on the meta device (no memory, no weights) and traced with torch.export on
 fake tensors; the planner then uses the cached measured profile for these shapes if there is one
@@ -25,7 +26,8 @@ CPU_FALLBACK_MAX_PARAMS = 200_000_000
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m oases_fx plan",
-                                description="Plan k, recompute and shard/replicate per block for a model config.")
+                                description="Plan k, recompute, the TMP degree (or replicate) per block and "
+                                            "vocab_parallel for a model config.")
     p.add_argument("--model", choices=MODELS, default="gpt",
                    help="gpt: oases_fx.models.GPT; hf_gpt2 / hf_llama: transformers configs, random init, no downloads")
     p.add_argument("--hidden", type=int, default=2048, help="hidden size")
@@ -47,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1,2,4", help="sub-batch counts to consider, comma-separated")
     p.add_argument("--recompute", default="none,fine,full", help="recompute policies to consider, comma-separated")
     p.add_argument("--top-n", type=int, default=5, help="candidates per global choice; runners-up shown")
+    p.add_argument("--degrees", default="all",
+                   help="per-region TMP degrees to consider: 'all' (every divisor of --tp) or comma-separated "
+                        "divisors, e.g. '2' for Megatron-only at tp=2 (replicate is always considered)")
+    p.add_argument("--vocab-parallel", choices=("auto", "on", "off"), default="auto",
+                   help="vocabulary-parallel embedding/LM head/cross-entropy: let the planner choose (auto), "
+                        "force it (on) or leave it out (off)")
     p.add_argument("--save", default=None, help="write the plan as JSON here")
     p.add_argument("--diff", default=None, help="print the differences to this saved plan")
     p.add_argument("--plain", action="store_true", help="plain-text tables (no rich)")
@@ -116,6 +124,8 @@ def plan_main(argv: Optional[list] = None) -> int:
     from oases_fx.timeline import DeviceConstants
 
     k_choices = tuple(int(x) for x in args.k.split(",") if x.strip())
+    degrees = None if args.degrees.strip() == "all" else tuple(int(x) for x in args.degrees.split(",") if x.strip())
+    vp_choices = {"auto": (False, True), "on": (True,), "off": (False,)}[args.vocab_parallel]
     rc_choices = tuple(x.strip() for x in args.recompute.split(",") if x.strip())
     traced, where = _trace(args)
     regions, declined = find_tmp_regions(traced.gm, args.tp)
@@ -124,7 +134,8 @@ def plan_main(argv: Optional[list] = None) -> int:
           + (f", {len(declined)} declined" if declined else ""))
     for name, why in declined:
         print(f"  declined {name}: {why}")
-    model = describe_model(traced.gm, regions, tp=args.tp, batch=args.batch, k_choices=k_choices)
+    model = describe_model(traced.gm, regions, tp=args.tp, batch=args.batch, k_choices=k_choices, degrees=degrees,
+                           vocab=True in vp_choices)
 
     analytical = lambda: analytical_profile(  # noqa: E731
         model, constants=DeviceConstants(group_size=args.tp, **(
@@ -143,7 +154,7 @@ def plan_main(argv: Optional[list] = None) -> int:
     budget = int(args.memory_gib * 1024 ** 3) if args.memory_gib else None
     plan = choose_plan(model, tp=args.tp, batch=args.batch, seq_len=args.seq, profile=profile,
                        memory_budget_bytes=budget, k_choices=k_choices, recompute_choices=rc_choices,
-                       top_n=args.top_n)
+                       top_n=args.top_n, degrees=degrees, vocab_parallel_choices=vp_choices)
     print(explain_plan(plan, use_rich=False if args.plain else None))
     if args.save:
         plan.save(args.save)

@@ -1,35 +1,53 @@
 """Predict a plan's step time (forward + backward) and peak memory from a profile.
 
-The model's TMP regions form a chain. For one plan (k sub-batches, a recompute policy, shard or
-replicate per region) this module writes down the events one training step issues, in the host
-order the schedule pass produces, and runs them through :func:`oases_fx.timeline.simulate`, the
-one two-stream execution model of oases_fx. Nothing here schedules or overlaps by itself.
+The model's TMP regions form a chain. For one plan (k sub-batches, a recompute policy, per region
+replicate or shard at a TMP degree d dividing the TMP degree T, and vocab_parallel) this module
+writes down the events one training step issues, in the host order the schedule pass produces,
+and runs them through :func:`oases_fx.timeline.simulate`, the one two-stream execution model of
+oases_fx. Nothing here schedules or overlaps by itself.
 
 Events of region r for sub-batch j (times from the profile, at the sub-batch shapes):
 
-    F   region forward (column linears .. row linear)    AR_f  all-reduce of the row output (g)
+    F   region forward (column linears .. row linear)    AR_f  all-reduce of the row output (g), d ranks
+    AG_f  all-gather of the output over the n = T/d ranks of the cross group (only d < T)
     G   glue forward (bias/dropout/residual/norm up to the next region)
-    B   region backward except the column weight-grads   AR_b  all-reduce of the input grad (f)
+    B   region backward except the column weight-grads   AR_b  all-reduce of the input grad (f), d ranks
+    AG_b  all-gather of the input grad over the cross group (only d < T)
     W   column weight-grads (run while AR_b is in flight, as Megatron does)
     Gb  glue backward                                    R     recompute (fine: F + G, no comm)
+    GR  all-reduce of the region's parameter gradients over the cross group, once per step after
+        the last sub-batch's W (only d < T), waited at the end of the step
+
+A region at degree d < T (Oases): the T ranks form n = T/d groups of d consecutive ranks; each
+group shards the region d-ways and runs 1/n of the sub-batch (F, B, W at batch B/(k n) with
+d-way shards); AR_f/AR_b are over the d ranks (absent when d = 1), and AG_f/AG_b assemble the
+whole sub-batch over the n ranks. They are issued back to back (the comm stream orders them) and
+only the last is waited. d = T is Megatron sharding (no AG, no GR); a replicated region has no
+collectives and full-size compute.
 
 Host order (the Oases interleave: sub-batch j's collective overlaps sub-batch j+1's compute,
 and the last sub-batch's collective overlaps the first sub-batch's work of the next region):
 
-    forward:   head; for r: for j: [wait AR_f(r-1, j); G(r-1, j)]; F(r, j); AR_f(r, j)
-               for j: wait AR_f(last, j); G(last, j); tail forward; tail backward
+    forward:   head; [vocab_parallel: AR_emb, wait]
+               for r: for j: [wait last comm(r-1, j); G(r-1, j)]; F(r, j); AR_f(r, j); AG_f(r, j)
+               for j: wait AR_f(last, j); G(last, j); tail forward
+               [vocab_parallel: AR_ce x 3, each waited (max, sum-exp, target logit);
+                AG_logits when the logits are a graph output, waited at the end of the step]
+               tail backward; [vocab_parallel: AR_lm (LM head input grad), wait]
     backward:  for r (reversed):
-                   full: for j: F'(r, j); AR_f'(r, j)          (all sub-batches' recompute first)
+                   full: for j: F'(r, j); AR_f'(r, j); AG_f'(r, j)   (all sub-batches' recompute first)
                    for j:
                        fine: R(r, j)                 (before the wait: recompute needs no grad)
-                       wait AR_b(r+1, j)
+                       wait last comm_b(r+1, j)
                        full: wait AR_f'(r, j); G'(r, j)
-                       Gb(r, j); B(r, j); AR_b(r, j); W(r, j)
-               for j: wait AR_b(first, j); head backward
+                       Gb(r, j); B(r, j); AR_b(r, j); AG_b(r, j); W(r, j)
+                   GR(r)
+               for j: wait AR_b(first, j); head backward; wait every GR; [wait AG_logits]
 
-A replicated region has no collectives and full-size (unsharded) compute. Head (before the first
-region) and tail (after the last) run whole: split_sub_batches only splits the region chain.
-The optimizer step is not part of the predicted step (the benchmarks' "step" is forward+backward).
+Head (before the first region) and tail (after the last) run whole: split_sub_batches only
+splits the region chain. With vocab_parallel they run their vocabulary-parallel variants (LM
+head and cross-entropy over V/T, embedding lookup in a V/T table). The optimizer step is not part
+of the predicted step (the benchmarks' "step" is forward+backward).
 
 Memory (bytes on one rank, an estimate): parameters + gradients (parameter dtype) + Adam's two
 fp32 states per parameter element (exp_avg, exp_avg_sq; no fp32 master copy) + activations kept
@@ -41,6 +59,11 @@ from forward to backward, by recompute policy:
     full: each region's input (whole batch), plus the transient of the k sub-batches'
           recomputed region (they are recomputed together, see the host order)
     head and tail outputs are kept in every policy.
+
+A region at degree d keeps parameters, gradients and Adam state / d and activations at its
+batch B/(k n) and d-way shards. vocab_parallel divides the embedding/LM-head parameters (and
+their gradients and Adam state) and the logits-sized tail activations by T, and adds the
+all-gathered logits when they are a graph output.
 """
 from __future__ import annotations
 
@@ -106,6 +129,16 @@ class RegionVariant:
     """Parameter elements of the region on one rank."""
     param_bytes: int = 0
     """Parameter bytes of the region on one rank."""
+    gather_fwd_bytes: int = 0
+    """Bytes of the forward all-gather of the output over the cross group (whole sub-batch; d < T)."""
+    gather_bwd_bytes: int = 0
+    """Bytes of the backward all-gather of the input grad over the cross group (d < T)."""
+    grad_reduce_bytes: int = 0
+    """Bytes of the once-per-step all-reduce of the parameter gradients over the cross group (d < T)."""
+    degree: int = 0
+    """d: ranks the region is sharded over (0: not recorded; the variant key says)."""
+    cross: int = 1
+    """n = T/d: ranks of the cross group (each runs 1/n of the sub-batch)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,16 +148,65 @@ class RegionSpec:
     kind: str
     """"attention" or "mlp"."""
     variants: Mapping
-    """(num_sub_batches, shard) -> RegionVariant."""
+    """(num_sub_batches, shard) -> RegionVariant: shard=True at the full TMP degree T."""
+    degree_variants: Mapping = field(default_factory=dict)
+    """(num_sub_batches, d) -> RegionVariant for the degrees 1 <= d < T (Oases: n = T/d groups of
+    d ranks, each running 1/n of the sub-batch)."""
+
+    def variant(self, k: int, state: int, tp: int) -> RegionVariant:
+        """The variant of decision ``state`` (a degree d, or REPLICATED) at k sub-batches."""
+        if state == REPLICATED:
+            return self.variants[(k, False)]
+        if state == tp:
+            return self.variants[(k, True)]
+        return self.degree_variants[(k, state)]
+
+    def has_state(self, k: int, state: int, tp: int) -> bool:
+        if state == REPLICATED:
+            return (k, False) in self.variants
+        if state == tp:
+            return (k, True) in self.variants
+        return (k, state) in self.degree_variants
 
     @property
     def signature(self) -> tuple:
         """Equal for regions that cost the same in every variant (identical layers)."""
+        items = [(("s",) + key, v) for key, v in self.variants.items()]
+        items += [(("d",) + key, v) for key, v in self.degree_variants.items()]
         return tuple(
             (key, v.comm_fwd_bytes, v.comm_bwd_bytes, v.in_bytes, v.out_bytes, v.param_numel, v.param_bytes,
+             v.gather_fwd_bytes, v.gather_bwd_bytes, v.grad_reduce_bytes, v.degree, v.cross,
              tuple((o.key, o.part, o.out_bytes, o.column) for o in v.ops))
-            for key, v in sorted(self.variants.items())
+            for key, v in sorted(items, key=lambda kv: kv[0])
         )
+
+
+REPLICATED = 0
+"""The per-region decision "replicate" (any other decision is the TMP degree d >= 1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VocabSpec:
+    """The model's embedding + LM head + cross-entropy when sharded over the vocabulary."""
+
+    vocab: int
+    """V."""
+    head_ops: tuple
+    """The head's ops with the V-row embedding table sharded (V/T rows), whole batch."""
+    tail_ops: tuple
+    """The tail's ops with the LM head and the cross-entropy over V/T columns, whole batch."""
+    emb_reduce_bytes: int
+    """All-reduce of the embedding output (B*S*h) in forward."""
+    lm_grad_reduce_bytes: int
+    """All-reduce of the LM head's input gradient (B*S*h) in backward."""
+    ce_reduce_bytes: int
+    """Each of the cross-entropy's three all-reduces (max, sum-exp, target logit: B*S floats)."""
+    logits_gather_bytes: int = 0
+    """All-gather of the logits (B*S*V) when they are a graph output; 0 when only the loss is."""
+    param_numel: int = 0
+    """Elements of the embedding/LM-head parameters (unsharded; tied weights once)."""
+    param_bytes: int = 0
+    """Their bytes (unsharded)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +229,16 @@ class ModelSpec:
     """Their bytes."""
     notes: tuple = ()
     """What describe_model assumed (shown by explain)."""
+    degrees: tuple = ()
+    """TMP degrees the regions were described at (divisors of tp; () means just (tp,))."""
+    vocab: Optional[VocabSpec] = None
+    """The vocabulary-parallel variant of head and tail, or None (see vocab_reason)."""
+    vocab_reason: str = ""
+    """Why vocab is None (no embedding/LM-head pattern, V not divisible by T, not described)."""
+
+    @property
+    def described_degrees(self) -> tuple:
+        return tuple(sorted(set(self.degrees) | {self.tp}, reverse=True))
 
     @property
     def k_choices(self) -> tuple:
@@ -160,8 +252,12 @@ class ModelSpec:
     def all_ops(self) -> list:
         """Every OpSpec of every variant (the profile must time all their keys)."""
         out = list(self.head_ops) + list(self.tail_ops)
+        if self.vocab is not None:
+            out += list(self.vocab.head_ops) + list(self.vocab.tail_ops)
         for r in self.regions:
             for _, v in sorted(r.variants.items()):
+                out.extend(v.ops)
+            for _, v in sorted(r.degree_variants.items()):
                 out.extend(v.ops)
         return out
 
@@ -295,8 +391,119 @@ class _VariantBuilder:
         return spec
 
 
+def divisors(n: int) -> tuple:
+    """Divisors of n, descending."""
+    return tuple(d for d in range(n, 0, -1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class VocabPattern:
+    """An embedding table [V, h] whose V is the output dim of a linear (the LM head)."""
+
+    vocab: int
+    embedding: fx.Node
+    """The aten.embedding node."""
+    weights: tuple
+    """The [V, h] weight nodes (embedding's and LM head's; one node when tied)."""
+    lm_head: fx.Node
+    """The linear producing the logits."""
+    lm_bias: Optional[fx.Node] = None
+    logits_output: bool = False
+    """The logits reach the graph outputs (through views only): vocab_parallel must all-gather them."""
+
+
+_LINEAR_TARGETS = ("aten.linear.default",)
+
+
+def find_vocab_pattern(gm: fx.GraphModule):
+    """(VocabPattern, "") or (None, reason): the planner's own detection of the Megatron vocab
+    pattern (aten.embedding weight [V, h] whose V equals a linear's output dim). Replaceable by
+    passes.vocab_parallel.find_vocab_parallel once merged (describe_model(find_vocab=...))."""
+    graph = gm.graph
+    embs = [n for n in graph.nodes if n.op == "call_function" and str(n.target) == "aten.embedding.default"]
+    linears = [n for n in graph.nodes if n.op == "call_function" and str(n.target) in _LINEAR_TARGETS]
+    for e in embs:
+        w = e.args[0]
+        ms = _metas(w.meta.get("val")) if isinstance(w, fx.Node) else []
+        if not ms or len(ms[0][0]) != 2:
+            continue
+        V, h = ms[0][0]
+        # Candidates: linears with a [V, h] weight; the tied one first, else the last in graph order
+        # (an MLP's [4h, h] weight has the same shape when V == 4h).
+        cands = []
+        for i, lin in enumerate(linears):
+            lw = lin.args[1] if len(lin.args) > 1 else None
+            lms = _metas(lw.meta.get("val")) if isinstance(lw, fx.Node) else []
+            if lms and lms[0][0] == [V, h]:
+                cands.append((lw is not w, -i, lin))
+        for _, _, lin in sorted(cands, key=lambda c: c[:2]):
+            lw = lin.args[1]
+            bias = lin.args[2] if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node) else None
+            # Do the logits reach the outputs through views only?
+            out, todo, seen = False, [lin], {lin}
+            while todo:
+                x = todo.pop()
+                for u in x.users:
+                    if u.op == "output":
+                        out = True
+                    elif u not in seen and u.op == "call_function" and is_free_op(u):
+                        seen.add(u)
+                        todo.append(u)
+            return VocabPattern(vocab=V, embedding=e, weights=tuple(dict.fromkeys([w, lw])), lm_head=lin,
+                                lm_bias=bias, logits_output=out), ""
+    if not embs:
+        return None, "no aten.embedding in the graph"
+    return None, "no linear whose output dim equals an embedding table's rows (no LM head over the vocabulary)"
+
+
+class _VocabState:
+    """Placements for _Shapes.scaled: the [V, h] weights on dim 0, V-wide activations on the last dim."""
+
+    def __init__(self, weights, bias, placement):
+        self.weight_dim = {w: 0 for w in weights}
+        self.bias_dim = {bias: 0} if bias is not None else {}
+        self.placement = placement
+
+
+def _describe_vocab(graph, pat, head, tail, build, shapes, tp, order):
+    """VocabSpec of head/tail under vocab_parallel, or (None, reason)."""
+    if tp <= 1:
+        return None, "TMP degree 1: nothing to shard the vocabulary over"
+    if pat.vocab % tp:
+        return None, f"vocabulary {pat.vocab} is not divisible by the TMP degree {tp}"
+    if pat.embedding not in head or pat.lm_head not in tail:
+        return None, "the embedding or the LM head is not outside the TMP regions (head/tail)"
+    V = pat.vocab
+    placement, todo = {}, [pat.lm_head]
+    while todo:  # V-wide floating-point values downstream of the LM head: sharded on the last dim
+        x = todo.pop()
+        ms = _metas(x.meta.get("val"))
+        if x in placement or not ms or not ms[0][0] or ms[0][0][-1] != V or not ms[0][1].is_floating_point:
+            continue
+        placement[x] = len(ms[0][0]) - 1
+        todo.extend(u for u in x.users if u.op == "call_function")
+    st = _VocabState(pat.weights, pat.lm_bias, placement)
+    head_ops = tuple(build.op(n, k=1, tp=tp, st=st, part="head") for n in head)
+    tail_ops = tuple(build.op(n, k=1, tp=tp, st=st, part="tail") for n in tail)
+    emb_b = _nbytes(shapes.scaled(pat.embedding, 1, tp, None))
+    lm_in = pat.lm_head.args[0]
+    lm_in_b = _nbytes(shapes.scaled(lm_in, 1, tp, None)) if isinstance(lm_in, fx.Node) else 0
+    logits = shapes.scaled(pat.lm_head, 1, tp, None)
+    rows = math.prod(logits[0][0][:-1]) if logits else 0
+    pnodes = list(pat.weights) + ([pat.lm_bias] if pat.lm_bias is not None else [])
+    uniq = {}
+    for n in pnodes:
+        uniq.setdefault(str(n.target), n)
+    p_metas = [m for n in uniq.values() for m in _metas(n.meta.get("val"))]
+    return VocabSpec(
+        vocab=V, head_ops=head_ops, tail_ops=tail_ops, emb_reduce_bytes=emb_b, lm_grad_reduce_bytes=lm_in_b,
+        ce_reduce_bytes=rows * 4, logits_gather_bytes=_nbytes(logits) if pat.logits_output else 0,
+        param_numel=sum(math.prod(s) for s, _ in p_metas), param_bytes=_nbytes(p_metas)), ""
+
+
 def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int,
-                   k_choices: Sequence[int] = (1, 2, 4)) -> ModelSpec:
+                   k_choices: Sequence[int] = (1, 2, 4), degrees: Optional[Sequence[int]] = None,
+                   vocab: bool = True, find_vocab=None) -> ModelSpec:
     """The planner's view of a traced model: per region and variant, the ops and byte counts.
 
     Args:
@@ -304,6 +511,10 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
         regions: find_tmp_regions(gm, tp)[0], graph order.
         tp: TMP degree; batch: the step's batch size; k_choices: sub-batch counts to describe
             (those that do not divide the batch are left out, with a note).
+        degrees: per-region TMP degrees to describe (divisors of tp; None: all of them). A degree
+            d < tp at k sub-batches needs batch % (k * tp/d) == 0 (else left out, with a note).
+        vocab: describe the vocabulary-parallel head/tail (when the pattern is found).
+        find_vocab: the detection, gm -> (pattern or None, reason); default find_vocab_pattern.
     """
     from oases_fx.propagation import linear_parts
 
@@ -325,6 +536,17 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
             notes.append(f"k={k} left out: batch {batch} does not divide into {k} sub-batches")
         else:
             ks.append(k)
+    all_d = divisors(tp)
+    wanted = all_d if degrees is None else tuple(sorted(set(degrees), reverse=True))
+    bad = [d for d in wanted if d not in all_d]
+    if bad:
+        raise ValueError(f"degrees {bad} do not divide the TMP degree {tp} (divisors: {all_d})")
+    low_degrees = tuple(d for d in wanted if d < tp)
+    for k in ks:
+        for d in low_degrees:
+            if batch % (k * (tp // d)):
+                notes.append(f"degree {d} at k={k} left out: batch {batch} does not divide into "
+                             f"{k} x {tp // d} parts")
 
     order = {n: i for i, n in enumerate(graph.nodes)}
     in_region = {n for r in regions for n in r.nodes}
@@ -359,8 +581,25 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
         region_params.update(pnodes)
         col_inputs = list(dict.fromkeys(linear_parts(c)[0] for c in r.columns))
         compute = [n for n in r.nodes if n.op == "call_function" and not is_free_op(n)]
-        variants = {}
+        variants, dvariants = {}, {}
         for k in ks:
+            for d in low_degrees:
+                n = tp // d
+                if batch % (k * n):
+                    continue
+                ops = [build.op(x, k=k * n, tp=d, st=r.state, part="region", column=x in r.columns) for x in compute]
+                ops += [build.op(x, k=k, tp=tp, st=None, part="glue") for x in glue[ri]]
+                in_b = sum(_nbytes(shapes.scaled(x, k * n, d, None)) for x in col_inputs)
+                out_b = _nbytes(shapes.scaled(r.row, k * n, d, None))
+                p_metas = [m for p in pnodes for m in shapes.scaled(p, 1, d, r.state)]
+                p_bytes = _nbytes(p_metas)
+                dvariants[(k, d)] = RegionVariant(
+                    ops=tuple(ops), comm_fwd_bytes=out_b if d > 1 else 0, comm_bwd_bytes=in_b if d > 1 else 0,
+                    in_bytes=in_b, out_bytes=out_b,
+                    param_numel=sum(math.prod(s) for s, _ in p_metas), param_bytes=p_bytes,
+                    gather_fwd_bytes=_nbytes(shapes.scaled(r.row, k, tp, None)),
+                    gather_bwd_bytes=sum(_nbytes(shapes.scaled(x, k, tp, None)) for x in col_inputs),
+                    grad_reduce_bytes=p_bytes, degree=d, cross=n)
             for shard in ((True, False) if tp > 1 else (True,)):
                 st = r.state if shard else None
                 ops = [build.op(n, k=k, tp=tp, st=st, part="region", column=n in r.columns) for n in compute]
@@ -373,18 +612,23 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
                     ops=tuple(ops), comm_fwd_bytes=out_b if comm else 0, comm_bwd_bytes=in_b if comm else 0,
                     in_bytes=in_b, out_bytes=out_b,
                     param_numel=sum(math.prod(s) for s, _ in p_metas), param_bytes=_nbytes(p_metas))
-        specs.append(RegionSpec(name=r.name, kind=r.kind, variants=variants))
+        specs.append(RegionSpec(name=r.name, kind=r.kind, variants=variants, degree_variants=dvariants))
 
     others = {}
     for n in params - region_params:
         others.setdefault(str(n.target), n)  # tied weights: one parameter, several get_attrs
     o_metas = [m for n in others.values() for m in _metas(n.meta.get("val"))]
+    vspec, vreason = None, "not described (vocab_parallel not among the choices)"
+    if vocab:
+        pat, vreason = (find_vocab or find_vocab_pattern)(gm)
+        if pat is not None:
+            vspec, vreason = _describe_vocab(graph, pat, head, tail, build, shapes, tp, order)
     return ModelSpec(
         regions=tuple(specs), tp=tp, batch=batch,
         head_ops=tuple(build.op(n, k=1, tp=tp, st=None, part="head") for n in head),
         tail_ops=tuple(build.op(n, k=1, tp=tp, st=None, part="tail") for n in tail),
         other_param_numel=sum(math.prod(s) for s, _ in o_metas), other_param_bytes=_nbytes(o_metas),
-        notes=tuple(notes),
+        notes=tuple(notes), degrees=wanted, vocab=vspec, vocab_reason=vreason,
     )
 
 
@@ -401,23 +645,69 @@ class Choice:
     recompute: str
     shard: tuple
     """Per region (chain order): True = Megatron-sharded over the TMP group, False = replicated."""
+    degrees: tuple = ()
+    """Per region: the TMP degree d of a sharded region, None for the full degree T (and for
+    replicated regions). () when every sharded region runs at T (normalised so)."""
+    vocab_parallel: bool = False
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE_POLICIES:
             raise ValueError(f"recompute={self.recompute!r}: expected one of {RECOMPUTE_POLICIES}")
+        if self.degrees:
+            if len(self.degrees) != len(self.shard):
+                raise ValueError(f"{len(self.degrees)} degrees for {len(self.shard)} regions")
+            degs = tuple(d if s else None for d, s in zip(self.degrees, self.shard))
+            object.__setattr__(self, "degrees", () if all(d is None for d in degs) else degs)
+
+    def state(self, r: int, tp: int) -> int:
+        """Region r's decision: REPLICATED (0) or its TMP degree."""
+        if not self.shard[r]:
+            return REPLICATED
+        d = self.degrees[r] if self.degrees else None
+        return tp if d is None else int(d)
+
+    def states(self, tp: int) -> tuple:
+        return tuple(self.state(r, tp) for r in range(len(self.shard)))
+
+    @staticmethod
+    def of_states(*, num_sub_batches: int, recompute: str, states: Sequence[int], tp: int,
+                  vocab_parallel: bool = False) -> "Choice":
+        return Choice(num_sub_batches=num_sub_batches, recompute=recompute,
+                      shard=tuple(s != REPLICATED for s in states),
+                      degrees=tuple(None if s in (REPLICATED, tp) else s for s in states),
+                      vocab_parallel=vocab_parallel)
+
+    def _region_key(self, r: int) -> float:
+        # full degree first, then higher degrees, then replicated
+        if not self.shard[r]:
+            return 2.0
+        d = self.degrees[r] if self.degrees else None
+        return 0.0 if d is None else 1.0 / d
 
     def tie_key(self) -> tuple:
         """Deterministic order among equally fast plans: fewer sub-batches, lighter recompute,
-        sharded before replicated, earlier regions first."""
-        return (self.num_sub_batches, RECOMPUTE_POLICIES.index(self.recompute),
-                tuple(not s for s in self.shard))
+        vocab_parallel off, then per region (earlier regions first) the full degree, then higher
+        degrees, then replicated."""
+        return (self.num_sub_batches, RECOMPUTE_POLICIES.index(self.recompute), self.vocab_parallel,
+                tuple(self._region_key(r) for r in range(len(self.shard))))
 
     def summary(self, names: Optional[Sequence[str]] = None) -> str:
         n_shard = sum(self.shard)
         s = f"k={self.num_sub_batches} recompute={self.recompute} sharded {n_shard}/{len(self.shard)}"
+        if self.degrees:
+            by_d: dict = {}
+            for i, d in enumerate(self.degrees):
+                if d is not None:
+                    by_d.setdefault(d, []).append(i)
+            s += "".join(f", {len(v)} at d={d}" for d, v in sorted(by_d.items(), reverse=True))
+            if names is not None:
+                lows = [names[i] + f"@{d}" for d, v in sorted(by_d.items(), reverse=True) for i in v]
+                s += " (" + ", ".join(lows[:2]) + (f" +{len(lows) - 2} more" if len(lows) > 2 else "") + ")"
         if names is not None and n_shard < len(self.shard):
             rep = [nm for nm, sh in zip(names, self.shard) if not sh]
             s += " (replicated: " + ", ".join(rep[:2]) + (f" +{len(rep) - 2} more" if len(rep) > 2 else "") + ")"
+        if self.vocab_parallel:
+            s += " vocab-parallel"
         return s
 
 
@@ -425,7 +715,12 @@ def choice_of(plan: Plan, model: ModelSpec) -> Choice:
     """The Choice a Plan makes for this model (a region missing from the plan is replicated)."""
     by_name = {r.name: r for r in plan.regions}
     shard = tuple(bool(by_name[r.name].shard) if r.name in by_name else False for r in model.regions)
-    return Choice(num_sub_batches=plan.num_sub_batches, recompute=plan.recompute, shard=shard)
+    degs = []
+    for r in model.regions:
+        d = plan.region_degree(r.name)
+        degs.append(None if d is None or d == plan.tp_degree else d)
+    return Choice(num_sub_batches=plan.num_sub_batches, recompute=plan.recompute, shard=shard,
+                  degrees=tuple(degs), vocab_parallel=plan.vocab_parallel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,10 +759,16 @@ class _PartCosts:
     glue_bwd: float
     ar_fwd: float
     ar_bwd: float
+    ag_fwd: float = 0.0
+    ag_bwd: float = 0.0
+    grad_ar: float = 0.0
+    comm: tuple = (False, False, False)
+    """Which collectives the region issues: (all-reduce over d, all-gather over n, gradient
+    all-reduce over n): the template's shape."""
 
 
 class CostCache:
-    """Region/part costs from a profile, cached per (region signature, k, shard)."""
+    """Region/part costs from a profile, cached per (region signature, k, decision)."""
 
     def __init__(self, model: ModelSpec, profile: "Profile"):
         self.model, self.profile = model, profile
@@ -477,12 +778,19 @@ class CostCache:
     def op(self, o: OpSpec) -> tuple:
         return self.profile.op_time(o.key)
 
-    def region(self, ri: int, k: int, shard: bool) -> _PartCosts:
-        ck = (self._sigs[ri], k, shard)
+    def region(self, ri: int, k: int, state) -> _PartCosts:
+        """Costs of region ri at k sub-batches; state: a degree d, REPLICATED, or a bool (shard at
+        the full degree / replicate)."""
+        tp = self.model.tp
+        if state is True:
+            state = tp
+        elif state is False:
+            state = REPLICATED
+        ck = (self._sigs[ri], k, state)
         hit = self._cache.get(ck)
         if hit is not None:
             return hit
-        v = self.model.regions[ri].variants[(k, shard)]
+        v = self.model.regions[ri].variant(k, state, tp)
         fwd = glue_fwd = bwd = wgrad = glue_bwd = 0.0
         for o in v.ops:
             f, b = self.op(o)
@@ -494,10 +802,24 @@ class CostCache:
                 w = 0.5 * b if o.column else 0.0  # linear backward: dgrad and wgrad have equal flops
                 wgrad += w
                 bwd += b - w
-        ar = self.profile.all_reduce
-        pc = _PartCosts(fwd, glue_fwd, bwd, wgrad, glue_bwd,
-                        ar.predict_us(v.comm_fwd_bytes) if v.comm_fwd_bytes else 0.0,
-                        ar.predict_us(v.comm_bwd_bytes) if v.comm_bwd_bytes else 0.0)
+        prof = self.profile
+        if state == REPLICATED:
+            pc = _PartCosts(fwd, glue_fwd, bwd, wgrad, glue_bwd, 0.0, 0.0)
+        elif state == tp:
+            ar = prof.all_reduce
+            pc = _PartCosts(fwd, glue_fwd, bwd, wgrad, glue_bwd,
+                            ar.predict_us(v.comm_fwd_bytes) if v.comm_fwd_bytes else 0.0,
+                            ar.predict_us(v.comm_bwd_bytes) if v.comm_bwd_bytes else 0.0,
+                            comm=(tp > 1, False, False))
+        else:
+            d, n = state, tp // state
+            pc = _PartCosts(
+                fwd, glue_fwd, bwd, wgrad, glue_bwd,
+                prof.all_reduce_us(v.comm_fwd_bytes, d) if d > 1 else 0.0,
+                prof.all_reduce_us(v.comm_bwd_bytes, d) if d > 1 else 0.0,
+                prof.all_gather_us(v.gather_fwd_bytes, n), prof.all_gather_us(v.gather_bwd_bytes, n),
+                prof.all_reduce_us(v.grad_reduce_bytes, n, cross=True) if v.grad_reduce_bytes else 0.0,
+                comm=(d > 1, True, v.grad_reduce_bytes > 0))
         self._cache[ck] = pc
         return pc
 
@@ -507,6 +829,25 @@ class CostCache:
             of, ob = self.op(o)
             f, b = f + of, b + ob
         return f, b
+
+    def vocab_comm(self) -> dict:
+        """Costs of vocab_parallel's collectives (microseconds)."""
+        v, prof, tp = self.model.vocab, self.profile, self.model.tp
+        return {"ar_emb": prof.all_reduce_us(v.emb_reduce_bytes, tp),
+                "ar_lm": prof.all_reduce_us(v.lm_grad_reduce_bytes, tp),
+                "ar_ce": prof.all_reduce_us(v.ce_reduce_bytes, tp),
+                "ag_logits": prof.all_gather_us(v.logits_gather_bytes, tp) if v.logits_gather_bytes else 0.0}
+
+    def outside_time(self, vocab_parallel: bool) -> float:
+        """Head + tail, forward + backward, their collectives counted as exposed (the search's
+        constant term; the whole-step simulation replaces it)."""
+        m = self.model
+        if not vocab_parallel:
+            (hf, hb), (tf, tb) = self.outside(m.head_ops), self.outside(m.tail_ops)
+            return hf + hb + tf + tb
+        (hf, hb), (tf, tb) = self.outside(m.vocab.head_ops), self.outside(m.vocab.tail_ops)
+        c = self.vocab_comm()
+        return hf + hb + tf + tb + c["ar_emb"] + c["ar_lm"] + 3 * c["ar_ce"]
 
 
 _SUB_BATCH_META: dict = {}
@@ -556,12 +897,24 @@ class _Template:
             self._node(_wait_event, "wait_" + comm_node.name, (comm_node,), owner, sub_batch)
 
 
-def _build_template(k: int, rc: str, has_comm: tuple, outside: bool) -> _Template:
-    """See the module docstring for the order. has_comm[r]: region r issues all-reduces."""
-    n = len(has_comm)
+def _build_template(k: int, rc: str, comm: tuple, outside: bool, vocab: tuple = (False, False)) -> _Template:
+    """See the module docstring for the order. comm[r]: region r's (all-reduce, all-gather,
+    gradient all-reduce) flags; vocab: (vocab_parallel, logits all-gather)."""
+    n = len(comm)
+    vp, logits_ag = vocab if outside else (False, False)
     ev = _Template()
     if outside:
         ev.compute_ev("head_fwd", None, None, "head_fwd")
+        if vp:
+            ev.wait_ev(ev.comm_ev("vp_ar_emb", None, None, "ar_emb"), None, None)
+
+    def issue(prefix, r, j, ar_field, ag_field):
+        last = None
+        if comm[r][0]:
+            last = ev.comm_ev(f"{prefix}ar_{ar_field[3:]}.r{r}.s{j}", r, j, ar_field)
+        if comm[r][1]:
+            last = ev.comm_ev(f"{prefix}ag_{ag_field[3:]}.r{r}.s{j}", r, j, ag_field)
+        return last
 
     ar_f: dict = {}
     for r in range(n):
@@ -570,23 +923,34 @@ def _build_template(k: int, rc: str, has_comm: tuple, outside: bool) -> _Templat
                 ev.wait_ev(ar_f.get((r - 1, j)), r - 1, j)
                 ev.compute_ev(f"glue.r{r - 1}.s{j}", r - 1, j, "glue_fwd")
             ev.compute_ev(f"fwd.r{r}.s{j}", r, j, "fwd")
-            if has_comm[r]:
-                ar_f[(r, j)] = ev.comm_ev(f"ar_fwd.r{r}.s{j}", r, j, "ar_fwd")
+            last = issue("", r, j, "ar_fwd", "ag_fwd")
+            if last is not None:
+                ar_f[(r, j)] = last
     for j in range(k):
         ev.wait_ev(ar_f.get((n - 1, j)), n - 1, j)
         ev.compute_ev(f"glue.r{n - 1}.s{j}", n - 1, j, "glue_fwd")
+    logits = None
     if outside:
         ev.compute_ev("tail_fwd", None, None, "tail_fwd")
+        if vp:
+            for i in range(3):  # the parallel cross-entropy's max, sum-exp and target-logit all-reduces
+                ev.wait_ev(ev.comm_ev(f"vp_ar_ce{i}", None, None, "ar_ce"), None, None)
+            if logits_ag:
+                logits = ev.comm_ev("vp_ag_logits", None, None, "ag_logits")
         ev.compute_ev("tail_bwd", None, None, "tail_bwd")
+        if vp:
+            ev.wait_ev(ev.comm_ev("vp_ar_lm", None, None, "ar_lm"), None, None)
 
     ar_b: dict = {}
+    grads = []
     for r in reversed(range(n)):
         ar_re: dict = {}
         if rc == "full":  # every sub-batch's recompute first: AR_f'(j) hides behind F'(j+1)
             for j in range(k):
                 ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "fwd")
-                if has_comm[r]:
-                    ar_re[j] = ev.comm_ev(f"ar_recompute.r{r}.s{j}", r, j, "ar_fwd")
+                last = issue("re", r, j, "ar_fwd", "ag_fwd")
+                if last is not None:
+                    ar_re[j] = last
         for j in range(k):
             if rc == "fine":
                 ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "fwd", "glue_fwd")
@@ -596,13 +960,20 @@ def _build_template(k: int, rc: str, has_comm: tuple, outside: bool) -> _Templat
                 ev.compute_ev(f"recompute_glue.r{r}.s{j}", r, j, "glue_fwd")
             ev.compute_ev(f"glue_bwd.r{r}.s{j}", r, j, "glue_bwd")
             ev.compute_ev(f"bwd.r{r}.s{j}", r, j, "bwd")
-            if has_comm[r]:
-                ar_b[(r, j)] = ev.comm_ev(f"ar_bwd.r{r}.s{j}", r, j, "ar_bwd")
+            last = issue("", r, j, "ar_bwd", "ag_bwd")
+            if last is not None:
+                ar_b[(r, j)] = last
             ev.compute_ev(f"wgrad.r{r}.s{j}", r, j, "wgrad")
+        if comm[r][2]:
+            grads.append((ev.comm_ev(f"grad_ar.r{r}", r, k - 1, "grad_ar"), r))
     for j in range(k):
         ev.wait_ev(ar_b.get((0, j)), 0, j)
     if outside:
         ev.compute_ev("head_bwd", None, None, "head_bwd")
+    for g, r in grads:
+        ev.wait_ev(g, r, k - 1)
+    if logits is not None:
+        ev.wait_ev(logits, None, None)
     return ev
 
 
@@ -611,13 +982,13 @@ _TEMPLATE_CACHE_MAX_REGIONS = 2
 """Templates of up to this many regions (the search's single and pair simulations) are kept."""
 
 
-def _template(k: int, rc: str, has_comm: tuple, outside: bool) -> _Template:
-    if len(has_comm) > _TEMPLATE_CACHE_MAX_REGIONS:
-        return _build_template(k, rc, has_comm, outside)
-    key = (k, rc, has_comm, outside)
+def _template(k: int, rc: str, comm: tuple, outside: bool, vocab: tuple = (False, False)) -> _Template:
+    if len(comm) > _TEMPLATE_CACHE_MAX_REGIONS:
+        return _build_template(k, rc, comm, outside, vocab)
+    key = (k, rc, comm, outside, vocab)
     t = _TEMPLATES.get(key)
     if t is None:
-        t = _TEMPLATES[key] = _build_template(k, rc, has_comm, outside)
+        t = _TEMPLATES[key] = _build_template(k, rc, comm, outside, vocab)
     return t
 
 
@@ -628,13 +999,20 @@ def simulate_choice(model: ModelSpec, choice: Choice, profile: "Profile", *, lo:
     hi = len(model.regions) if hi is None else hi
     costs = cache or CostCache(model, profile)
     k = choice.num_sub_batches
-    pcs = [costs.region(r, k, choice.shard[r]) for r in range(lo, hi)]
-    has_comm = tuple(model.tp > 1 and bool(choice.shard[r]) for r in range(lo, hi))
-    tpl = _template(k, choice.recompute, has_comm, outside)
+    tp = model.tp
+    pcs = [costs.region(r, k, choice.state(r, tp)) for r in range(lo, hi)]
+    comm_flags = tuple(p.comm for p in pcs)
+    vp = bool(choice.vocab_parallel) and outside
+    if vp and model.vocab is None:
+        raise ValueError(f"vocab_parallel: the model has no vocabulary-parallel variant ({model.vocab_reason})")
+    vocab = (vp, vp and model.vocab.logits_gather_bytes > 0)
+    tpl = _template(k, choice.recompute, comm_flags, outside, vocab)
     fixed = {}
     if outside:
-        fixed["head_fwd"], fixed["head_bwd"] = costs.outside(model.head_ops)
-        fixed["tail_fwd"], fixed["tail_bwd"] = costs.outside(model.tail_ops)
+        head, tail = (model.vocab.head_ops, model.vocab.tail_ops) if vp else (model.head_ops, model.tail_ops)
+        fixed["head_fwd"], fixed["head_bwd"] = costs.outside(head)
+        fixed["tail_fwd"], fixed["tail_bwd"] = costs.outside(tail)
+    vcomm = costs.vocab_comm() if vp else {}
     compute = {}
     for name, r, fields in tpl.compute:
         if r is None:
@@ -642,7 +1020,7 @@ def simulate_choice(model: ModelSpec, choice: Choice, profile: "Profile", *, lo:
         else:
             p = pcs[r]
             compute[name] = sum(getattr(p, f) for f in fields)
-    comm = {name: getattr(pcs[r], f) for name, r, f in tpl.comm}
+    comm = {name: (vcomm[f] if r is None else getattr(pcs[r], f)) for name, r, f in tpl.comm}
     cm = TableCostModel(compute=compute, comm=comm, compute_interference=profile.compute_interference,
                         comm_interference=profile.comm_interference)
     tl = simulate(tpl.nodes, cm, comm_is=_is_comm_event, wait_is=_is_wait_event)
@@ -686,11 +1064,19 @@ def region_memory_bytes(v: RegionVariant, k: int, recompute: str) -> int:
 
 def memory(model: ModelSpec, choice: Choice) -> MemoryBreakdown:
     k, rc = choice.num_sub_batches, choice.recompute
-    vs = [r.variants[(k, s)] for r, s in zip(model.regions, choice.shard)]
+    vs = [r.variant(k, choice.state(i, model.tp), model.tp) for i, r in enumerate(model.regions)]
     params = model.other_param_bytes + sum(v.param_bytes for v in vs)
     numel = model.other_param_numel + sum(v.param_numel for v in vs)
+    head, tail = model.head_ops, model.tail_ops
+    if choice.vocab_parallel and model.vocab is not None:
+        voc, tp = model.vocab, model.tp
+        params -= voc.param_bytes - voc.param_bytes // tp
+        numel -= voc.param_numel - voc.param_numel // tp
+        head, tail = voc.head_ops, voc.tail_ops
     kept = [region_kept_bytes(v, k, rc) for v in vs]
-    outside = sum(o.out_bytes for o in model.head_ops + model.tail_ops)
+    outside = sum(o.out_bytes for o in head + tail)
+    if choice.vocab_parallel and model.vocab is not None:
+        outside += model.vocab.logits_gather_bytes  # the gathered logits (a graph output), whole
     live = 0 if rc == "none" else 1 if rc == "fine" else k  # sub-batches recomputed at once
     transient = live * max((sum(o.out_bytes for o in v.ops) for v in vs), default=0)
     return MemoryBreakdown(
@@ -797,7 +1183,8 @@ def predict_plan(model: ModelSpec, plan: Plan, profile: "Profile", *,
 
 
 __all__ = [
-    "OpSpec", "RegionVariant", "RegionSpec", "ModelSpec", "describe_model", "Choice", "choice_of",
+    "OpSpec", "RegionVariant", "RegionSpec", "ModelSpec", "VocabSpec", "VocabPattern", "REPLICATED", "divisors",
+    "find_vocab_pattern", "describe_model", "Choice", "choice_of",
     "simulate_choice", "MemoryBreakdown", "memory", "region_memory_bytes", "region_kept_bytes",
     "RegionBreakdown", "Prediction", "predict", "predict_plan", "breakdown", "GIB",
     "ADAM_STATE_BYTES_PER_ELEMENT",

@@ -6,6 +6,11 @@
   ``autograd.grad`` of the op's outputs w.r.t. its floating-point inputs (weights included).
 - All-reduce: t(bytes) = alpha + beta * bytes, a least-squares fit over log-spaced sizes on the
   actual TMP process group.
+- Per-region TMP degrees d < T (Oases): all-reduce on the groups of d consecutive ranks, and
+  all-gather and all-reduce on the cross groups of n = T/d ranks (stride d), each fitted the same
+  way (Profile.collectives). The all-gather over the whole TMP group is fitted too when the model
+  has a vocabulary-parallel LM head whose logits are a graph output. Subgroups are created with
+  dist.new_group on every rank of the world, in the same order.
 - Interference: a GEMM alone vs while all-reduces run (async_op=True), and all-reduces alone vs
   while GEMMs run; the slowdowns are clamped to [1, 3] (noisy on CPU/gloo).
 - Device memory capacity.
@@ -13,7 +18,13 @@
 All ranks end with the same Profile: each rank measures, the numbers are averaged with an
 all_reduce, and rank 0's resulting JSON is broadcast. Profiles are cached on disk
 ($OASES_FX_CACHE or ~/.cache/oases_fx, under profiles/) keyed by device name, torch version,
-TMP degree and the op shapes; a cache hit is used only when every rank has it.
+TMP degree, the op shapes, the collectives measured and PROFILE_FORMAT; a cache hit is used only
+when every rank has it.
+
+Limitation: on a TMP x data-parallel world, measuring subgroup collectives needs every rank of the
+world in measure_profile at once (new_group is collective over the world) and the same cache
+outcome in every TMP group; compile() profiles on every rank, but a cache present on some hosts
+only would hang. Degrees = (T,) (what compile() passes today) creates no subgroup.
 """
 from __future__ import annotations
 
@@ -41,7 +52,7 @@ from oases_fx.timeline import AnalyticalCostModel, DeviceConstants
 
 log = logging.getLogger("oases_fx")
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2
 """Bumped when the Profile JSON changes meaning (older cache files are ignored)."""
 
 
@@ -102,6 +113,62 @@ class AlphaBeta:
         return 1e-3 / self.beta_us_per_byte if self.beta_us_per_byte > 0 else math.inf
 
 
+def _ab_dict(ab: AlphaBeta) -> dict:
+    d = dataclasses.asdict(ab)
+    d["sizes_bytes"], d["times_us"] = list(ab.sizes_bytes), list(ab.times_us)
+    return d
+
+
+def _ab_of(d: dict) -> AlphaBeta:
+    d = dict(d)
+    d["sizes_bytes"] = tuple(d.get("sizes_bytes", ()))
+    d["times_us"] = tuple(d.get("times_us", ()))
+    return AlphaBeta(**d)
+
+
+def collective_key(op: str, ranks: int, *, cross: bool) -> str:
+    """Profile.collectives key: "all_reduce:tp2", "all_reduce:cross4", "all_gather:cross2"."""
+    return f"{op}:{'cross' if cross else 'tp'}{int(ranks)}"
+
+
+def _ring_share(op: str, n: int) -> float:
+    """Bytes each rank sends per byte of the message (all-gather: of the gathered tensor)."""
+    if n <= 1:
+        return 0.0
+    return 2.0 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
+
+
+def derived_collective(all_reduce: AlphaBeta, tp: int, op: str, ranks: int) -> AlphaBeta:
+    """A collective over ``ranks`` ranks from the TMP group's all-reduce fit, by ring scaling
+    of its per-byte term (same link speed, same latency): for profiles that did not measure it."""
+    ref = _ring_share("all_reduce", tp)
+    if ref <= 0:  # a one-rank TMP group measured no link: the all-reduce's own line
+        return AlphaBeta(alpha_us=all_reduce.alpha_us, beta_us_per_byte=all_reduce.beta_us_per_byte)
+    beta = all_reduce.beta_us_per_byte * _ring_share(op, ranks) / ref
+    return AlphaBeta(alpha_us=all_reduce.alpha_us, beta_us_per_byte=max(beta, MIN_BETA_US_PER_BYTE))
+
+
+def required_collectives(model: ModelSpec) -> list:
+    """collective_key()s the model's described degrees and vocab variant need beyond the TMP
+    group's all-reduce, with (op, group layout, ranks): layout "tp" = d consecutive ranks, "cross"
+    = n ranks of stride T/n."""
+    tp = model.tp
+    out = []
+    for d in model.described_degrees:
+        if d >= tp:
+            continue
+        n = tp // d
+        if d > 1:
+            out.append(("all_reduce", "tp", d))
+        out.append(("all_gather", "cross", n))
+        if n < tp:
+            out.append(("all_reduce", "cross", n))
+    v = model.vocab
+    if v is not None and v.logits_gather_bytes:
+        out.append(("all_gather", "cross", tp))
+    return sorted(set(out), key=lambda x: (x[0], x[1], x[2]))
+
+
 MIN_BETA_US_PER_BYTE = 1e-9
 """Floor of the fitted slope: 1e-9 us/B = 1e15 B/s, far above any link, but positive."""
 
@@ -152,6 +219,11 @@ class Profile:
     """An all-reduce runs this many times slower while compute runs (>= 1)."""
     memory_bytes: int
     """Device memory capacity (the smallest over ranks)."""
+    collectives: Mapping = field(default_factory=dict)
+    """Alpha-beta fits of the other collectives, by collective_key(): "all_reduce:tp<d>" (groups
+    of d consecutive ranks), "all_reduce:cross<n>" and "all_gather:cross<n>" (groups of n ranks,
+    stride T/n; n = T is the whole TMP group). All-gather bytes are the gathered (output) tensor.
+    A missing entry is derived from ``all_reduce`` by ring scaling (derived_collective)."""
     notes: tuple = ()
     """Ops that could not be run at their shapes (timed by the roofline instead), etc."""
     key: str = ""
@@ -175,6 +247,36 @@ class Profile:
     def missing(self, keys) -> list:
         return sorted(k for k in keys if k not in self.op_us)
 
+    def missing_collectives(self, model: ModelSpec) -> list:
+        """required_collectives of model that this profile did not measure."""
+        return [collective_key(op, n, cross=lay == "cross") for op, lay, n in required_collectives(model)
+                if collective_key(op, n, cross=lay == "cross") not in self.collectives]
+
+    def collective(self, name: str) -> AlphaBeta:
+        """The fit of collective_key ``name``: measured, or derived from the TMP all-reduce."""
+        ab = self.collectives.get(name)
+        if ab is not None:
+            return ab
+        op, _, where = name.partition(":")
+        n = int(where.lstrip("tpcross"))
+        if op == "all_reduce" and n == self.tp_degree:
+            return self.all_reduce
+        return derived_collective(self.all_reduce, self.tp_degree, op, n)
+
+    def all_reduce_us(self, nbytes: float, ranks: int, *, cross: bool = False) -> float:
+        """An all-reduce of nbytes over ``ranks`` ranks (consecutive, or a cross group)."""
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        if ranks == self.tp_degree:
+            return self.all_reduce.predict_us(nbytes)
+        return self.collective(collective_key("all_reduce", ranks, cross=cross)).predict_us(nbytes)
+
+    def all_gather_us(self, nbytes: float, ranks: int) -> float:
+        """An all-gather over a cross group of ``ranks`` ranks; nbytes: the gathered tensor."""
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        return self.collective(collective_key("all_gather", ranks, cross=True)).predict_us(nbytes)
+
     def label(self) -> str:
         if self.source == "analytical":
             return f"analytical, not measured ({self.device_name})"
@@ -187,6 +289,7 @@ class Profile:
         d["notes"] = list(self.notes)
         d["all_reduce"]["sizes_bytes"] = list(self.all_reduce.sizes_bytes)
         d["all_reduce"]["times_us"] = list(self.all_reduce.times_us)
+        d["collectives"] = {k: _ab_dict(v) for k, v in sorted(self.collectives.items())}
         return d
 
     @classmethod
@@ -196,6 +299,7 @@ class Profile:
         ar["sizes_bytes"] = tuple(ar.get("sizes_bytes", ()))
         ar["times_us"] = tuple(ar.get("times_us", ()))
         d["all_reduce"] = AlphaBeta(**ar)
+        d["collectives"] = {k: _ab_of(v) for k, v in d.get("collectives", {}).items()}
         d["op_us"] = {k: (float(v[0]), float(v[1])) for k, v in d["op_us"].items()}
         d["notes"] = tuple(d.get("notes", ()))
         return cls(**d, from_cache=from_cache)
@@ -234,12 +338,15 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:60] or "device"
 
 
-def profile_key(*, device_name: str, torch_version: str, tp: int, op_keys: Sequence[str]) -> str:
+def profile_key(*, device_name: str, torch_version: str, tp: int, op_keys: Sequence[str],
+                collectives: Sequence = ()) -> str:
     """The cache key: device, torch version, TMP degree, the NCCL/CUDA environment that changes
-    the interconnect's speed (NCCL_P2P_DISABLE and friends) and a digest of the op shapes."""
+    the interconnect's speed (NCCL_P2P_DISABLE and friends), a digest of the op shapes and of the
+    collectives measured (required_collectives), and the profile format."""
     env = sorted((k, v) for k, v in os.environ.items()
                  if k.startswith("NCCL_") or k in ("CUDA_DEVICE_MAX_CONNECTIONS",))
-    digest = hashlib.sha256(json.dumps([sorted(op_keys), env]).encode()).hexdigest()[:16]
+    colls = [collective_key(op, n, cross=lay == "cross") for op, lay, n in collectives]
+    digest = hashlib.sha256(json.dumps([sorted(op_keys), env, sorted(colls), PROFILE_FORMAT]).encode()).hexdigest()[:16]
     return f"{_slug(device_name)}-torch{_slug(torch_version)}-tp{tp}-{digest}"
 
 
@@ -254,7 +361,7 @@ def load_cached_profile(model: ModelSpec, *, device_name: Optional[str] = None) 
         return None
     keys = model.op_keys()
     if device_name is not None:
-        p = d / f"{profile_key(device_name=device_name, torch_version=torch.__version__, tp=model.tp, op_keys=keys)}.json"
+        p = d / f"{profile_key(device_name=device_name, torch_version=torch.__version__, tp=model.tp, op_keys=keys, collectives=required_collectives(model))}.json"
         cands = [p] if p.exists() else []
     else:
         cands = sorted(d.glob(f"*-tp{model.tp}-*.json"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
@@ -263,7 +370,8 @@ def load_cached_profile(model: ModelSpec, *, device_name: Optional[str] = None) 
             prof = Profile.load(p, from_cache=True)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if prof.format == PROFILE_FORMAT and prof.tp_degree == model.tp and not prof.missing(keys):
+        if prof.format == PROFILE_FORMAT and prof.tp_degree == model.tp and not prof.missing(keys) \
+                and not prof.missing_collectives(model):
             return prof
     return None
 
@@ -299,15 +407,20 @@ def analytical_profile(model: ModelSpec, *, constants: Optional[DeviceConstants]
         f = cm.compute_us(o.node) if o.node is not None else 0.0
         op_us[o.key] = (f, f * _backward_factor(o.node))
     n = max(model.tp, 1)
-    share = 2.0 * (n - 1) / n if n > 1 else 0.0
-    ar = AlphaBeta(alpha_us=c.comm_alpha_us,
-                   beta_us_per_byte=max(share / c.comm_bus_bw_bytes_per_s * 1e6, MIN_BETA_US_PER_BYTE))
+
+    def line(op, ranks):
+        share = _ring_share(op, ranks)
+        return AlphaBeta(alpha_us=c.comm_alpha_us,
+                         beta_us_per_byte=max(share / c.comm_bus_bw_bytes_per_s * 1e6, MIN_BETA_US_PER_BYTE))
+
+    ar = line("all_reduce", n)
+    colls = {collective_key(op, r, cross=lay == "cross"): line(op, r) for op, lay, r in required_collectives(model)}
     return Profile(
         source="analytical", device_name=f"roofline {c.peak_flops / 1e12:.0f} TFLOP/s, "
         f"{c.mem_bw_bytes_per_s / 1e12:.2f} TB/s, all-reduce {c.comm_bus_bw_bytes_per_s / 1e9:.0f} GB/s busbw",
         torch_version=torch.__version__, tp_degree=model.tp, op_us=op_us, all_reduce=ar,
         compute_interference=c.compute_interference, comm_interference=c.comm_interference,
-        memory_bytes=int(memory_bytes), notes=("analytical cost model constants, not measured",),
+        memory_bytes=int(memory_bytes), collectives=colls, notes=("analytical cost model constants, not measured",),
     )
 
 
@@ -465,6 +578,62 @@ def _time_all_reduce(x: torch.Tensor, group, timer: _Timer, opts: ProfileOptions
     return float(statistics.median(times))
 
 
+def _time_all_gather(x: torch.Tensor, out: torch.Tensor, group, timer: _Timer, opts: ProfileOptions,
+                     device) -> float:
+    def run():
+        try:
+            dist.all_gather_into_tensor(out, x, group=group)
+        except (RuntimeError, NotImplementedError, AttributeError):  # backends without the flat form
+            dist.all_gather(list(out.chunk(dist.get_world_size(group))), x, group=group)
+
+    times = []
+    for i in range(opts.warmup + opts.collective_repeats):
+        _barrier(group, device)
+        t = timer.span_us(run)
+        if i >= opts.warmup:
+            times.append(t)
+    return float(statistics.median(times))
+
+
+_SUBGROUPS: dict = {}
+"""(TMP groups of the world, layout, ranks) -> this rank's subgroup (created once per process)."""
+
+
+def _layout_ranks(tmp_ranks: Sequence[int], layout: str, size: int) -> list:
+    """The subgroups of one TMP group: "tp" = blocks of `size` consecutive ranks, "cross" = `size`
+    ranks of stride len/size (the ranks holding the same position of their d-group)."""
+    T = len(tmp_ranks)
+    if layout == "tp":
+        return [list(tmp_ranks[i:i + size]) for i in range(0, T, size)]
+    stride = T // size
+    return [list(tmp_ranks[i::stride]) for i in range(stride)]
+
+
+def _subgroup(group, layout: str, size: int):
+    """This rank's subgroup of ``group`` (dist.new_group is collective over the whole world: every
+    rank creates every TMP group's subgroups, in the same order). The whole group for size T."""
+    ranks = dist.get_process_group_ranks(group)
+    if size == len(ranks):
+        return group
+    world = dist.get_world_size()
+    if world == len(ranks):
+        tmp_groups = [tuple(ranks)]
+    else:  # a TMP x data-parallel mesh: learn every TMP group (every rank profiles its own)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, tuple(ranks))
+        tmp_groups = sorted(set(everyone))
+    key = (tuple(tmp_groups), layout, size)
+    if key not in _SUBGROUPS:
+        me, mine = dist.get_rank(), None
+        for tg in tmp_groups:
+            for sub in _layout_ranks(tg, layout, size):
+                g = dist.new_group(ranks=sub)
+                if me in sub:
+                    mine = g
+        _SUBGROUPS[key] = mine
+    return _SUBGROUPS[key]
+
+
 def _poll_done(works) -> bool:
     return all(w.is_completed() for w in works)
 
@@ -591,14 +760,16 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
     rank0 = dist.get_rank(group) == 0
     keys = model.op_keys()
     name = _device_name(device)
-    key = profile_key(device_name=name, torch_version=torch.__version__, tp=model.tp, op_keys=keys)
+    colls = required_collectives(model)
+    key = profile_key(device_name=name, torch_version=torch.__version__, tp=model.tp, op_keys=keys,
+                      collectives=colls)
     path = cache_dir() / f"{key}.json"
 
     local = None
     if cache and path.exists():
         try:
             local = Profile.load(path, from_cache=True)
-            if local.format != PROFILE_FORMAT or local.missing(keys):
+            if local.format != PROFILE_FORMAT or local.missing(keys) or local.missing_collectives(model):
                 local = None
         except (OSError, ValueError, KeyError, TypeError):
             local = None
@@ -615,7 +786,7 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
     notes = []
     fallback = AnalyticalCostModel(DeviceConstants(group_size=model.tp))
     values = []
-    with _progress(len(ops) + len(sizes) + 1, progress and rank0, "oases_fx: profiling") as bar:
+    with _progress(len(ops) + len(sizes) * (1 + len(colls)) + 1, progress and rank0, "oases_fx: profiling") as bar:
         for k in sorted(ops):
             o = ops[k]
             bar.set_description(f"op {k.split('(')[0]}")
@@ -633,15 +804,36 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
             x = torch.zeros(max(s // dtype.itemsize, 1), dtype=dtype, device=device)
             ar_times.append(_time_all_reduce(x, group, timer, options, comm_device))
             bar.update()
+        coll_times = []
+        for op, layout, n in colls:
+            bar.set_description(f"{op} over {n} ranks ({layout})")
+            sub = _subgroup(group, layout, n)
+            for s in sizes:
+                if op == "all_reduce":
+                    x = torch.zeros(max(s // dtype.itemsize, 1), dtype=dtype, device=device)
+                    coll_times.append(_time_all_reduce(x, sub, timer, options, comm_device))
+                else:
+                    x = torch.zeros(max(s // dtype.itemsize // n, 1), dtype=dtype, device=device)
+                    out = torch.zeros(x.numel() * n, dtype=dtype, device=device)
+                    coll_times.append(_time_all_gather(x, out, sub, timer, options, comm_device))
+                bar.update()
         bar.set_description("interference")
         intf = _measure_interference(group, device, timer, options, dtype, comm_device)
         bar.update()
-    avg = _all_reduce_mean(values + ar_times + list(intf), group, comm_device)
+    avg = _all_reduce_mean(values + ar_times + list(intf) + coll_times, group, comm_device)
     mem = _all_reduce_int(_device_memory(device), dist.ReduceOp.MIN, group, comm_device)
     n_ops = len(ops)
     op_us = {k: (avg[2 * i], avg[2 * i + 1]) for i, k in enumerate(sorted(ops))}
     ar_avg = avg[2 * n_ops: 2 * n_ops + len(sizes)]
-    g_alone, g_under, c_alone, c_under = avg[2 * n_ops + len(sizes):]
+    base = 2 * n_ops + len(sizes)
+    g_alone, g_under, c_alone, c_under = avg[base:base + 4]
+    coll_avg = avg[base + 4:]
+    fits = {}
+    for i, (op, layout, n) in enumerate(colls):
+        ts = coll_avg[i * len(sizes):(i + 1) * len(sizes)]
+        ss = [max(s // dtype.itemsize // (n if op == "all_gather" else 1), 1) * dtype.itemsize
+              * (n if op == "all_gather" else 1) for s in sizes]
+        fits[collective_key(op, n, cross=layout == "cross")] = fit_alpha_beta(ss, ts)
     clamp = lambda v: min(max(v, 1.0), 3.0)  # noqa: E731
     notes.append(f"interference: GEMM {g_alone:.1f} us alone, {g_under:.1f} us under all-reduce; "
                  f"all-reduce {c_alone:.1f} us alone, {c_under:.1f} us under GEMMs (clamped to [1, 3])")
@@ -650,7 +842,7 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
         op_us=op_us, all_reduce=fit_alpha_beta([int(s) for s in sizes], ar_avg),
         compute_interference=clamp(g_under / g_alone if g_alone > 0 else 1.0),
         comm_interference=clamp(c_under / c_alone if c_alone > 0 else 1.0),
-        memory_bytes=mem, notes=tuple(notes), key=key,
+        memory_bytes=mem, collectives=fits, notes=tuple(notes), key=key,
     )
     text = _broadcast_text(prof.to_json() if rank0 else None, group)
     prof = Profile.from_json(text)
@@ -663,4 +855,5 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
 
 
 __all__ = ["ProfileOptions", "AlphaBeta", "fit_alpha_beta", "Profile", "cache_dir", "profile_key",
+           "collective_key", "derived_collective", "required_collectives",
            "load_cached_profile", "analytical_profile", "measure_profile", "DEFAULT_MEMORY_BYTES"]

@@ -1,12 +1,17 @@
-"""Choose the plan: k sub-batches, the recompute policy and shard/replicate per TMP region.
+"""Choose the plan: k sub-batches, the recompute policy, vocab_parallel and, per TMP region,
+replicate or shard at a TMP degree.
 
 Why this algorithm
 ------------------
-The decisions are of two sorts. The *global* ones, the number of sub-batches k and the recompute
-policy, take few values (3 x 3 by default): they are enumerated. With them fixed, what is left is
-one decision per TMP region (shard over the TMP group or replicate; on a 2-D mesh Oases also
-picks the TMP degree per block: more values of the same per-region decision, which Plan cannot
-express yet). The regions form a chain (attention, MLP, attention, ...), and the step time of the
+The decisions are of two sorts. The *global* ones, the number of sub-batches k, the recompute
+policy and vocab_parallel (embedding, LM head and cross-entropy sharded over the vocabulary),
+take few values (3 x 3 x 2 by default): they are enumerated. With them fixed, what is left is
+one decision per TMP region: replicate, or shard at a TMP degree d dividing the TMP degree T
+(Oases: T/d groups of d ranks, each sharding the region d-ways on 1/(T/d) of the batch; d = T is
+Megatron sharding, d = 1 data parallelism inside the TMP group). The states, in tie order, are
+(T, lower divisors descending, replicate): T + 1 of them at T = 2, 5 at T = 8. vocab_parallel
+only changes the head and tail (outside the chain) and the memory, so the chain's simulations are
+shared by both of its values. The regions form a chain (attention, MLP, attention, ...), and the step time of the
 chain is, to a good approximation, additive over the regions plus a boundary term between
 neighbours: the cross-layer overlap (the last sub-batch's all-reduce of region r hides behind the
 first sub-batch's compute of region r+1) only ever couples adjacent regions. So
@@ -16,8 +21,17 @@ first sub-batch's compute of region r+1) only ever couples adjacent regions. So
 where single() and pair() are timeline simulations of one region and of two neighbouring regions
 alone (the same simulate() the full prediction uses; identical layers share them). Minimising this
 over the chain is dynamic programming with state = the previous region's decision: exact for
-that model, O(L * choices^2), and keeping the best top_n paths per state gives the top_n plans.
-(Oases solves the same problem as an ILP; on a chain DP is exact and needs no solver.)
+that model, O(L * states^2), and keeping the best top_n paths per state gives the top_n plans.
+(Oases solves the same problem as an ILP; on a chain DP is exact and needs no solver.) A region at
+d < T adds an all-gather per sub-batch and a once-per-step gradient all-reduce that may overlap
+the next (earlier) region's backward: the pair simulations see that overlap.
+
+Search time (time.process_time, one core, a shared 2-core machine, analytical profile): a 48-layer
+GPT (h=2048, seq 2048, batch 16, V=51200; 96 regions, identical layers share their simulations)
+over the full space: 1.9 s at T=2, 4.5 s at T=8 (mostly the whole-step simulations of the final
+candidates). Worst case, every region with its own costs (no shared simulation; synthetic,
+tests/unit/test_planner_search.py): 4.4 s at T=2, 6.3 s at T=4 (batch 8), 8.3 s at T=8 with
+batch 64 (every degree at every k).
 
 Memory is additive over regions too (parameters, gradients, Adam state and kept activations of
 each region). When the fastest plans exceed the budget, a Lagrangian relaxation (DP on
@@ -25,10 +39,12 @@ time + lambda * memory, lambda found by doubling then bisection) finds the faste
 
 The approximation is then removed: the top candidates of every global choice are simulated whole
 (head, every region, tail, all sub-batches) and ranked by that prediction. Ties are broken by
-(memory, k, recompute, sharded before replicated), so every rank picks the same plan.
+(memory, k, recompute, vocab_parallel off, then per region the full degree, higher degrees,
+replicated), so every rank picks the same plan.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -36,13 +52,20 @@ from typing import Callable, Optional, Sequence
 from oases_fx.errors import OasesError
 from oases_fx.plan import RECOMPUTE_POLICIES, Plan, RegionPlan
 from oases_fx.planner.cost_model import (
-    GIB, Choice, ModelSpec, Prediction, RegionSpec, CostCache, describe_model, memory, predict,
-    region_memory_bytes, simulate_choice,
+    GIB, REPLICATED, Choice, CostCache, ModelSpec, Prediction, RegionSpec, describe_model, divisors, memory,
+    predict, region_memory_bytes, simulate_choice,
 )
 from oases_fx.planner.profile import Profile, analytical_profile
 
 SHARD, REPLICATE = 0, 1
-"""Per-region decision indices (the DP's states); SHARD sorts first on ties."""
+"""Kept for callers of the two-state search: index 0 is the full degree, the last is replicate."""
+
+
+def region_states(tp: int, degrees=None) -> tuple:
+    """The DP's per-region decisions in tie order: the TMP degrees (full degree first, then
+    higher degrees), then replicate (cost_model.REPLICATED)."""
+    degs = divisors(tp) if degrees is None else tuple(sorted(set(degrees), reverse=True))
+    return tuple(degs) + ((REPLICATED,) if tp > 1 else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,38 +122,42 @@ class _Sims:
         self._cache: dict = {}
         self.count = 0
 
-    def _run(self, k, rc, lo, decisions) -> float:
-        key = (k, rc) + tuple((self.sigs[lo + i], d) for i, d in enumerate(decisions))
+    def _run(self, k, rc, lo, states) -> float:
+        key = (k, rc) + tuple((self.sigs[lo + i], d) for i, d in enumerate(states))
         hit = self._cache.get(key)
         if hit is None:
-            shard = [True] * len(self.model.regions)
-            for i, d in enumerate(decisions):
-                shard[lo + i] = d == SHARD
-            ch = Choice(num_sub_batches=k, recompute=rc, shard=tuple(shard))
-            tl, _ = simulate_choice(self.model, ch, self.profile, lo=lo, hi=lo + len(decisions), outside=False,
+            full = [self.model.tp] * len(self.model.regions)
+            full[lo:lo + len(states)] = states
+            ch = Choice.of_states(num_sub_batches=k, recompute=rc, states=full, tp=self.model.tp)
+            tl, _ = simulate_choice(self.model, ch, self.profile, lo=lo, hi=lo + len(states), outside=False,
                                     cache=self.costs)
             hit = self._cache[key] = tl.makespan_us
             self.count += 1
         return hit
 
-    def chain(self, k: int, rc: str, decisions: tuple) -> _Chain:
+    def chain(self, k: int, rc: str, states: tuple) -> _Chain:
+        """The chain at one global choice; ``states``: the decisions of every region (those a
+        region has no variant for are never chosen: infinite cost)."""
         m = self.model
         L = len(m.regions)
-        node = [[self._run(k, rc, r, (d,)) for d in decisions] for r in range(L)]
-        edge = [[[self._run(k, rc, r, (d, e)) - node[r][i] - node[r + 1][j]
-                  for j, e in enumerate(decisions)] for i, d in enumerate(decisions)] for r in range(L - 1)]
-        mem = [[region_memory_bytes(m.regions[r].variants[(k, d == SHARD)], k, rc) for d in decisions]
-               for r in range(L)]
-        head_f, head_b = self.costs.outside(m.head_ops)
-        tail_f, tail_b = self.costs.outside(m.tail_ops)
-        return _Chain(node, edge, mem, head_f + head_b + tail_f + tail_b)
+        inf = float("inf")
+        ok = [[m.regions[r].has_state(k, d, m.tp) for d in states] for r in range(L)]
+        node = [[self._run(k, rc, r, (d,)) if ok[r][i] else inf for i, d in enumerate(states)] for r in range(L)]
+        edge = [[[self._run(k, rc, r, (d, e)) - node[r][i] - node[r + 1][j] if ok[r][i] and ok[r + 1][j] else 0.0
+                  for j, e in enumerate(states)] for i, d in enumerate(states)] for r in range(L - 1)]
+        mem = [[region_memory_bytes(m.regions[r].variant(k, d, m.tp), k, rc) if ok[r][i] else inf
+                for i, d in enumerate(states)] for r in range(L)]
+        return _Chain(node, edge, mem, 0.0)
 
 
 def _fitting_paths(chain: _Chain, decisions: tuple, top_n: int, fits: Callable[[tuple], bool]) -> list:
     """Paths (in decision indices) that fit the memory budget, fastest first by the chain model."""
+    inf = float("inf")
+
     def run(lam):
-        nodes = [[t + lam * mm for t, mm in zip(ts, ms)] for ts, ms in zip(chain.node_time, chain.node_mem)]
-        return [p for _, p in kbest_chain(nodes, chain.edge_time, top_n)]
+        nodes = [[t + lam * mm if mm != inf else inf for t, mm in zip(ts, ms)]
+                 for ts, ms in zip(chain.node_time, chain.node_mem)]
+        return [p for c, p in kbest_chain(nodes, chain.edge_time, top_n) if c != inf]
 
     found = {}
 
@@ -145,7 +172,7 @@ def _fitting_paths(chain: _Chain, decisions: tuple, top_n: int, fits: Callable[[
     if collect(run(0.0)):
         return sorted(found, key=lambda p: (found[p], p))
     least = tuple(min(range(len(decisions)), key=lambda i: (ms[i], i)) for ms in chain.node_mem)
-    if not fits(least):
+    if any(ms[i] == inf for ms, i in zip(chain.node_mem, least)) or not fits(least):
         return []
     lam_lo, lam = 0.0, 1e-15  # microseconds per byte
     while not collect(run(lam)) and lam < 1e9:
@@ -195,9 +222,11 @@ def _predicted(model: ModelSpec, best: Prediction, others: list, rejected: list,
     tl = best.timeline
     mem = best.memory
     per_region = {}
-    for spec, shard, rb in zip(model.regions, best.choice.shard, best.per_region):
+    for i, (spec, rb) in enumerate(zip(model.regions, best.per_region)):
+        st = best.choice.state(i, model.tp)
         per_region[spec.name] = {
-            "kind": spec.kind, "shard": bool(shard), "compute_ms": _ms(rb.compute_us),
+            "kind": spec.kind, "shard": st != REPLICATED, "degree": None if st == REPLICATED else int(st),
+            "compute_ms": _ms(rb.compute_us),
             "exposed_comm_ms": _ms(rb.exposed_comm_us), "hidden_comm_ms": _ms(rb.hidden_comm_us),
             "memory_gib": _gib(rb.memory_bytes),
         }
@@ -219,6 +248,9 @@ def _predicted(model: ModelSpec, best: Prediction, others: list, rejected: list,
         "interference": {"compute": round(profile.compute_interference, 4), "comm": round(profile.comm_interference, 4)},
         "all_reduce": {"alpha_us": round(profile.all_reduce.alpha_us, 4),
                        "gb_per_s": round(profile.all_reduce.bandwidth_gb_s, 3)},
+        "vocab_parallel": bool(best.choice.vocab_parallel),
+        "vocab_note": ("" if model.vocab is not None else model.vocab_reason),
+        "degrees": sorted({d for r in model.regions for _, d in r.degree_variants} | {model.tp}, reverse=True),
         "batch": batch, "seq_len": seq_len, "simulations": sims,
         "notes": [n for n in model.notes if not n.startswith("k=")]  # k exclusions are in "rejected"
                  + list(profile.notes),
@@ -227,7 +259,8 @@ def _predicted(model: ModelSpec, best: Prediction, others: list, rejected: list,
 
 def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional[Profile] = None,
                 memory_budget_bytes: Optional[int] = None, k_choices=(1, 2, 4),
-                recompute_choices=("none", "fine", "full"), top_n: int = 5) -> Plan:
+                recompute_choices=("none", "fine", "full"), top_n: int = 5, degrees=None,
+                vocab_parallel_choices=(False, True)) -> Plan:
     """The fastest plan that fits in memory, with its predicted breakdown in ``plan.predicted``.
 
     Args:
@@ -238,6 +271,11 @@ def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional
         memory_budget_bytes: default 0.9 x the profile's device memory.
         k_choices, recompute_choices: the global choices to enumerate.
         top_n: DP paths kept per global choice and per state; runners-up shown.
+        degrees: per-region TMP degrees to consider (divisors of tp; None: every divisor the model
+            was described at). Replicate is always a choice (tp > 1).
+        vocab_parallel_choices: the values of Plan.vocab_parallel to consider; True is skipped
+            (the reason recorded in ``predicted["rejected"]``) when the model has no vocabulary-
+            parallel variant.
     Raises OasesError when no plan fits, with every reason.
     """
     model = _as_model(regions, tp=tp, batch=batch, k_choices=k_choices)
@@ -262,33 +300,61 @@ def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional
     unknown = sorted(set(recompute_choices) - set(RECOMPUTE_POLICIES))
     if unknown:
         raise ValueError(f"recompute_choices {unknown}: expected some of {RECOMPUTE_POLICIES}")
-    decisions = (SHARD, REPLICATE) if tp > 1 else (SHARD,)
+    described = {tp} | {d for r in model.regions for _, d in r.degree_variants}
+    if degrees is None:
+        degs = tuple(sorted(described, reverse=True))
+    else:
+        bad = [d for d in degrees if tp % d]
+        if bad:
+            raise ValueError(f"degrees {bad} do not divide the TMP degree {tp}")
+        degs = tuple(d for d in sorted(set(degrees), reverse=True) if d in described)
+        for d in sorted(set(degrees) - described, reverse=True):
+            rejected.append(f"degree {d}: the model spec has no variant at that degree (describe_model(degrees=...))")
+    states = region_states(tp, degs)
+    vps = []
+    for vp in sorted(set(bool(v) for v in vocab_parallel_choices)):
+        if vp and tp <= 1:
+            rejected.append("vocab_parallel: TMP degree 1, nothing to shard the vocabulary over")
+        elif vp and model.vocab is None:
+            rejected.append(f"vocab_parallel: {model.vocab_reason or 'no embedding/LM-head pattern'}")
+        else:
+            vps.append(vp)
+    if not vps:
+        raise OasesError("choose_plan: no vocab_parallel choice is possible: " + "; ".join(rejected))
     sims = _Sims(model, profile)
     names = [r.name for r in model.regions]
 
     pool = []  # (approx_us, Choice), the candidates to simulate whole
     for k, rc in itertools.product(ks, rcs):
-        chain = sims.chain(k, rc, decisions)
+        base = sims.chain(k, rc, states)
+        for vp in vps:
+            chain = dataclasses.replace(base, const_time=sims.costs.outside_time(vp))
 
-        def to_choice(path, k=k, rc=rc):
-            return Choice(num_sub_batches=k, recompute=rc, shard=tuple(decisions[i] == SHARD for i in path))
+            def to_choice(path, k=k, rc=rc, vp=vp):
+                return Choice.of_states(num_sub_batches=k, recompute=rc, states=[states[i] for i in path], tp=tp,
+                                        vocab_parallel=vp)
 
-        def fits(path):
-            return memory(model, to_choice(path)).total <= budget
+            def fits(path):
+                return memory(model, to_choice(path)).total <= budget
 
-        fastest = kbest_chain(chain.node_time, chain.edge_time, 1)[0][1]
-        ok = _fitting_paths(chain, decisions, top_n, fits)
-        if not ok or not fits(fastest):
-            least = tuple(min(range(len(decisions)), key=lambda i: (ms[i], i)) for ms in chain.node_mem)
-            ch = to_choice(fastest if ok else least)
-            m = memory(model, ch)
-            what = "its fastest assignment" if ok else "even its least-memory assignment"
-            rejected.append(
-                f"k={k} recompute={rc}: {what} (sharded {sum(ch.shard)}/{len(ch.shard)}) needs {m.total / GIB:.2f} GiB > budget "
-                f"{budget / GIB:.2f} GiB (params {m.params / GIB:.2f}, grads {m.grads / GIB:.2f}, Adam "
-                f"{m.optimizer / GIB:.2f}, activations {(m.activations + m.transient) / GIB:.2f} GiB)"
-                + ("; slower assignments that fit were kept" if ok else ""))
-        pool.extend((chain.approx(p), to_choice(p)) for p in ok[:top_n])
+            best1 = [p for c, p in kbest_chain(chain.node_time, chain.edge_time, 1) if c != float("inf")]
+            if not best1:
+                rejected.append(f"k={k} recompute={rc}: some region has no variant at any allowed degree")
+                continue
+            fastest = best1[0]
+            ok = _fitting_paths(chain, states, top_n, fits)
+            tag = f"k={k} recompute={rc}" + (" vocab_parallel" if vp else "")
+            if not ok or not fits(fastest):
+                least = tuple(min(range(len(states)), key=lambda i: (ms[i], i)) for ms in chain.node_mem)
+                ch = to_choice(fastest if ok else least)
+                m = memory(model, ch)
+                what = "its fastest assignment" if ok else "even its least-memory assignment"
+                rejected.append(
+                    f"{tag}: {what} ({_degree_summary(ch, tp)}) needs {m.total / GIB:.2f} GiB > budget "
+                    f"{budget / GIB:.2f} GiB (params {m.params / GIB:.2f}, grads {m.grads / GIB:.2f}, Adam "
+                    f"{m.optimizer / GIB:.2f}, activations {(m.activations + m.transient) / GIB:.2f} GiB)"
+                    + ("; slower assignments that fit were kept" if ok else ""))
+            pool.extend((chain.approx(p), to_choice(p)) for p in ok[:top_n])
     if not pool:
         raise OasesError("no plan fits: " + "; ".join(rejected) +
                          ". Fix: a larger TMP degree, recompute='fine'/'full', a smaller batch, or more memory "
@@ -299,8 +365,9 @@ def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional
     chosen, seen = [], set()
     best_of = {}
     for approx, ch in pool:
-        best_of.setdefault((ch.num_sub_batches, ch.recompute), ch)
-    for ch in [c for _, c in pool[:top_n]] + [best_of[g] for g in sorted(best_of, key=lambda g: (g[0], RECOMPUTE_POLICIES.index(g[1])))]:
+        best_of.setdefault((ch.num_sub_batches, ch.recompute, ch.vocab_parallel), ch)
+    order = sorted(best_of, key=lambda g: (g[0], RECOMPUTE_POLICIES.index(g[1]), g[2]))
+    for ch in [c for _, c in pool[:top_n]] + [best_of[g] for g in order]:
         if ch not in seen:
             seen.add(ch)
             chosen.append(ch)
@@ -311,11 +378,28 @@ def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional
     others = preds[1:1 + max(top_n, len(best_of))]
     predicted = _predicted(model, best, others, rejected, profile, batch, seq_len, budget,
                            sims.count + len(chosen))
+    ch = best.choice
     return Plan(
-        tp_degree=tp, num_sub_batches=best.choice.num_sub_batches, recompute=best.choice.recompute,
-        regions=tuple(RegionPlan(name=r.name, kind=r.kind, shard=bool(s)) for r, s in zip(model.regions, best.choice.shard)),
+        tp_degree=tp, num_sub_batches=ch.num_sub_batches, recompute=ch.recompute,
+        regions=tuple(RegionPlan(name=r.name, kind=r.kind, shard=ch.state(i, tp) != REPLICATED,
+                                 tp_degree=_plan_degree(ch.state(i, tp), tp))
+                      for i, r in enumerate(model.regions)),
+        vocab_parallel=bool(ch.vocab_parallel),
         predicted=predicted,
     )
+
+
+def _plan_degree(state: int, tp: int) -> Optional[int]:
+    """RegionPlan.tp_degree: None for the full degree (plans without degrees keep their digest)."""
+    return None if state in (REPLICATED, tp) else int(state)
+
+
+def _degree_summary(ch: Choice, tp: int) -> str:
+    sts = ch.states(tp)
+    parts = [f"sharded {sum(s != REPLICATED for s in sts)}/{len(sts)}"]
+    for d in sorted({s for s in sts if s not in (REPLICATED, tp)}, reverse=True):
+        parts.append(f"{sum(s == d for s in sts)} at d={d}")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +418,15 @@ def explain_plan(plan: Plan, *, use_rich: Optional[bool] = None) -> str:
     """The plan, its predicted breakdown per region and the runners-up, as text (rich tables if
     rich is installed)."""
     p = plan.predicted or {}
+    lows = {}
+    for r in plan.regions:
+        d = plan.region_degree(r.name)
+        if d is not None and d != plan.tp_degree:
+            lows[d] = lows.get(d, 0) + 1
     head = (f"plan {plan.digest()}: TMP degree {plan.tp_degree}, {plan.num_sub_batches} sub-batches, "
-            f"recompute {plan.recompute}, {sum(r.shard for r in plan.regions)}/{len(plan.regions)} regions sharded")
+            f"recompute {plan.recompute}, {sum(r.shard for r in plan.regions)}/{len(plan.regions)} regions sharded"
+            + "".join(f" ({n} at degree {d})" for d, n in sorted(lows.items(), reverse=True))
+            + f", vocab_parallel {'on' if plan.vocab_parallel else 'off'}")
     if not p:
         return head + "\n(no prediction: this plan was not made by the planner)"
     mem = p.get("memory", {})
@@ -353,7 +444,13 @@ def explain_plan(plan: Plan, *, use_rich: Optional[bool] = None) -> str:
         f"{p.get('all_reduce', {}).get('alpha_us', 0)} us, {p.get('all_reduce', {}).get('gb_per_s', 0)} GB/s",
     ]
     header = ["region", "kind", "decision", "compute ms", "exposed comm ms", "hidden comm ms", "memory GiB"]
-    rows = [[name, r["kind"], "shard" if r["shard"] else "replicate", f"{r['compute_ms']:.3f}",
+    def decision(r):
+        if not r["shard"]:
+            return "replicate"
+        d = r.get("degree") or plan.tp_degree
+        return f"shard d={d}" + ("" if d == plan.tp_degree else f" x{plan.tp_degree // d} batch")
+
+    rows = [[name, r["kind"], decision(r), f"{r['compute_ms']:.3f}",
              f"{r['exposed_comm_ms']:.3f}", f"{r['hidden_comm_ms']:.3f}", f"{r['memory_gib']:.3f}"]
             for name, r in p.get("per_region", {}).items()]
     ru_header = ["runner-up", "step ms", "memory GiB"]
@@ -398,4 +495,4 @@ def explain_plan(plan: Plan, *, use_rich: Optional[bool] = None) -> str:
     return "\n".join(out + tail)
 
 
-__all__ = ["choose_plan", "explain_plan", "kbest_chain", "SHARD", "REPLICATE"]
+__all__ = ["choose_plan", "explain_plan", "kbest_chain", "region_states", "SHARD", "REPLICATE"]
