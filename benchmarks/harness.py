@@ -193,6 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interconnect", default=None,
                    help="label for the interconnect (default: derived from NCCL_P2P_DISABLE)")
     p.add_argument("--timeout-min", type=float, default=20.0, help="process-group timeout")
+    p.add_argument("--trace", default="",
+                   help="comma-separated systems to profile for 3 steps after timing (CUDA): gzipped "
+                        "chrome trace + per-collective overlap table in --out")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny CPU/gloo shapes for a smoke test: " +
                         ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()))
@@ -216,11 +219,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if len(counts) != len(args.hidden_sizes):
             p.error("--layers needs one value or one per hidden size")
         args.layer_counts = counts
+    args.trace_list = [t.strip() for t in args.trace.split(",") if t.strip()]
     if args.systems == "all":
         args.system_list = list(SYSTEM_NAMES)
     else:
         args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
-        unknown = [s for s in args.system_list if s not in SYSTEM_NAMES]
+        unknown = [s for s in args.system_list + args.trace_list if s not in SYSTEM_NAMES]
         if unknown:
             p.error(f"unknown systems {unknown}; choose from {SYSTEM_NAMES}")
     for h in args.hidden_sizes:
@@ -390,6 +394,35 @@ def reference_losses(cfg, sd, batch, device, dtype):
     return loss, argmax, loss_argmax
 
 
+def trace_system(system: System, batch, device: torch.device, rank: int, out, stem: str, log) -> None:
+    """torch.profiler over 3 steps; rank 0 writes the gzipped chrome trace and, per NCCL kernel of
+    the last step, how much of it ran under compute (benchmarks.overlap_sweep.collective_table)."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.overlap_sweep import collective_table, overlap_from_trace
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_steps(system, batch, 3, device)
+    system.zero_grad()
+    if rank != 0 or out is None:
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"trace_{stem}.json")
+    prof.export_chrome_trace(path)
+    frac, total = overlap_from_trace(path)
+    table = collective_table(path)
+    with open(os.path.join(out, f"trace_{stem}_collectives.txt"), "w") as f:
+        f.write(table)
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(path)
+    log(f"{stem}: trace: {frac:.1%} of NCCL kernel time ({total / 1e3:.1f} ms over 3 steps) ran under compute; "
+        + table.strip().splitlines()[-1].lstrip("# "))
+
+
 def run_config(d: Dist, args, cfg: GPTConfig, log) -> dict:
     device = d.device
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -520,6 +553,12 @@ def run_config(d: Dist, args, cfg: GPTConfig, log) -> dict:
                     run_block(spec.name, n_per_round, measure_memory=(r == 0))
             if spec.name in systems:
                 systems.pop(spec.name).close()
+    for name in args.trace_list:
+        if name in systems:
+            ok, err, _ = guarded(d, "trace", lambda: trace_system(systems[name], batch, device, d.rank,
+                                                                  args.out, f"{name}_h{cfg.n_embd}", log))
+            if not ok:
+                log(f"{name}: trace {err}")
     for system in systems.values():
         system.close()
     systems.clear()

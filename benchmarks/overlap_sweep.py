@@ -86,6 +86,8 @@ def collective_table(path) -> str:
     with open(path) as f:
         ev = json.load(f)["traceEvents"]
     kern = [e for e in ev if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    if not kern:
+        return f"# {path}: no GPU kernel events in the trace\n"
     pid = min(e["pid"] for e in kern)
     kern = sorted((e for e in kern if e["pid"] == pid), key=lambda e: e["ts"])
     # Steps are separated by the longest idle gaps; take the kernels after the second-longest gap.
@@ -175,7 +177,11 @@ def main(argv=None):
         say(f"h={h}: profile in {time.time() - t0:.1f} s")
 
         variants = [(k, rc) for k in args.ks for rc in args.recomputes]
-        plans = {f"k={k} recompute={rc}": Plan(tp_degree=2, num_sub_batches=k, recompute=rc,
+        # The schedule pass reads the measured interconnect from plan.predicted (as for plan="auto").
+        link = {"profile": profile.label(),
+                "all_reduce": {"alpha_us": profile.all_reduce.alpha_us, "gb_per_s": profile.all_reduce.bandwidth_gb_s},
+                "interference": {"compute": profile.compute_interference, "comm": profile.comm_interference}}
+        plans = {f"k={k} recompute={rc}": Plan(tp_degree=2, num_sub_batches=k, recompute=rc, predicted=link,
                                                regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
                  for k, rc in variants}
         plans["floor (no comm)"] = Plan(tp_degree=2, num_sub_batches=1, recompute="none",
