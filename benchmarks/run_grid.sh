@@ -19,5 +19,5 @@ for h in ${sizes//,/ }; do
   timeout --signal=TERM "$lim" torchrun --nproc-per-node 2 -m benchmarks.harness --hidden "$h" \
       --systems "$systems" --steps 20 --warmup 3 --rounds 1 --out "$d" ${TRACE:+--trace "$TRACE"} \
       > "$d/log.txt" 2>&1
-  echo "   rc=$? $(date -u +%T)"; grep -E "^\[bench\] .*(OK|failed|unavailable|not checked)|plan [0-9a-f]{16}" "$d/log.txt" | cut -c1-200
+  echo "   rc=$? $(date -u +%T)"; grep -E "^\[bench\] .*(OK|failed|unavailable|not checked|trace:)|plan [0-9a-f]{16}" "$d/log.txt" | cut -c1-200
 done
