@@ -54,8 +54,15 @@ def skip_collectives_shapes(rank, world_size, *, cfg, batch, seq, degrees, k=1):
                          skip_collectives=True)
     logits, loss = m(idx, idx)
     loss.backward()
+    # Checkpoints of d-way shards: load a changed full state dict, read it back unchanged.
+    want = {key: t + 1 for key, t in m.full_state_dict().items()}
+    m.load_full_state_dict(want)
+    back = m.full_state_dict()
     return dict(logits=tuple(logits.shape), loss=tuple(loss.shape),
                 grads_fit=all(p.grad is not None and p.grad.shape == p.shape for p in m.parameters()),
+                checkpoint_roundtrip=all(torch.equal(back[key], want[key]) for key in want),
+                full_shapes={key: tuple(t.shape) for key, t in back.items()},
+                model_shapes={key: tuple(t.shape) for key, t in model.state_dict().items()},
                 explain=m.explain())
 
 
