@@ -78,15 +78,16 @@ def mesh_info(mesh) -> MeshInfo:
     )
 
 
-_GROUP_CACHE: dict = {}  # (tuple of global ranks) -> ProcessGroup, created once per process
+_GROUP_CACHE: dict = {}  # (default group, tuple of global ranks) -> ProcessGroup
 
 
 def _new_group(ranks: tuple):
-    """dist.new_group, once per rank set (every rank calls this in the same order, so the cache
-    stays consistent across ranks)."""
-    if ranks not in _GROUP_CACHE:
-        _GROUP_CACHE[ranks] = dist.new_group(list(ranks))
-    return _GROUP_CACHE[ranks]
+    """dist.new_group, once per rank set and default process group (every rank calls this in the
+    same order, so the cache stays consistent across ranks)."""
+    key = (id(dist.group.WORLD), ranks)
+    if key not in _GROUP_CACHE:
+        _GROUP_CACHE[key] = dist.new_group(list(ranks))
+    return _GROUP_CACHE[key]
 
 
 def _tmp_groups(mesh) -> list:

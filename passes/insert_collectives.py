@@ -40,18 +40,24 @@ def _params(gm: fx.GraphModule) -> set:
     return {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in names}
 
 
-def _check_no_escape(region, batch_dims: dict, n_chunks: int) -> None:
-    """A region on 1/n of the batch may hand only its output (the row) to the rest of the graph."""
+def _check_splittable(region, batch_dims: dict, params: set, n_chunks: int) -> None:
+    """A region on 1/n of the batch needs an input that carries the batch, and may hand only its
+    output (the row, which must carry the batch too) to the rest of the graph."""
     in_region = set(region.nodes)
+    outside = {a for n in region.nodes for a in n.all_input_nodes if a not in in_region and a not in params}
+    fix = "Fix: run this region at the full TMP degree (tp_degree=None in its RegionPlan)."
+    if not any(batch_dims.get(a.name) is not None for a in outside):
+        raise ShardingError(
+            f"region '{region.name}' is planned at TMP degree {region.degree}, which splits its batch into "
+            f"{n_chunks} chunks, but none of its inputs carries a batch dim. {fix}")
     for n in region.nodes:
         if n is not region.row and n.op == "call_function" and any(u not in in_region for u in n.users):
             raise ShardingError(
                 f"{describe(n)} in region '{region.name}' is used outside the region, which runs at TMP "
-                f"degree {region.degree} on 1/{n_chunks} of the batch. Fix: run this region at the full TMP "
-                "degree (tp_degree=None in its RegionPlan).")
+                f"degree {region.degree} on 1/{n_chunks} of the batch. {fix}")
     if batch_dims.get(region.row.name) is None:
         raise ShardingError(f"region '{region.name}' (TMP degree {region.degree}): its output has no batch dim "
-                            "to gather. Fix: run this region at the full TMP degree (tp_degree=None).")
+                            f"to gather. {fix}")
 
 
 def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool = False,
@@ -90,7 +96,7 @@ def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool =
         grp = subgroups.get(region.degree)
         inner = group_name if grp is None else grp.inner_group_name
         if grp is not None:
-            _check_no_escape(region, batch_dims, grp.n)
+            _check_splittable(region, batch_dims, params, grp.n)
         in_region = set(region.nodes)
         entered, f_nodes = {}, {}  # outside node -> its scattered / cross-f'd stand-in; -> its f
         for n in region.nodes:
@@ -119,12 +125,6 @@ def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool =
                     b = f_nodes[a]
                 if b is not a:
                     n.replace_input_with(a, b)
-        if grp is not None and not any(meta.get(v).role in ("batch_scatter", "batch_slice")
-                                       for v in entered.values()):
-            raise ShardingError(
-                f"region '{region.name}' is planned at TMP degree {region.degree} (< {grp.d * grp.n}), which "
-                "splits its batch, but none of its inputs carries a batch dim. Fix: run this region at the "
-                "full TMP degree (tp_degree=None in its RegionPlan).")
         # g after the row linear (over the inner group; none for d=1); its bias after g.
         row = region.row
         x, w, bias, _ = linear_parts(row)

@@ -15,6 +15,7 @@ from tests import tasks
 
 REGION_NAMES = {
     "gpt": ("transformer.h.{}.attn", "transformer.h.{}.mlp"),
+    "hf_gpt2": ("transformer.h.{}.attn", "transformer.h.{}.mlp"),
     "hf_llama": ("model.layers.{}.self_attn", "model.layers.{}.mlp"),
 }
 
@@ -82,6 +83,19 @@ class _NoConfigAttention3Heads(torch.nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C)).sum()
 
 
+class _TableMLP(torch.nn.Module):
+    """An MLP applied to a parameter table (no batch dim), added to the batched input."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(4, 16))
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return (x + self.fc2(torch.nn.functional.gelu(self.fc1(self.table)))).sum()
+
+
 def degree_error(rank, world_size, *, case):
     """Compile a plan with region degrees that cannot work; return (error type, message) or None."""
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
@@ -97,6 +111,10 @@ def degree_error(rank, world_size, *, case):
         elif case == "heads":  # 3 heads, region planned at d=2 of tp=4
             plan = Plan(tp_degree=world_size, regions=(RegionPlan(name="proj", kind="attention", tp_degree=2),))
             oases_fx.compile(_NoConfigAttention3Heads(), mesh, example_inputs=(torch.randn(4, 4, 24),), plan=plan,
+                             backend="eager", verbose=False)
+        elif case == "no_batch":  # the region's only input is a parameter: nothing to split at d=1
+            plan = Plan(tp_degree=world_size, regions=(RegionPlan(name="fc2", kind="mlp", tp_degree=1),))
+            oases_fx.compile(_TableMLP(), mesh, example_inputs=(torch.randn(2, 4, 16),), plan=plan,
                              backend="eager", verbose=False)
         elif case == "degree":  # 3 does not divide tp=4 (Plan refuses)
             Plan(tp_degree=world_size, regions=(RegionPlan(name="x", kind="mlp", tp_degree=3),))

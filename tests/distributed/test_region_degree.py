@@ -82,6 +82,11 @@ def test_heads_not_divisible_by_region_degree():
     assert "region 'proj' planned at TMP degree 2" in msg and "heads" in msg and "Fix" in msg
 
 
+def test_region_without_batch_input_at_lower_degree():
+    kind, msg = _both(get_pool(2).run(tasks_degree.degree_error, case="no_batch"))
+    assert kind == "ShardingError" and "region 'fc2'" in msg and "batch dim" in msg and "Fix" in msg
+
+
 def test_degree_not_dividing_tp():
     kind, msg = get_pool(4).run(tasks_degree.degree_error, case="degree")[0]
     assert kind == "ValueError" and "does not divide" in msg
