@@ -13,7 +13,7 @@ def is_segment_end(n: fx.Node) -> bool:
     checkpoints each segment)."""
     from oases_fx import meta
 
-    if meta.get(n).role not in _EXIT_ROLES:
+    if n.op != "call_function" or meta.get(n).role not in _EXIT_ROLES:  # not the bias get_attr itself
         return False
     return not any(meta.get(u).role in _EXIT_ROLES and meta.get(u).region == meta.get(n).region for u in n.users)
 
