@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from oases_fx import backend as _backend
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
-from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info
+from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info, with_region_groups
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
 from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
@@ -77,9 +77,25 @@ def megatron_plan(regions, *, tp: int, num_sub_batches: Optional[int], recompute
     )
 
 
-def _resolve_plan(plan, regions, *, tp, num_sub_batches, recompute, planner=None) -> Plan:
+def _is_search(plan) -> bool:
+    """plan="megatron" or "auto": the plan is made from the regions found at the full TMP degree."""
+    return isinstance(plan, str) and plan in ("megatron", "auto")
+
+
+def _degree_splits(plan: Plan) -> list:
+    """(region name, d, n = tp/d) for every sharded region below the plan's TMP degree."""
+    out = []
+    for r in plan.regions:
+        d = plan.region_degree(r.name)
+        if d is not None and d < plan.tp_degree:
+            out.append((r.name, d, plan.tp_degree // d))
+    return out
+
+
+def _resolve_plan(plan, find_regions, *, tp, num_sub_batches, recompute, planner=None) -> Plan:
+    """`find_regions()`: the regions found at the full TMP degree (called only for "megatron")."""
     if isinstance(plan, str) and plan == "megatron":
-        return megatron_plan(regions, tp=tp, num_sub_batches=num_sub_batches, recompute=recompute)
+        return megatron_plan(find_regions(), tp=tp, num_sub_batches=num_sub_batches, recompute=recompute)
     if isinstance(plan, str) and plan == "auto":
         return planner()
     if isinstance(plan, (str, Path)):
@@ -156,7 +172,9 @@ class OasesModule(nn.Module):
             lines.append(explain_plan(self.plan, use_rich=False))
         lines.append("Sharded regions (Megatron column -> row):")
         for r in m.get("regions", []):
-            lines.append(f"  {r.name} [{r.kind}]: {r.summary}")
+            d = r.degree or self.plan.tp_degree
+            deg = f"TMP degree {d}" + (f" x {self.plan.tp_degree // d} batch chunks" if d < self.plan.tp_degree else "")
+            lines.append(f"  {r.name} [{r.kind}, {deg}]: {r.summary}")
         if not m.get("regions"):
             lines.append("  (none)")
         lines.append("Replicated: everything else (embeddings, norms, LM head, loss).")
@@ -212,13 +230,15 @@ class OasesModule(nn.Module):
     def _gather_full(self, named: dict) -> dict:
         info = self._info
         sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
+        degree = self.graphs.gm.meta["oases"].get("param_degree", {})
         out = {}
         for key, t in named.items():
             if t is not None and key in sharded:
                 dim, pieces, _ = sharded[key]
                 shards = [torch.empty_like(t) for _ in range(info.tp)]
                 dist.all_gather(shards, t.contiguous(), group=info.tp_group)
-                out[key] = unshard_tensors(shards, dim, pieces)
+                d = degree.get(key, info.tp)  # d-way shard: tp ranks 0..d-1 hold shards 0..d-1
+                out[key] = unshard_tensors(shards[:d], dim, pieces)
             else:
                 out[key] = None if t is None else t.detach().clone()
         return out
@@ -228,6 +248,7 @@ class OasesModule(nn.Module):
         """Load unsharded tensors (original keys); each rank keeps its shard."""
         info = self._info
         sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
+        degree = self.graphs.gm.meta["oases"].get("param_degree", {})
         own = self.state_dict(keep_vars=True)
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -239,7 +260,8 @@ class OasesModule(nn.Module):
                 dim, pieces, full_shape = sharded[key]
                 if tuple(src.shape) != tuple(full_shape):
                     raise OasesError(f"load_full_state_dict: {key} has shape {tuple(src.shape)}, expected {full_shape}")
-                src = shard_tensor(src, dim, info.tp_rank, info.tp, pieces)
+                d = degree.get(key, info.tp)
+                src = shard_tensor(src, dim, info.tp_rank % d, d, pieces)
             t.copy_(src)
 
     # --- data parallel ----------------------------------------------------------------------
@@ -301,7 +323,8 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, ba
         G("annotate_sharding", functools.partial(annotate_sharding_pass, plan=plan, tp=info.tp)),
         G("shard", functools.partial(shard_pass, rank=info.tp_rank, tp=info.tp)),
         G("insert_collectives", functools.partial(insert_collectives_pass, group_name=info.tp_group_name,
-                                                  skip=cfg.skip_collectives, grad_inputs=grad_inputs)),
+                                                  skip=cfg.skip_collectives, grad_inputs=grad_inputs,
+                                                  subgroups=info.subgroups)),
         G("split_sub_batches", functools.partial(split_sub_batches_pass, num_sub_batches=plan.num_sub_batches,
                                                  batch_size=batch_size)),
         G("recompute_policy", functools.partial(recompute_policy_pass, policy=plan.recompute)),
@@ -363,8 +386,13 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
     gm = traced.gm
     gm.meta.setdefault("oases", {})["notes"] = traced.notes
     batch_size = _batch_size(traced.flat_inputs)
-    if plan.num_sub_batches > 1:
-        check_batch_splits(batch_size, plan.num_sub_batches)  # before tracing again for the batch dims
+    splits = _degree_splits(plan)
+    if plan.num_sub_batches > 1 or splits:
+        # before tracing again for the batch dims
+        check_batch_splits(batch_size, plan.num_sub_batches, splits)
+        missing = sorted({d for _, d, _ in splits} - set(info.subgroups))
+        if missing:
+            raise AssertionError(f"no subgroups for region degrees {missing}: call mesh.with_region_groups first")
         with _mode(model, training):
             gm.meta["oases"]["batch_dims"] = batch_dims(model, args, kwargs, gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -435,13 +463,20 @@ def compile(
     flat, _ = pytree.tree_flatten((args, kwargs))
     _batch_size(flat)
     info = mesh_info(mesh)
-    _check_divisible(model, info.tp)
+    if _is_search(plan):
+        _check_divisible(model, info.tp)
 
     _say(cfg, f"tracing {type(model).__name__} with torch.export")
     traced = capture(model, args, kwargs)
-    regions, _ = find_tmp_regions(traced.gm, info.tp)
+    found = []
+
+    def find_regions():
+        if not found:
+            found.append(find_tmp_regions(traced.gm, info.tp)[0])
+        return found[0]
 
     def planner():
+        regions = find_regions()
         from oases_fx.planner import plan_model
 
         batch = _batch_size(flat)
@@ -458,12 +493,21 @@ def compile(
                           # the compiler side of per-region degrees / vocab_parallel is not merged yet
                           degrees=(info.tp,), vocab_parallel_choices=(False,))
 
-    plan = _resolve_plan(plan, regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute,
+    explicit = not _is_search(plan)
+    plan = _resolve_plan(plan, find_regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute,
                          planner=planner)
+    if explicit:  # sizes must divide the largest degree the plan shards any region at
+        degrees = [plan.region_degree(r.name) for r in plan.regions if plan.region_degree(r.name)]
+        _check_divisible(model, max(degrees) if degrees else plan.tp_degree)
     check_same_on_all_ranks(info, "plan", plan.digest(),
                             detail="The plan depends on the model, the example input shapes and the options. ")
-    _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} of {len(regions)} regions sharded "
-              f"over tp={info.tp}, k={plan.num_sub_batches}, recompute={plan.recompute}")
+    splits = _degree_splits(plan)
+    check_batch_splits(_batch_size(flat), plan.num_sub_batches, splits)
+    info = with_region_groups(info, mesh, [d for _, d, _ in splits])
+    _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} regions sharded "
+              f"over tp={info.tp}" + (f" ({len(splits)} of them at a lower degree: "
+                                      + ", ".join(f"{name} d={d}" for name, d, _ in splits) + ")" if splits else "")
+              + f", k={plan.num_sub_batches}, recompute={plan.recompute}")
     program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
     key = _input_key(args, kwargs, model.training)
     return OasesModule(model, mesh, info, plan, cfg, key, program)

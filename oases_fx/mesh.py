@@ -1,7 +1,8 @@
 """The device mesh as oases_fx sees it: a "tp" axis (required) and an optional "dp" axis."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch.distributed as dist
@@ -26,6 +27,27 @@ class MeshInfo:
     """ProcessGroup of the "dp" axis, or None."""
     device_type: str
     """"cpu" or "cuda"."""
+    subgroups: dict = field(default_factory=dict)
+    """Region degree d (< tp) -> :class:`DegreeGroups` of this rank (:func:`with_region_groups`)."""
+
+
+@dataclass(frozen=True)
+class DegreeGroups:
+    """This rank's groups for regions of TMP degree d: the TMP group's ranks form n = tp/d inner
+    groups of d consecutive tp ranks; inner group c = tp ranks [c*d, (c+1)*d). The cross group of
+    shard index s = tp ranks {s, s+d, s+2d, ...} (the n data-parallel replicas of one shard)."""
+
+    d: int
+    n: int
+    """tp // d: the number of batch chunks."""
+    chunk: int
+    """c = tp_rank // d: which 1/n of the batch this rank runs."""
+    shard: int
+    """s = tp_rank % d: which 1/d of the region's weights this rank holds."""
+    inner_group_name: Optional[str]
+    """Registered name of the inner group (Megatron f/g); None for d=1."""
+    cross_group_name: str
+    """Registered name of the cross group (batch gather, weight-gradient sum)."""
 
 
 def mesh_info(mesh) -> MeshInfo:
@@ -54,6 +76,58 @@ def mesh_info(mesh) -> MeshInfo:
         dp_group=dp_group,
         device_type=mesh.device_type,
     )
+
+
+_GROUP_CACHE: dict = {}  # (default group, tuple of global ranks) -> ProcessGroup
+
+
+def _new_group(ranks: tuple):
+    """dist.new_group, once per rank set and default process group (every rank calls this in the
+    same order, so the cache stays consistent across ranks)."""
+    key = (id(dist.group.WORLD), ranks)
+    if key not in _GROUP_CACHE:
+        _GROUP_CACHE[key] = dist.new_group(list(ranks))
+    return _GROUP_CACHE[key]
+
+
+def _tmp_groups(mesh) -> list:
+    """Global ranks of every TMP group of the mesh (one per "dp" index), each in tp-rank order."""
+    names = tuple(mesh.mesh_dim_names)
+    ranks = mesh.mesh
+    if len(names) == 2:
+        ranks = ranks.transpose(0, 1) if names.index("tp") == 0 else ranks
+        return [tuple(int(r) for r in row) for row in ranks]
+    return [tuple(int(r) for r in ranks.flatten())]
+
+
+def with_region_groups(info: MeshInfo, mesh, degrees) -> MeshInfo:
+    """`info` with the inner and cross subgroups of every degree d in `degrees` (d < tp) added.
+
+    Collective over the whole world: every rank creates every subgroup of every TMP group of the
+    mesh, in the same deterministic order (sorted degrees, TMP groups in mesh order, inner groups
+    then cross groups), as dist.new_group requires. Call only once the ranks agree on the plan."""
+    degrees = sorted({int(d) for d in degrees if d is not None and d < info.tp})
+    if not degrees:
+        return info
+    me = dist.get_rank()
+    out = dict(info.subgroups)
+    for d in degrees:
+        if info.tp % d:
+            raise OasesError(f"region TMP degree {d} does not divide the mesh's 'tp' axis ({info.tp}).")
+        n = info.tp // d
+        for tmp in _tmp_groups(mesh):
+            if list(tmp) != sorted(tmp):
+                raise OasesError(f"the mesh's TMP group {tmp} is not in increasing rank order; per-region "
+                                 "TMP degrees need it. Fix: build the mesh with init_device_mesh.")
+            inner = [_new_group(tmp[c * d:(c + 1) * d]) if d > 1 else None for c in range(n)]
+            cross = [_new_group(tmp[s::d]) for s in range(d)]
+            if me in tmp:
+                t = tmp.index(me)
+                c, s = t // d, t % d
+                out[d] = DegreeGroups(d=d, n=n, chunk=c, shard=s,
+                                      inner_group_name=group_name(inner[c]) if d > 1 else None,
+                                      cross_group_name=group_name(cross[s]))
+    return dataclasses.replace(info, subgroups=out)
 
 
 def check_same_on_all_ranks(info: MeshInfo, what: str, digest: str, detail: str = "") -> None:

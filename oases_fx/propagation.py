@@ -147,7 +147,8 @@ def _tensor_args(node):
 
 
 def linear_parts(node):
-    """(activation, weight, bias, layout) of a linear-like node with a parameter weight, else None."""
+    """(activation, weight, bias, layout) of a linear-like node with a parameter weight (or one
+    passed through f over the cross group by insert_collectives), else None."""
     spec = LINEAR_OPS.get(node.target) if node.op == "call_function" else None
     if spec is None:
         return None
@@ -155,7 +156,11 @@ def linear_parts(node):
     if len(node.args) <= wi:
         return None
     w = node.args[wi]
-    if not (isinstance(w, fx.Node) and w.op == "get_attr" and ndim(w) == 2):
+    base = w
+    if isinstance(w, fx.Node) and w.op == "call_function" and (w.meta.get("oases") is not None
+                                                               and w.meta["oases"].role == "copy_to_cross"):
+        base = w.args[0]  # a weight through f over the cross group (region of degree d < tp) is still one
+    if not (isinstance(base, fx.Node) and base.op == "get_attr" and ndim(base) == 2):
         return None
     bias = None
     if node.target is aten.linear.default and len(node.args) > 2:

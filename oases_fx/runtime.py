@@ -59,7 +59,82 @@ def skip_reduce_from_tp(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return x
 
 
-COLLECTIVE_FNS = (copy_to_tp, reduce_from_tp, skip_copy_to_tp, skip_reduce_from_tp)
+# --- per-region TMP degree (Oases): the batch split over the cross group ---------------------------
+# A region of degree d < T runs on n = T/d chunks of the batch: rank (chunk c, shard s) takes chunk c;
+# the n ranks holding shard s form the cross group (group rank order = chunk order).
+
+
+def _all_gather(x: torch.Tensor, n: int, dim: int, group_name: str) -> torch.Tensor:
+    """The n ranks' x concatenated along `dim`, in group-rank order (all_gather_into_tensor
+    gathers along dim 0; other dims are re-assembled from its n blocks)."""
+    ops = c10d_functional()
+    out = ops.wait_tensor.default(ops.all_gather_into_tensor.default(x.contiguous(), n, group_name))
+    return out if dim == 0 else torch.cat(out.chunk(n, 0), dim)
+
+
+def _own_chunk(x: torch.Tensor, n: int, c: int, dim: int) -> torch.Tensor:
+    size = x.shape[dim] // n
+    return x.narrow(dim, c * size, size)
+
+
+class _BatchScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n, c, dim, group_name):
+        ctx.args = (n, dim, group_name)
+        return _own_chunk(x, n, c, dim).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, dim, group_name = ctx.args
+        return _all_gather(grad, n, dim, group_name), None, None, None, None
+
+
+class _BatchGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n, c, dim, group_name):
+        ctx.args = (n, c, dim)
+        return _all_gather(x, n, dim, group_name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, c, dim = ctx.args
+        return _own_chunk(grad, n, c, dim).contiguous(), None, None, None, None
+
+
+def batch_scatter(x: torch.Tensor, n: int, c: int, dim: int, group_name: str) -> torch.Tensor:
+    """Enter a region of degree d < T: forward x.chunk(n, dim)[c]; backward the n chunks' gradients
+    all-gathered along dim over the cross group (every rank held the same full x, the chunks'
+    rows are disjoint, so the gathered gradient is the full one)."""
+    return _BatchScatter.apply(x, n, c, dim, group_name)
+
+
+def batch_gather(x: torch.Tensor, n: int, c: int, dim: int, group_name: str) -> torch.Tensor:
+    """Leave a region of degree d < T: forward the n chunks all-gathered along dim over the cross
+    group; backward this rank's chunk c of the gradient (downstream is replicated, so every rank
+    holds the same full gradient)."""
+    return _BatchGather.apply(x, n, c, dim, group_name)
+
+
+def batch_slice(x: torch.Tensor, n: int, c: int, dim: int) -> torch.Tensor:
+    """Chunk c of n along dim of an input without gradient (masks, position ids): no collective."""
+    return _own_chunk(x, n, c, dim)
+
+
+def skip_batch_scatter(x: torch.Tensor, n: int, c: int, dim: int, group_name: str) -> torch.Tensor:
+    """batch_scatter with the backward gather skipped (floor benchmark only: gradients wrong)."""
+    return _own_chunk(x, n, c, dim)
+
+
+def skip_batch_gather(x: torch.Tensor, n: int, c: int, dim: int, group_name: str) -> torch.Tensor:
+    """batch_gather with the collective skipped (floor benchmark only: values wrong, shape right:
+    x repeated n times along dim)."""
+    reps = [1] * x.dim()
+    reps[dim] = n
+    return x.repeat(reps)
+
+
+COLLECTIVE_FNS = (copy_to_tp, reduce_from_tp, skip_copy_to_tp, skip_reduce_from_tp,
+                  batch_scatter, batch_gather, skip_batch_scatter, skip_batch_gather)
 
 
 # --- recomputation (recompute_policy) ----------------------------------------------------------
@@ -70,7 +145,7 @@ def _fine_policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     ops = c10d_functional()
-    if op in (ops.all_reduce.default, ops.wait_tensor.default):
+    if op in (ops.all_reduce.default, ops.all_gather_into_tensor.default, ops.wait_tensor.default):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -41,6 +41,7 @@ class RegionMatch:
     nodes: list = field(default_factory=list)  # every node of the region (columns .. row), graph order
     state: Optional[ShardState] = None
     summary: str = ""  # what was sharded, for explain() (later passes may copy or erase the nodes)
+    degree: Optional[int] = None  # TMP degree the region is sharded at (the plan's d; set when chosen)
 
     def weights(self) -> list:
         return [linear_parts(n)[1] for n in self.columns + [self.row]]
@@ -116,8 +117,11 @@ def _trial(sources: set, row: fx.Node, order: dict, tp: int):
     return st, nodes
 
 
-def find_tmp_regions(gm: fx.GraphModule, tp: int):
-    """All Megatron pairs in graph order, and the declined candidates as (name, reason)."""
+def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None):
+    """All Megatron pairs in graph order, and the declined candidates as (name, reason).
+    `degrees` (region name -> TMP degree d) checks a region's divisibility against its own d
+    instead of tp."""
+    degrees = degrees or {}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     linears = [n for n in gm.graph.nodes if linear_parts(n) is not None]
     linear_set = set(linears)
@@ -139,10 +143,14 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int):
             declined.append((name, f"weight {_fqn(shared[0])} is used by several ops (tied)"))
             continue
         try:
-            st, nodes = _trial(sources, row, order, tp)
+            st, nodes = _trial(sources, row, order, degrees.get(name, tp))
         except Incompatible as e:
             declined.append((name, str(e)))
             continue
+        except ShardingError as e:
+            if name not in degrees:
+                raise
+            raise ShardingError(f"region '{name}' planned at TMP degree {degrees[name]}: {e}") from None
         except UnknownOp as e:
             bad = next(n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in str(e))
             raise ShardingError(
@@ -158,6 +166,8 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int):
     for r in regions:  # two blocks under one module path get an index to stay unique
         if names.count(r.name) > 1:
             r.name = f"{r.name}.{r.kind}"
+            if degrees.get(r.name, tp) != r.state.tp:  # checked at the wrong degree under the short name
+                r.state, r.nodes = _trial(set(r.columns), r.row, order, degrees.get(r.name, tp))
     return regions, declined
 
 
@@ -171,8 +181,10 @@ def _summary(r: RegionMatch) -> str:
 
 
 def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModule:
-    """Tag the regions the plan shards; record the rest as declined (TAG)."""
-    regions, declined = find_tmp_regions(gm, tp)
+    """Tag the regions the plan shards; record the rest as declined (TAG). A region planned at
+    degree d < tp has its propagation (divisibility of heads, hidden sizes) checked against d."""
+    degrees = {r.name: plan.region_degree(r.name) for r in plan.regions if plan.region_degree(r.name)}
+    regions, declined = find_tmp_regions(gm, tp, degrees)
     gm_meta = gm.meta.setdefault("oases", {})
     planned = {r.name: r for r in plan.regions}
     found = {r.name for r in regions}
@@ -191,6 +203,7 @@ def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModu
         if rp is None and planned:
             declined.append((r.name, "not in the plan: replicated"))
             continue
+        r.degree = plan.region_degree(r.name) or tp
         chosen.append(r)
         st = r.state
         for n in r.nodes:

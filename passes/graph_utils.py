@@ -7,17 +7,18 @@ import torch.fx as fx
 
 
 def is_segment_end(n: fx.Node) -> bool:
-    """The post-all-reduce output of a TMP region (g, or the row bias added after it): where one
-    segment of the batch-parallel span ends (split_sub_batches orders copies by segment,
-    recompute_policy checkpoints each segment)."""
+    """The post-all-reduce output of a TMP region (g, or the row bias added after it, or the
+    batch_gather after those in a region of degree d < tp): where one segment of the
+    batch-parallel span ends (split_sub_batches orders copies by segment, recompute_policy
+    checkpoints each segment)."""
     from oases_fx import meta
 
-    role = meta.get(n).role
-    if role == "row_bias":
-        return True
-    if role == "reduce_from_tp":
-        return not any(meta.get(u).role == "row_bias" for u in n.users)
-    return False
+    if n.op != "call_function" or meta.get(n).role not in _EXIT_ROLES:  # not the bias get_attr itself
+        return False
+    return not any(meta.get(u).role in _EXIT_ROLES and meta.get(u).region == meta.get(n).region for u in n.users)
+
+
+_EXIT_ROLES = ("reduce_from_tp", "row_bias", "batch_gather")
 
 
 def region_span(graph: fx.Graph) -> list:

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from oases_fx import meta, runtime
+from oases_fx.errors import ShardingError, describe
 from oases_fx.propagation import linear_parts
 
 aten = torch.ops.aten
@@ -33,63 +34,138 @@ def _needs_grad(gm: fx.GraphModule, grad_inputs: set) -> set:
     return out
 
 
+def _params(gm: fx.GraphModule) -> set:
+    """get_attr nodes of trainable parameters."""
+    names = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in names}
+
+
+def _check_splittable(region, batch_dims: dict, params: set, n_chunks: int) -> None:
+    """A region on 1/n of the batch needs an input that carries the batch, and may hand only its
+    output (the row, which must carry the batch too) to the rest of the graph."""
+    in_region = set(region.nodes)
+    outside = {a for n in region.nodes for a in n.all_input_nodes if a not in in_region and a not in params}
+    fix = "Fix: run this region at the full TMP degree (tp_degree=None in its RegionPlan)."
+    if not any(batch_dims.get(a.name) is not None for a in outside):
+        raise ShardingError(
+            f"region '{region.name}' is planned at TMP degree {region.degree}, which splits its batch into "
+            f"{n_chunks} chunks, but none of its inputs carries a batch dim. {fix}")
+    for n in region.nodes:
+        if n is not region.row and n.op == "call_function" and any(u not in in_region for u in n.users):
+            raise ShardingError(
+                f"{describe(n)} in region '{region.name}' is used outside the region, which runs at TMP "
+                f"degree {region.degree} on 1/{n_chunks} of the batch. {fix}")
+    if batch_dims.get(region.row.name) is None:
+        raise ShardingError(f"region '{region.name}' (TMP degree {region.degree}): its output has no batch dim "
+                            f"to gather. {fix}")
+
+
 def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool = False,
-                            grad_inputs: frozenset = frozenset()) -> fx.GraphModule:
+                            grad_inputs: frozenset = frozenset(), subgroups: dict = None) -> fx.GraphModule:
     """Insert f before and g after each sharded region (ACT). `skip` inserts no-op stand-ins
-    (the no-communication floor for benchmarks; values are wrong by design)."""
+    (the no-communication floor for benchmarks; values are wrong by design).
+
+    A region of degree d < tp (RegionMatch.degree, with its groups in `subgroups[d]`, a
+    mesh.DegreeGroups) runs on chunk c of n = tp/d of the batch: every input that carries the batch
+    (gm.meta["oases"]["batch_dims"]) enters through batch_scatter (batch_slice without gradient),
+    f and g run over the inner group (none for d=1), the output after g and the row bias leaves
+    through batch_gather over the cross group, and every trainable parameter of the region goes
+    through f over the cross group (copy_to_tp on the cross group: its gradient, from 1/n of the
+    batch, is summed over the n replicas in the backward graph)."""
     f_fn = runtime.skip_copy_to_tp if skip else runtime.copy_to_tp
     g_fn = runtime.skip_reduce_from_tp if skip else runtime.reduce_from_tp
+    scatter_fn = runtime.skip_batch_scatter if skip else runtime.batch_scatter
+    gather_fn = runtime.skip_batch_gather if skip else runtime.batch_gather
+    subgroups = subgroups or {}
     gm_meta = gm.meta.setdefault("oases", {})
     inserted = gm_meta.setdefault("collectives", [])
+    batch_dims = gm_meta.get("batch_dims", {})
     needs_grad = _needs_grad(gm, set(grad_inputs))
+    params = _params(gm)
     graph = gm.graph
+
+    def add(fn, args, where, region, role, src, before=True):
+        with (graph.inserting_before(where) if before else graph.inserting_after(where)):
+            node = graph.call_function(fn, args)
+        node.meta["val"] = src.meta.get("val")
+        meta.update(node, region=region.name, role=role, placement="R")
+        return node
+
     for region in gm_meta.get("regions", []):
         st = region.state
+        grp = subgroups.get(region.degree)
+        inner = group_name if grp is None else grp.inner_group_name
+        if grp is not None:
+            _check_splittable(region, batch_dims, params, grp.n)
         in_region = set(region.nodes)
-        # f: replicated, grad-carrying inputs of nodes that produce sharded values.
-        f_nodes = {}
+        entered, f_nodes = {}, {}  # outside node -> its scattered / cross-f'd stand-in; -> its f
         for n in region.nodes:
+            if n.op != "call_function":
+                continue
             p = st.placement.get(n)
             sharded_out = n is region.row or (p is not None and not isinstance(p, tuple)) or (
                 isinstance(p, tuple) and any(v is not None for v in p))
-            if not sharded_out or n.op != "call_function":
-                continue
             parts = linear_parts(n)
             weight_like = {parts[1], parts[2]} if parts else set()
             for a in n.all_input_nodes:
-                if a in weight_like or a in in_region or a not in needs_grad or st.of(a) is not None:
+                if a in in_region:
                     continue
-                if a not in f_nodes:
-                    with graph.inserting_after(a):
-                        f = graph.call_function(f_fn, (a, group_name))
-                    f.meta["val"] = a.meta.get("val")
-                    meta.update(f, region=region.name, role="copy_to_tp", placement="R")
-                    f_nodes[a] = f
-                    inserted.append(f"{region.name}: copy_to_tp (f) on {a.name}")
-                n.replace_input_with(a, f_nodes[a])
-        # g after the row linear; its bias after g.
+                b = a
+                if grp is not None:
+                    if a not in entered:
+                        entered[a] = _enter(a, n, grp, batch_dims, needs_grad, params, add, region, scatter_fn,
+                                            f_fn, inserted)
+                    b = entered[a]
+                # f over the inner group: replicated, grad-carrying inputs of nodes producing sharded values.
+                if (inner is not None and sharded_out and a not in weight_like and a in needs_grad
+                        and st.of(a) is None):
+                    if a not in f_nodes:
+                        f_nodes[a] = add(f_fn, (b, inner), b, region, "copy_to_tp", a, before=False)
+                        inserted.append(f"{region.name}: copy_to_tp (f) on {a.name}")
+                    b = f_nodes[a]
+                if b is not a:
+                    n.replace_input_with(a, b)
+        # g after the row linear (over the inner group; none for d=1); its bias after g.
         row = region.row
         x, w, bias, _ = linear_parts(row)
-        if row.target is aten.addmm.default:
-            row.target = aten.mm.default
-            row.args = (x, w)
-        elif bias is not None:
-            row.args = (x, w)
         users = list(row.users)
-        with graph.inserting_after(row):
-            g = graph.call_function(g_fn, (row, group_name))
-        g.meta["val"] = row.meta.get("val")
-        meta.update(g, region=region.name, role="reduce_from_tp", placement="R")
-        out = g
-        if isinstance(bias, fx.Node):
-            with graph.inserting_after(g):
-                out = graph.call_function(aten.add.Tensor, (g, bias))
-            out.meta["val"] = row.meta.get("val")
-            meta.update(out, region=region.name, role="row_bias", placement="R")
+        out = row
+        if inner is not None:
+            if row.target is aten.addmm.default:
+                row.target = aten.mm.default
+                row.args = (x, w)
+            elif bias is not None:
+                row.args = (x, w)
+            out = add(g_fn, (row, inner), row, region, "reduce_from_tp", row, before=False)
+            if isinstance(bias, fx.Node):
+                out = add(aten.add.Tensor, (out, bias), out, region, "row_bias", row, before=False)
+            inserted.append(f"{region.name}: reduce_from_tp (g) after {row.name}"
+                            + (f", bias {bias.target} added after it" if isinstance(bias, fx.Node) else ""))
+        if grp is not None:
+            dim = batch_dims[row.name]
+            out = add(gather_fn, (out, grp.n, grp.chunk, dim, grp.cross_group_name), out, region,
+                      "batch_gather", row, before=False)
+            inserted.append(f"{region.name}: batch_gather of its {grp.n} batch chunks (dim {dim}) after {row.name}")
         for u in users:
             u.replace_input_with(row, out)
-        inserted.append(f"{region.name}: reduce_from_tp (g) after {row.name}"
-                        + (f", bias {bias.target} added after it" if isinstance(bias, fx.Node) else ""))
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _enter(a, first_user, grp, batch_dims, needs_grad, params, add, region, scatter_fn, f_fn, inserted):
+    """The stand-in for outside node `a` inside a region of degree d < tp: a parameter through f
+    over the cross group, a batch-carrying input through batch_scatter (batch_slice without a
+    gradient), anything else (tables, constants) unchanged."""
+    if a in params:
+        inserted.append(f"{region.name}: copy_to_tp (f) over the cross group of {grp.n} on {a.target} "
+                        "(weight gradient summed over the batch chunks)")
+        return add(f_fn, (a, grp.cross_group_name), first_user, region, "copy_to_cross", a)
+    dim = batch_dims.get(a.name)
+    if dim is None:
+        return a
+    if a in needs_grad:
+        inserted.append(f"{region.name}: batch_scatter (chunk {grp.chunk} of {grp.n}, dim {dim}) on {a.name}")
+        return add(scatter_fn, (a, grp.n, grp.chunk, dim, grp.cross_group_name), first_user, region,
+                   "batch_scatter", a)
+    return add(runtime.batch_slice, (a, grp.n, grp.chunk, dim), first_user, region, "batch_slice", a)

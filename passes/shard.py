@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from oases_fx import meta
+from oases_fx.errors import ShardingError, describe
 from oases_fx.propagation import VIEW_OPS, local_shape
 
 aten = torch.ops.aten
@@ -52,28 +53,46 @@ def _set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
 
 
 def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
-    """Replace parameters by local shards and rewrite shape arguments (ACT)."""
+    """Replace parameters by local shards and rewrite shape arguments (ACT).
+
+    A region of degree d (RegionMatch.degree, default tp) is sharded d-ways with shard index
+    rank % d (d=1: weights stay full); below tp its batch also shrinks by n = tp/d (the
+    batch_scatter insert_collectives puts on its inputs), so the batch dim of its view/expand
+    constants is divided by n too (batch dims from gm.meta["oases"]["batch_dims"]).
+    gm.meta["oases"]["param_degree"] records d for every parameter of a sharded region."""
     gm_meta = gm.meta.setdefault("oases", {})
     sharded = gm_meta.setdefault("sharded_params", {})
+    degree_of = gm_meta.setdefault("param_degree", {})
     rewrites = gm_meta.setdefault("rewrites", [])
+    batch_dims = gm_meta.get("batch_dims", {})
     for region in gm_meta.get("regions", []):
         st = region.state
+        d = region.degree or tp
+        n_chunks = tp // d
+        if n_chunks > 1 and not batch_dims:
+            raise AssertionError("shard: a region of degree < tp needs gm.meta['oases']['batch_dims']")
         for w in region.weights() + [b for b in st.bias_dim]:
             rec = meta.get(w)
             dim = _placement_dim(rec.placement)
-            if dim is None or w.target in sharded:
+            if dim is None or w.target in sharded or w.target in degree_of:
                 continue
+            degree_of[w.target] = d
+            if d == 1:
+                continue  # one shard: the full weight
             full = gm.get_parameter(w.target) if _is_param(gm, w.target) else gm.get_buffer(w.target)
-            if full.shape[dim] % tp:
-                raise AssertionError(f"{w.target}: dim {dim} of {tuple(full.shape)} not divisible by {tp}")
-            _set_attr(gm, w.target, shard_tensor(full.detach(), dim, rank, tp, rec.pieces))
+            if full.shape[dim] % d:
+                raise AssertionError(f"{w.target}: dim {dim} of {tuple(full.shape)} not divisible by {d}")
+            _set_attr(gm, w.target, shard_tensor(full.detach(), dim, rank % d, d, rec.pieces))
             sharded[w.target] = (dim, rec.pieces, tuple(full.shape))
         for n in region.nodes:
             p = st.placement.get(n)
+            bdim = batch_dims.get(n.name) if n_chunks > 1 else None
             if n.target in VIEW_OPS or n.target is aten.expand.default:
-                if p is None:
+                if p is None and bdim is None:
                     continue
-                new = local_shape(n, p, tp)
+                new = local_shape(n, None if isinstance(p, tuple) else p, d)
+                if bdim is not None:
+                    new[bdim] //= n_chunks
                 if n.target is aten.expand.default:
                     new = [-1 if s == -1 else v for s, v in zip(n.args[1], new)]
                 rewrites.append(f"{n.name}: {n.target.__name__} {list(n.args[1])} -> {new}")
@@ -82,10 +101,16 @@ def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
                 x = n.args[0]
                 px = st.placement.get(x)
                 dim = int(n.args[2] if len(n.args) > 2 else 0) % x.meta["val"].dim()
+                if n_chunks > 1 and dim == batch_dims.get(x.name):
+                    raise ShardingError(f"{describe(n)} splits the batch dim inside region '{region.name}', "
+                                        f"which runs at TMP degree {d} on 1/{n_chunks} of the batch. Fix: run "
+                                        "this region at the full TMP degree (tp_degree=None in its RegionPlan).")
                 if px is None or dim != px:
                     continue
                 sizes = n.args[1]
-                new = [s // tp for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // tp
+                new = [s // d for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // d
+                if new == sizes or (isinstance(sizes, (list, tuple)) and list(new) == list(sizes)):
+                    continue
                 rewrites.append(f"{n.name}: split {sizes} -> {new}")
                 n.args = (x, new) + tuple(n.args[2:])
     gm.graph.lint()

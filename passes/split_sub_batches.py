@@ -32,15 +32,30 @@ from oases_fx.propagation import VIEW_OPS, Incompatible, ShardState, UnknownOp, 
 
 aten = torch.ops.aten
 
+# Nodes insert_collectives adds: row-wise along the batch, their output keeps their input's batch dim
+# (batch_scatter/batch_slice/batch_gather change its size, not its position).
+INSERTED_ROLES = ("copy_to_tp", "reduce_from_tp", "row_bias", "copy_to_cross", "batch_scatter", "batch_slice",
+                  "batch_gather")
 
-def check_batch_splits(batch_size, k: int) -> None:
-    """The batch must split into k equal sub-batches: a clear error otherwise (the one place this
-    rule lives; compile() calls it before planning and tracing for the split)."""
+
+def check_batch_splits(batch_size, k: int, degrees=()) -> None:
+    """The batch must split into k equal sub-batches, and for each region of TMP degree d < tp
+    (`degrees`: (region name, d, n = tp/d) triples) into k*n equal pieces (each sub-batch is cut
+    into n chunks, one per inner group): a clear error otherwise (the one place this rule lives;
+    compile() calls it before planning and tracing for the split)."""
     if k > 1 and (batch_size is None or batch_size % k):
         raise InputError(
             f"the batch of {batch_size} does not split into num_sub_batches={k} equal sub-batches. "
             f"Fix: use a batch divisible by {k}, or a num_sub_batches that divides {batch_size}."
         )
+    for name, d, n in degrees:
+        if n > 1 and (batch_size is None or batch_size % (k * n)):
+            raise InputError(
+                f"region '{name}' runs at TMP degree {d}, so each of the k={k} sub-batches is cut into "
+                f"n={n} chunks (tp/d), but the batch of {batch_size} does not split into k*n={k * n} equal "
+                f"pieces. Fix: use a batch divisible by {k * n}, a smaller num_sub_batches, or a larger "
+                f"degree for '{name}' (RegionPlan tp_degree)."
+            )
 
 
 def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_size: int) -> fx.GraphModule:
@@ -64,7 +79,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     bd = {}
     for n in nodes:
         d = batch_dims.get(n.name)
-        if d is None and n.op == "call_function" and meta.get(n).role in ("copy_to_tp", "reduce_from_tp", "row_bias"):
+        if d is None and n.op == "call_function" and meta.get(n).role in INSERTED_ROLES:
             d = bd.get(n.args[0])  # inserted nodes keep their input's layout
         bd[n] = d
     # Check every region node is row-wise along the batch dim; the first that is not ends it.
@@ -76,7 +91,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
         n = nodes[i]
         if n.op != "call_function":
             continue
-        if meta.get(n).role in ("copy_to_tp", "reduce_from_tp", "row_bias"):
+        if meta.get(n).role in INSERTED_ROLES:
             st.placement[n] = st.of(n.args[0])
             continue
         try:
