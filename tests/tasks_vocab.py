@@ -1,0 +1,125 @@
+"""Rank tasks for the vocab-parallel tests (tests/distributed/test_vocab_parallel.py).
+
+Like tests.tasks.compare_with_reference, but the plan has vocab_parallel=True, targets may hold
+ignore_index (-100), and the compiled module is also inspected (local shapes, where the inserted
+vocab nodes ended up). Nothing is compared here: the parent compares.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+import oases_fx
+from oases_fx.plan import Plan
+from tests.tasks import _call, build_model
+
+
+def _vocab_nodes(gm):
+    """(count in the top-level graph, count inside checkpointed submodules) of the vocab runtime calls."""
+    from oases_fx import vocab
+
+    top = sum(n.op == "call_function" and n.target in vocab.VOCAB_FNS for n in gm.graph.nodes)
+    inner = 0
+    for name, sub in gm.named_modules():
+        if name and isinstance(sub, torch.fx.GraphModule):
+            inner += sum(n.op == "call_function" and n.target in vocab.VOCAB_FNS for n in sub.graph.nodes)
+    return top, inner
+
+
+def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, recompute="none", steps=2,
+                           ignored=0, backend="aot_eager"):
+    """Loss, returned logits, gathered gradients and parameters after `steps` SGD steps of the
+    vocab-parallel compiled model and the unsharded eager reference. `ignored` target positions
+    per row are set to -100 (ignore_index)."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model(kind, cfg)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
+    tgt = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
+    if ignored:
+        tgt[:, :ignored] = -100
+        tgt[0, :] = -100  # one row with no target at all
+    plan = Plan(tp_degree=world_size, num_sub_batches=k, recompute=recompute, vocab_parallel=True)
+    if kind == "gpt":
+        m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), backend=backend, verbose=False, plan=plan)
+    else:
+        m = oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=tgt), backend=backend,
+                             verbose=False, plan=plan)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    losses, ref_losses = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        logits, loss = _call(kind, m, idx, tgt)
+        loss.backward()
+        r_logits, r_loss = _call(kind, ref, idx, tgt)
+        r_loss.backward()
+        losses.append(loss.detach())
+        ref_losses.append(r_loss.detach())
+        last = (logits.detach(), r_logits.detach(), m.full_grads(), {n: p.grad for n, p in ref.named_parameters()})
+        opt.step()
+        ref_opt.step()
+    full = m.full_state_dict()
+    # A round trip through load_full_state_dict must give back the same shards.
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    m.load_full_state_dict(full)
+    reload_ok = all(torch.equal(before[n], t) for n, t in m.state_dict().items())
+    local_shapes = {n: tuple(p.shape) for n, p in m.state_dict().items()}
+    top, inner = _vocab_nodes(m.graphs.gm)
+    loss_all_ranks = losses[-1]
+    if rank != 0:
+        return dict(loss=loss_all_ranks, local_shapes=local_shapes)
+    logits, r_logits, grads, r_grads = last
+    return dict(losses=torch.stack(losses), ref_losses=torch.stack(ref_losses), logits=logits, ref_logits=r_logits,
+                grads=grads, ref_grads=r_grads, params=full, ref_params=ref.state_dict(), explain=m.explain(),
+                local_shapes=local_shapes, reload_ok=reload_ok, vocab_top=top, vocab_in_ckpt=inner,
+                loss=loss_all_ranks)
+
+
+def vocab_error(rank, world_size, *, kind, cfg, batch=2, seq=8, model=None):
+    """Compile with vocab_parallel=True; return (error type, message) or None."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    plan = Plan(tp_degree=world_size, vocab_parallel=True)
+    idx = torch.randint(0, cfg.get("vocab_size", 8), (batch, seq))
+    try:
+        if kind == "gpt":
+            oases_fx.compile(build_model(kind, cfg), mesh, example_inputs=(idx, idx), backend="eager",
+                             verbose=False, plan=plan)
+        elif kind == "smoothing":
+            oases_fx.compile(_SmoothedLM(cfg["vocab_size"]), mesh, example_inputs=(idx, idx), backend="eager",
+                             verbose=False, plan=plan)
+        elif kind == "no_embedding":
+            oases_fx.compile(_NoEmbedding(), mesh, example_inputs=(torch.randn(batch, seq, 16),), backend="eager",
+                             verbose=False, plan=plan)
+        else:
+            raise ValueError(kind)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+class _SmoothedLM(torch.nn.Module):
+    """Embedding -> LM head -> cross-entropy with label smoothing (not vocab-parallelisable)."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab_size, 16)
+        self.head = torch.nn.Linear(16, vocab_size, bias=False)
+
+    def forward(self, idx, tgt):
+        logits = self.head(self.emb(idx))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), label_smoothing=0.1)
+
+
+class _NoEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).sum()
