@@ -133,8 +133,8 @@ def _is_row_wise(n: fx.Node, V: int) -> bool:
     if v is None or x is None or v.dim() == 0 or int(v.shape[-1]) != V or int(x.shape[-1]) != V:
         return False
     t = n.target
-    if t in ROW_IDENTITY_OPS or t in VIEW_OPS:
-        return True
+    if t in ROW_IDENTITY_OPS or t in VIEW_OPS or t in (aten.flatten.using_ints, aten.unflatten.int):
+        return True  # the vocab stays last (checked above): the op keeps rows whole
     if t is aten.slice.Tensor:
         return int(_arg(n, 1, "dim", 0)) % x.dim() != x.dim() - 1
     if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags:
@@ -361,6 +361,7 @@ def vocab_parallel_pass(gm: fx.GraphModule, *, enabled: bool, rank: int, tp: int
 
     # LM head: column-parallel over the vocabulary, its input through f.
     head = info.lm_head
+    x = linear_parts(head)[0]  # again: the embedding's output may have been replaced above
     f_fn = runtime.skip_copy_to_tp if skip else runtime.copy_to_tp
     with graph.inserting_before(head):
         f = graph.call_function(f_fn, (x, group_name))

@@ -28,11 +28,21 @@ def _vocab_nodes(gm):
     return top, inner
 
 
+def _extra(logits, on):
+    # Weighted by position and vocab entry so a wrong slice of the gradient cannot cancel out.
+    if not on:
+        return 0.0
+    w = torch.linspace(-1.0, 1.0, logits.numel(), dtype=logits.dtype).view(logits.shape)
+    return (logits * w).sum() * 0.1
+
+
 def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, recompute="none", steps=2,
-                           ignored=0, backend="aot_eager"):
+                           ignored=0, backend="aot_eager", skip=False,
+                           logits_in_loss=False):
     """Loss, returned logits, gathered gradients and parameters after `steps` SGD steps of the
     vocab-parallel compiled model and the unsharded eager reference. `ignored` target positions
-    per row are set to -100 (ignore_index)."""
+    per row are set to -100 (ignore_index); `skip` compiles with skip_collectives (the floor benchmark).
+    With `logits_in_loss`, backward also runs through the returned (all-gathered) logits."""
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
     ref = build_model(kind, cfg)
     model = copy.deepcopy(ref)
@@ -44,10 +54,11 @@ def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, reco
         tgt[0, :] = -100  # one row with no target at all
     plan = Plan(tp_degree=world_size, num_sub_batches=k, recompute=recompute, vocab_parallel=True)
     if kind == "gpt":
-        m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), backend=backend, verbose=False, plan=plan)
+        m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), backend=backend, verbose=False, plan=plan,
+                             skip_collectives=skip)
     else:
         m = oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=tgt), backend=backend,
-                             verbose=False, plan=plan)
+                             verbose=False, plan=plan, skip_collectives=skip)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     losses, ref_losses = [], []
@@ -55,9 +66,9 @@ def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, reco
         opt.zero_grad()
         ref_opt.zero_grad()
         logits, loss = _call(kind, m, idx, tgt)
-        loss.backward()
+        (loss + _extra(logits, logits_in_loss)).backward()
         r_logits, r_loss = _call(kind, ref, idx, tgt)
-        r_loss.backward()
+        (r_loss + _extra(r_logits, logits_in_loss)).backward()
         losses.append(loss.detach())
         ref_losses.append(r_loss.detach())
         last = (logits.detach(), r_logits.detach(), m.full_grads(), {n: p.grad for n, p in ref.named_parameters()})
