@@ -350,7 +350,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
     gm = _backend.run_passes(gm, torch_passes(info, plan, cfg, grad_inputs, batch_size), disabled=cfg.disabled_passes,
                              debug=cfg.debug, stage="torch")
     if bind_to is not None:  # a new variant shares the existing shards (the optimizer holds them)
-        for name, p in bind_to.named_parameters():
+        for name, p in bind_to.named_parameters(remove_duplicate=False):  # every name of a tied table
             _rebind(gm, name, p)
         for name, b in bind_to.named_buffers():
             _rebind(gm, name, b)

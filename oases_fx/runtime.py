@@ -70,7 +70,7 @@ def _fine_policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     ops = c10d_functional()
-    if op in (ops.all_reduce.default, ops.wait_tensor.default):
+    if op in (ops.all_reduce.default, ops.all_gather_into_tensor.default, ops.wait_tensor.default):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

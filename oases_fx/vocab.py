@@ -102,7 +102,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         def reduce(x, op):
             return x if skip else _all_reduce(x, op, group_name)
 
-        x = logits.float()
+        x = logits.float() if logits.element_size() < 4 else logits  # half/bf16 computed in fp32
         n_local = x.shape[-1]
         row_max = reduce(x.amax(dim=-1), "max")
         shifted = x - row_max.unsqueeze(-1)
@@ -131,7 +131,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         softmax, local_t, owned, ignored, count = ctx.saved_tensors
         onehot = torch.zeros_like(softmax).scatter_(-1, local_t.unsqueeze(-1), owned.unsqueeze(-1).to(softmax.dtype))
-        g = grad.float()
+        g = grad.to(softmax.dtype)
         if ctx.reduction == 0:
             scale = g.unsqueeze(-1)
         elif ctx.reduction == 2:

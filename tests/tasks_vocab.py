@@ -134,3 +134,29 @@ class _NoEmbedding(torch.nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x))).sum()
+
+
+def retrace_after_step(rank, world_size):
+    """After an SGD step, a call with other shapes in eval mode retraces onto the shards the
+    optimizer updated (the tied table included) and matches the updated unsharded model."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model("gpt", GPT_SMALL)
+    model = copy.deepcopy(ref)
+    idx = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="aot_eager", verbose=False,
+                         plan=Plan(tp_degree=world_size, vocab_parallel=True))
+    for mod in (m, ref):
+        opt = torch.optim.SGD(mod.parameters(), lr=1.0)
+        mod(idx, idx)[1].backward()
+        opt.step()
+    small = idx[:2, :4].contiguous()
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        out, loss = m(small, small)
+        want, want_loss = ref(small, small)
+    return dict(err=max((out - want).abs().max().item(), (loss - want_loss).abs().item()), programs=len(m._programs))
+
+
+GPT_SMALL = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
+

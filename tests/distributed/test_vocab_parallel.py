@@ -101,3 +101,11 @@ def test_skip_collectives_keeps_shapes_and_changes_values():
                         skip=True)[0]
     assert r["logits"].shape == r["ref_logits"].shape
     assert not torch.allclose(r["losses"], r["ref_losses"], atol=1e-3)
+
+
+def test_retrace_with_other_shapes_after_a_step():
+    # eval mode, batch 2, seq 4: traced and rewritten again (V/T in the new shape constants), bound
+    # to the shards the optimizer updated.
+    r = get_pool(2).run(tasks_vocab.retrace_after_step)[0]
+    assert r["programs"] == 2
+    assert r["err"] < ATOL
