@@ -44,7 +44,7 @@ def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, reco
     per row are set to -100 (ignore_index); `skip` compiles with skip_collectives (the floor benchmark).
     With `logits_in_loss`, backward also runs through the returned (all-gathered) logits."""
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
-    ref = build_model(kind, cfg)
+    ref = _NllLM(cfg["vocab_size"], cfg["n_embd"]) if kind == "nll_lm" else build_model(kind, cfg)
     model = copy.deepcopy(ref)
     g = torch.Generator().manual_seed(1234)
     idx = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
@@ -53,7 +53,7 @@ def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, reco
         tgt[:, :ignored] = -100
         tgt[0, :] = -100  # one row with no target at all
     plan = Plan(tp_degree=world_size, num_sub_batches=k, recompute=recompute, vocab_parallel=True)
-    if kind == "gpt":
+    if kind in ("gpt", "nll_lm"):
         m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), backend=backend, verbose=False, plan=plan,
                              skip_collectives=skip)
     else:
@@ -65,9 +65,10 @@ def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, reco
     for _ in range(steps):
         opt.zero_grad()
         ref_opt.zero_grad()
-        logits, loss = _call(kind, m, idx, tgt)
+        call = "gpt" if kind == "nll_lm" else kind
+        logits, loss = _call(call, m, idx, tgt)
         (loss + _extra(logits, logits_in_loss)).backward()
-        r_logits, r_loss = _call(kind, ref, idx, tgt)
+        r_logits, r_loss = _call(call, ref, idx, tgt)
         (r_loss + _extra(r_logits, logits_in_loss)).backward()
         losses.append(loss.detach())
         ref_losses.append(r_loss.detach())
@@ -160,3 +161,25 @@ def retrace_after_step(rank, world_size):
 
 GPT_SMALL = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
 
+
+
+class _NllLM(torch.nn.Module):
+    """Untied embedding -> MLP block -> LM head with a bias -> log_softmax + nll_loss(reduction="sum")
+    divided by the number of counted targets (HF's num_items_in_batch form): the traced graph has
+    aten.log_softmax + aten.nll_loss_nd instead of aten.cross_entropy_loss."""
+
+    def __init__(self, vocab_size, hidden):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab_size, hidden)
+        self.fc1 = torch.nn.Linear(hidden, 2 * hidden)
+        self.fc2 = torch.nn.Linear(2 * hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab_size)
+
+    def forward(self, idx, tgt):
+        x = self.emb(idx)
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        logits = self.head(x)
+        lp = torch.nn.functional.log_softmax(logits.float().view(-1, logits.size(-1)), dim=-1)
+        loss = torch.nn.functional.nll_loss(lp, tgt.view(-1), reduction="sum") / (tgt != -100).sum()
+        return logits, loss

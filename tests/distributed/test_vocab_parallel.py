@@ -72,6 +72,16 @@ def test_hf_llama_untied_tp2_labels_with_ignore_index():
     _check(r, 2, weights=("lm_head.weight", "model.embed_tokens.weight"))  # untied: two tables
 
 
+def test_log_softmax_nll_sum_untied_with_lm_head_bias():
+    # log_softmax + nll_loss_nd(reduction="sum") / count; the embedding feeds a TMP region directly
+    # (its all-reduced output is split into sub-batches).
+    r = get_pool(2).run(tasks_vocab.compare_vocab_parallel, kind="nll_lm", cfg=GPT, batch=4, seq=8, k=2,
+                        recompute="fine", ignored=2)[0]
+    _check(r, 2, weights=("head.weight", "emb.weight"))
+    assert r["local_shapes"]["head.bias"] == (GPT["vocab_size"] // 2,)
+    assert "reduction sum" in r["explain"]
+
+
 def _both(results):
     assert results[0] is not None and results[1] is not None, "compile did not raise"
     assert results[0][0] == results[1][0]
