@@ -22,6 +22,14 @@ the planner to cost the option):
   - every other consumer of the logits (the logits returned to the user, a log_softmax not
     feeding nll_loss, ...): it gets the logits all-gathered along the vocab (B*S*V elements).
 
+For the planner: ``info = find_vocab_parallel(traced.gm, tp)`` (a ShardingError means the option
+does not apply: no pair, an indivisible V, or a loss it cannot parallelise; the message says why).
+With N = the logits' rows (B*S), the option costs per step: forward one all-reduce of the
+embedding output per ``info.embeddings`` (N x h), two small all-reduces per ``info.losses`` (N
+and 2N elements), one all-gather of N x V per ``info.gathered`` entry (``info.logits_output``: the
+logits are returned); backward one all-reduce of the LM head's input gradient (N x h). It saves
+(T-1)/T of the LM head's and the loss's compute and of the table's memory and gradient.
+
 What it rewrites:
 
     before:  e = embedding(W, ids)                          W: (V, h)
@@ -167,12 +175,13 @@ def _match_loss(n: fx.Node, src: fx.Node, V: int):
         ignore = int(_arg(u, 4, "ignore_index", -100))
         smoothing, logits_nd, what = 0.0, val(src).dim(), "log_softmax + nll_loss"
         node, erase = u, [u, n]
-        if u.target is aten.nll_loss_forward.default:
+        if u.target is aten.nll_loss_forward.default:  # (output, total_weight)
             gets = list(u.users)
-            if any(g.target is not operator.getitem or g.args[1] != 0 for g in gets if g.users) or len(gets) != 1:
+            first = [g for g in gets if g.target is operator.getitem and g.args[1] == 0]
+            if len(first) != 1 or any(g.users for g in gets if g not in first):
                 raise ShardingError(f"{describe(u)}: nll_loss_forward whose total_weight is used cannot be made "
                                     "vocab-parallel. Fix: plan without vocab_parallel.")
-            node, erase = gets[0], [gets[0], u, n]
+            node, erase = first[0], gets + [u, n]
     else:
         return None
     problems = []
@@ -231,6 +240,17 @@ def find_vocab_parallel(gm: fx.GraphModule, tp: Optional[int] = None) -> VocabIn
     """
     head, embs, tied, _ = _find_lm_head(gm)
     V, h = _out_dim(head), _in_dim(head)
+    # The tables are sharded: nothing but the embeddings and the LM head may read them.
+    bias = linear_parts(head)[2]
+    keys = {_param_key(gm, e.args[0]) for e in embs} | {_param_key(gm, linear_parts(head)[1]), _param_key(gm, bias)}
+    keys.discard(None)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and _param_key(gm, n) in keys:
+            other = [u for u in n.users if u not in embs and u is not head]
+            if other:
+                raise ShardingError(
+                    f"{describe(other[0])} reads {n.target}, which vocab_parallel would shard over the vocabulary "
+                    "(only the embedding and the LM head may use it). Fix: plan without vocab_parallel.")
     if tp is not None and V % tp:
         raise ShardingError(
             f"vocab_parallel: the vocabulary V={V} ({linear_parts(head)[1].target} {tuple(val(linear_parts(head)[1]).shape)}) "
@@ -266,7 +286,6 @@ def find_vocab_parallel(gm: fx.GraphModule, tp: Optional[int] = None) -> VocabIn
         if users:
             gathered.append((n, users))
     logits_output = any(u.op == "output" for _, us in gathered for u in us)
-    bias = linear_parts(head)[2]
     return VocabInfo(embeddings=embs, lm_head=head, tied=tied, losses=losses, chain=chain, gathered=gathered,
                      logits_output=logits_output, vocab_size=V, hidden=h,
                      lm_head_bias=bias if isinstance(bias, fx.Node) else None)
