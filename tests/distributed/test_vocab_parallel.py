@@ -119,3 +119,14 @@ def test_retrace_with_other_shapes_after_a_step():
     r = get_pool(2).run(tasks_vocab.retrace_after_step)[0]
     assert r["programs"] == 2
     assert r["err"] < ATOL
+
+
+def test_dp2_tp2_mesh():
+    # Each dp rank sees half the batch; gradients averaged over dp, vocab collectives over tp only.
+    from oases_fx.plan import Plan
+    from tests import tasks
+
+    r = get_pool(4).run(tasks.compare_with_reference, kind="gpt", cfg=GPT, batch=2, seq=8, mesh_shape=(2, 2),
+                        steps=2, compile_kwargs=dict(plan=Plan(tp_degree=2, vocab_parallel=True)))[0]
+    assert_matches(r, steps=2)
+    assert "Vocab-parallel" in r["explain"]
