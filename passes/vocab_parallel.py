@@ -69,7 +69,8 @@ NLL_OPS = {aten.nll_loss.default, aten.nll_loss_nd.default, aten.nll_loss_forwar
 # Ops that keep each logits row's values within its row and the vocab as the last dim.
 ROW_IDENTITY_OPS = (IDENTITY_OPS - {aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default,
                                     aten.full_like.default, aten.dropout.default, aten.native_dropout.default})
-ROLES = ("vocab_embedding", "vocab_copy_to_tp", "vocab_cross_entropy", "gather_from_tp")
+# The roles (node.meta["oases"].role) this pass writes; none of its nodes gets a region.
+ROLES = ("vocab_embedding", "vocab_copy_to_tp", "vocab_lm_head", "vocab_cross_entropy", "gather_from_tp")
 
 
 @dataclass

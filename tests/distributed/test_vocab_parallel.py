@@ -10,12 +10,11 @@ all-reduce (the embedding of every id owned elsewhere is zero; the loss misses T
 sums), a double-counted tied gradient or an ignore_index counted in the mean is off by O(1e-2)
 or more and fails.
 """
-import pytest
 import torch
 
 from tests import tasks_vocab
 from tests.conftest import get_pool
-from tests.distributed.test_equivalence import ATOL, RTOL, assert_matches
+from tests.distributed.test_equivalence import ATOL, assert_matches
 
 GPT = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
 
