@@ -29,6 +29,7 @@ from oases_fx.passes.insert_collectives import insert_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
 from oases_fx.passes.split_sub_batches import check_batch_splits, split_sub_batches_pass
 from oases_fx.passes.recompute_policy import recompute_policy_pass
+from oases_fx.passes.vocab_parallel import vocab_parallel_pass
 
 log = logging.getLogger("oases_fx")
 
@@ -177,14 +178,17 @@ class OasesModule(nn.Module):
             lines.append(f"  {r.name} [{r.kind}, {deg}]: {r.summary}")
         if not m.get("regions"):
             lines.append("  (none)")
-        lines.append("Replicated: everything else (embeddings, norms, LM head, loss).")
+        if m.get("vocab_parallel"):
+            lines.append(f"Vocab-parallel (Megatron embedding, LM head, cross-entropy): {m['vocab_parallel']}")
+        lines.append("Replicated: everything else (" + ("norms, position tables)." if m.get("vocab_parallel")
+                                                       else "embeddings, norms, LM head, loss)."))
         lines.append("Declined (not sharded):")
         lines.extend(f"  {name}: {why}" for name, why in m.get("declined", [])) if m.get("declined") else lines.append("  (none)")
         lines.append("Collectives inserted:")
         lines.extend(f"  {c}" for c in m.get("collectives", []))
         lines.append("Shape constants rewritten:")
         lines.extend(f"  {c}" for c in m.get("rewrites", []))
-        for key in ("notes", "sub_batch_notes", "recompute_notes"):
+        for key in ("notes", "vocab_notes", "sub_batch_notes", "recompute_notes"):
             if m.get(key):
                 lines.append(key.replace("_", " ").capitalize() + ":")
                 lines.extend(f"  {c}" for c in m[key])
@@ -325,6 +329,8 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, ba
         G("insert_collectives", functools.partial(insert_collectives_pass, group_name=info.tp_group_name,
                                                   skip=cfg.skip_collectives, grad_inputs=grad_inputs,
                                                   subgroups=info.subgroups)),
+        G("vocab_parallel", functools.partial(vocab_parallel_pass, enabled=plan.vocab_parallel, rank=info.tp_rank,
+                                              tp=info.tp, group_name=info.tp_group_name, skip=cfg.skip_collectives)),
         G("split_sub_batches", functools.partial(split_sub_batches_pass, num_sub_batches=plan.num_sub_batches,
                                                  batch_size=batch_size)),
         G("recompute_policy", functools.partial(recompute_policy_pass, policy=plan.recompute)),
@@ -401,7 +407,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
     gm = _backend.run_passes(gm, torch_passes(info, plan, cfg, grad_inputs, batch_size), disabled=cfg.disabled_passes,
                              debug=cfg.debug, stage="torch")
     if bind_to is not None:  # a new variant shares the existing shards (the optimizer holds them)
-        for name, p in bind_to.named_parameters():
+        for name, p in bind_to.named_parameters(remove_duplicate=False):  # every name of a tied table
             _rebind(gm, name, p)
         for name, b in bind_to.named_buffers():
             _rebind(gm, name, b)
