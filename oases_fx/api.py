@@ -495,9 +495,8 @@ def compile(
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         return plan_model(traced.gm, regions, tp=info.tp, batch=batch, seq_len=int(seq), group=info.tp_group,
                           measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
-                          k_choices=ks, recompute_choices=rcs,
-                          # the compiler side of per-region degrees / vocab_parallel is not merged yet
-                          degrees=(info.tp,), vocab_parallel_choices=(False,))
+                          k_choices=ks, recompute_choices=rcs, degrees=cfg.planner_degrees,
+                          vocab_parallel_choices=cfg.planner_vocab_parallel)
 
     explicit = not _is_search(plan)
     plan = _resolve_plan(plan, find_regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute,

@@ -21,10 +21,9 @@ all_reduce, and rank 0's resulting JSON is broadcast. Profiles are cached on dis
 TMP degree, the op shapes, the collectives measured and PROFILE_FORMAT; a cache hit is used only
 when every rank has it.
 
-Limitation: on a TMP x data-parallel world, measuring subgroup collectives needs every rank of the
-world in measure_profile at once (new_group is collective over the world) and the same cache
-outcome in every TMP group; compile() profiles on every rank, but a cache present on some hosts
-only would hang. Degrees = (T,) (what compile() passes today) creates no subgroup.
+On a TMP x data-parallel world, measuring subgroup collectives needs every rank of the world in
+measure_profile at once (new_group is collective over the world; compile() profiles on every
+rank), and the cache hit is agreed over the world so every TMP group takes the same path.
 """
 from __future__ import annotations
 
@@ -773,7 +772,10 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
                 local = None
         except (OSError, ValueError, KeyError, TypeError):
             local = None
-    if cache and _all_reduce_int(local is not None, dist.ReduceOp.MIN, group, comm_device):
+    # Agree over the whole world, not only this TMP group: measuring subgroup collectives creates
+    # groups with dist.new_group, which every rank of the world must call, so either every TMP
+    # group reads its cache or every one measures (a cache on some hosts only must not hang).
+    if cache and _all_reduce_int(local is not None, dist.ReduceOp.MIN, None if colls else group, comm_device):
         text = _broadcast_text(local.to_json() if rank0 else None, group)  # bitwise the same everywhere
         return Profile.from_json(text, from_cache=True)
 
