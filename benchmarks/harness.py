@@ -69,7 +69,7 @@ GiB = 2**30
 # --------------------------------------------------------------------------------------------
 
 
-def _build_oases(ctx: BuildContext, name: str, *, skip_collectives: bool) -> System:
+def _build_oases(ctx: BuildContext, name: str, *, skip_collectives: bool, megatron_space: bool = False) -> System:
     try:
         import oases_fx
     except ImportError as e:
@@ -82,6 +82,8 @@ def _build_oases(ctx: BuildContext, name: str, *, skip_collectives: bool) -> Sys
                   backend=ctx.backend if ctx.backend != "none" else "aot_eager")
     if skip_collectives:
         kwargs["skip_collectives"] = True  # wrong numerics by design: the physical overlap limit
+    if megatron_space:  # the planner may only choose what Megatron can express (+ k, recompute)
+        kwargs.update(planner_degrees=(ctx.mesh.size(),), planner_vocab_parallel=(False,))
     compiled = oases_fx.compile(model, ctx.mesh, **kwargs)
 
     def step(idx, targets):
@@ -97,6 +99,10 @@ def _build_oases(ctx: BuildContext, name: str, *, skip_collectives: bool) -> Sys
 
 def build_oases_fx(ctx: BuildContext) -> System:
     return _build_oases(ctx, "oases_fx", skip_collectives=False)
+
+
+def build_oases_fx_tmp(ctx: BuildContext) -> System:
+    return _build_oases(ctx, "oases_fx_tmp", skip_collectives=False, megatron_space=True)
 
 
 def build_floor(ctx: BuildContext) -> System:
@@ -132,6 +138,8 @@ SYSTEMS = [
     SystemSpec("domino", "benchmarks.baselines.domino:build_domino",
                "hand-written 2-way batch split, async all-reduces overlapped (Domino-style)"),
     SystemSpec("oases_fx", "benchmarks.harness:build_oases_fx", "oases_fx.compile, plan=auto"),
+    SystemSpec("oases_fx_tmp", "benchmarks.harness:build_oases_fx_tmp",
+               "oases_fx, plan=auto limited to full-degree TMP blocks, no vocab-parallel (Megatron's space)"),
     SystemSpec("floor", "benchmarks.harness:build_floor",
                "oases_fx graph with every collective skipped (no loss check)", loss_checked=False),
 ]

@@ -35,11 +35,42 @@ def aot_autograd(**kwargs):
     return _aot(**kwargs)
 
 
-def inductor_compile_fx(gm, example_inputs, *, inner_compile):
-    """Inductor's entry point, with our wrapper around its per-graph (fw/bw) compiler."""
+def inductor_compile_fx(gm, example_inputs, *, inner_compile, config_patches=None):
+    """Inductor's entry point, with our wrapper around its per-graph (fw/bw) compiler.
+    ``config_patches`` reach the backward graph too: AOTAutograd compiles it lazily, at the first
+    backward(), outside any ``with config.patch(...)`` around this call."""
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=config_patches)
+
+
+def inductor_choices_base():
+    """Inductor's heuristics class (torch._inductor.choices.InductorChoices) if this torch lets us
+    install a subclass for one compile (V.set_choices_handler), else None."""
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+    except ImportError:
+        return None
+    if not hasattr(V, "set_choices_handler") or not hasattr(InductorChoices, "can_fuse"):
+        return None
+    return InductorChoices
+
+
+def inductor_choices_handler(choices):
+    """Context manager: Inductor uses ``choices`` (an InductorChoices instance) inside it."""
+    from torch._inductor.virtualized import V
+
+    return V.set_choices_handler(choices)
+
+
+def is_collective_or_wait_kernel(snode) -> bool:
+    """An Inductor scheduler node that issues a functional collective or waits for one."""
+    from torch._inductor import ir
+
+    node = getattr(snode, "node", None)
+    kinds = tuple(k for k in (getattr(ir, "_CollectiveKernel", None), getattr(ir, "_WaitKernel", None)) if k)
+    return bool(kinds) and isinstance(node, kinds)
 
 
 def inductor_inner_compile():
@@ -67,3 +98,15 @@ def default_partition():
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     return min_cut_rematerialization_partition
+
+
+def no_autograd_cache():
+    """Context manager switching AOTAutograd's compiled-graph cache off (torch._functorch.config
+    .enable_autograd_cache; a no-op context where this torch has no such setting)."""
+    import contextlib
+
+    import torch._functorch.config as fcfg
+
+    if not hasattr(fcfg, "enable_autograd_cache"):
+        return contextlib.nullcontext()
+    return fcfg.patch(enable_autograd_cache=False)

@@ -146,8 +146,9 @@ class OasesModule(nn.Module):
         prog = self._programs.get(key)
         if prog is None:
             _say(self._cfg, f"new input shapes or train/eval mode {key}: tracing and compiling again")
-            prog = _build_program(self._model, self._info, self.plan, self._cfg, args, kwargs, self.training,
-                                  bind_to=self)
+            with _materialised(self._model, next(self.parameters()).device):
+                prog = _build_program(self._model, self._info, self.plan, self._cfg, args, kwargs, self.training,
+                                      bind_to=self)
             self._programs[key] = prog
         if not prog.called and self._cfg.backend != "eager":
             _say(self._cfg, f"compiling with {self._cfg.backend} on this first call (forward now, backward at "
@@ -420,6 +421,49 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
     return _Program(gm, _backend.compile_module(gm, fn), keep)
 
 
+@torch.no_grad()
+def _release_full_parameters(model: nn.Module, sharded: dict) -> None:
+    """compile() takes ownership of the model, as FSDP's fully_shard does: each parameter that was
+    sharded is replaced in the user's module by a meta tensor of the full shape (tied parameters
+    stay tied), so the full-size weights are freed; the module keeps its structure and shapes for
+    retracing new input shapes. The trained weights live in the OasesModule
+    (full_state_dict() gathers them)."""
+    metas = {}
+    for fqn in sharded:
+        mod_path, _, leaf = fqn.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_path) if mod_path else model
+        except AttributeError:
+            continue
+        old = mod._parameters.get(leaf) if leaf in mod._parameters else None
+        if old is None:
+            continue
+        if id(old) not in metas:
+            metas[id(old)] = nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
+        mod._parameters[leaf] = metas[id(old)]
+
+
+@contextlib.contextmanager
+def _materialised(model: nn.Module, device):
+    """Released (meta) parameters become uninitialised tensors on `device` while the model is
+    traced again for new input shapes (tracing needs one device; the values are never read: the
+    new program is bound to the existing shards); released again afterwards."""
+    swapped, made = [], {}
+    for mod in model.modules():
+        for leaf, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                               requires_grad=p.requires_grad)
+                mod._parameters[leaf] = made[id(p)]
+                swapped.append((mod, leaf, p))
+    try:
+        yield
+    finally:
+        for mod, leaf, p in swapped:
+            mod._parameters[leaf] = p
+
+
 def _rebind(gm, fqn, value):
     mod_path, _, leaf = fqn.rpartition(".")
     mod = gm.get_submodule(mod_path) if mod_path else gm
@@ -512,7 +556,11 @@ def compile(
     _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} regions sharded "
               f"over tp={info.tp}" + (f" ({len(splits)} of them at a lower degree: "
                                       + ", ".join(f"{name} d={d}" for name, d, _ in splits) + ")" if splits else "")
-              + f", k={plan.num_sub_batches}, recompute={plan.recompute}")
+              + f", {len(plan.regions) - sum(r.shard for r in plan.regions)} replicated"
+              + f", k={plan.num_sub_batches}, recompute={plan.recompute}"
+              + (", vocab-parallel embedding/LM head/loss" if plan.vocab_parallel else ""))
     program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
+    del traced  # holds the full-size parameters
+    _release_full_parameters(model, program.gm.meta["oases"].get("sharded_params", {}))
     key = _input_key(args, kwargs, model.training)
     return OasesModule(model, mesh, info, plan, cfg, key, program)

@@ -6,6 +6,8 @@ their own pass lists before code generation; the final graphs are kept for expla
 """
 from __future__ import annotations
 
+import bisect
+
 import logging
 import time
 from dataclasses import dataclass, field
@@ -79,6 +81,49 @@ INDUCTOR_KEEP_ORDER = {
 }
 
 
+def _fences(scheduler) -> list:
+    """Positions (in Inductor's node order, which is ours) of collective issues and waits."""
+    got = getattr(scheduler, "_oases_fences", None)
+    if got is None:
+        got = sorted(n.min_order for n in scheduler.nodes if _compat.is_collective_or_wait_kernel(n))
+        scheduler._oases_fences = got
+    return got
+
+
+def crosses_fence(fences: list, node1, node2) -> bool:
+    """True if a collective issue or wait lies strictly between the two (possibly fused) nodes'
+    original positions: fusing them would move the earlier node's work past it."""
+    lo = min(node1.min_order, node2.min_order)
+    hi = max(node1.max_order, node2.max_order)
+    i = bisect.bisect_right(fences, lo)
+    return i < len(fences) and fences[i] < hi
+
+
+def keep_sub_batches_apart_choices():
+    """An InductorChoices subclass that refuses any fusion across a collective issue or wait.
+
+    Fusing two kernels runs both where the later one was: when a wait lies between them, the
+    earlier kernel (sub-batch A's work) waits for the collective too. The fusions that did it in
+    GPU traces: sub-batch A's and B's layer-norm backward joined through the accumulation of the
+    norm's weight gradient (mix-order reduction, which ignores score_fusion_memory_threshold), and
+    A's and B's residual-add + layer norm (horizontal). None when this torch has no such hook.
+    """
+    base = _compat.inductor_choices_base()
+    if base is None:
+        return None
+
+    class KeepSubBatchesApart(base):
+        @staticmethod
+        def can_fuse(scheduler, node1, node2, shared_data_score):
+            if crosses_fence(_fences(scheduler), node1, node2):
+                return False
+            return base.can_fuse(scheduler, node1, node2, shared_data_score)
+
+    return KeepSubBatchesApart
+
+
+
+
 @dataclass
 class CompiledGraphs:
     """The AOTAutograd graphs after our passes (the last compile's), for explain() and tests."""
@@ -112,15 +157,27 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
     assert backend == "inductor", backend
     inner = _compat.inductor_inner_compile()
 
+    choices_cls = keep_sub_batches_apart_choices()
+    if choices_cls is None:
+        log.warning("oases_fx: this torch has no Inductor choices hook; kernels of different sub-batches "
+                    "may be fused across a collective's wait (less overlap, same values)")
+
     def inner_compile(gm, example_inputs, **kwargs):
+        # Called for the forward and, lazily at the first backward(), the backward graph: the
+        # fusion fence is installed here so it covers both.
         gm = apply(gm, bool(kwargs.get("is_backward", False)))
-        return inner(gm, example_inputs, **kwargs)
+        if choices_cls is None:
+            return inner(gm, example_inputs, **kwargs)
+        with _compat.inductor_choices_handler(choices_cls()):
+            return inner(gm, example_inputs, **kwargs)
 
     def inductor_backend(gm, example_inputs):
-        import torch._inductor.config as icfg
-
-        with icfg.patch(INDUCTOR_KEEP_ORDER):
-            return _compat.inductor_compile_fx(gm, example_inputs, inner_compile=inner_compile)
+        # No AOTAutograd cache: a hit returns compiled forward/backward code without calling our
+        # passes, whose result depends on more than its key sees (the plan's measured link, the
+        # schedule options); Inductor's own FX graph cache still applies, keyed on our output.
+        with _compat.no_autograd_cache():
+            return _compat.inductor_compile_fx(gm, example_inputs, inner_compile=inner_compile,
+                                               config_patches=INDUCTOR_KEEP_ORDER)
 
     return inductor_backend
 

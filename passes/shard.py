@@ -22,10 +22,11 @@ aten = torch.ops.aten
 
 
 def shard_tensor(full: torch.Tensor, dim: int, rank: int, tp: int, pieces=None) -> torch.Tensor:
-    """Rank's block of `full` along `dim`; with `pieces`, rank's block of each piece, concatenated."""
+    """Rank's block of `full` along `dim`; with `pieces`, rank's block of each piece, concatenated.
+    Always a new tensor (never a view of `full`), so the full tensor can be freed."""
     if pieces:
         return torch.cat([p.chunk(tp, dim)[rank] for p in full.split(list(pieces), dim)], dim).contiguous()
-    return full.chunk(tp, dim)[rank].contiguous()
+    return full.chunk(tp, dim)[rank].clone(memory_format=torch.contiguous_format)
 
 
 def unshard_tensors(shards: list, dim: int, pieces=None) -> torch.Tensor:

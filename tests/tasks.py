@@ -233,6 +233,31 @@ def schedule_order(rank, world_size, *, k, recompute):
     return out
 
 
+def full_weights_released(rank, world_size):
+    """compile() frees the user's full-size copies of the sharded weights (meta, same shape, ties
+    kept) while full_state_dict() still returns the unsharded values."""
+    from oases_fx.models import GPT, GPTConfig
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32))
+    model = copy.deepcopy(ref)
+    idx = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="aot_eager", verbose=False,
+                         plan="megatron")
+    sharded = set(m.graphs.gm.meta["oases"]["sharded_params"])
+    own = dict(model.named_parameters(remove_duplicate=False))
+    full = m.full_state_dict()
+    want = ref.state_dict()
+    return dict(
+        sharded=sorted(sharded),
+        released=sorted(n for n, p in own.items() if p.is_meta),
+        shapes_kept=all(own[n].shape == want[n].shape for n in own),
+        tied=model.transformer.wte.weight is model.lm_head.weight,
+        max_err=max((full[k] - want[k]).abs().max().item() for k in want),
+    )
+
+
 def new_shapes_and_eval(rank, world_size):
     """A call with another batch size and a call in eval mode retrace and still match the model."""
     from oases_fx.models import GPT, GPTConfig

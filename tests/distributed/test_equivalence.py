@@ -136,6 +136,13 @@ def test_tp8_and_dp2_tp4_match_unsharded():
     assert_matches(pool.run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=2, seq=8, mesh_shape=(2, 4))[0])
 
 
+def test_compile_frees_the_full_weights_it_sharded():
+    r = get_pool(2).run(tasks.full_weights_released)[0]
+    assert r["sharded"] and r["released"] == r["sharded"], "every sharded weight, and only those, released"
+    assert r["shapes_kept"] and r["tied"]
+    assert r["max_err"] == 0.0  # gathered shards are the original values, bit for bit
+
+
 def test_other_input_shapes_and_eval_mode_retrace_onto_the_same_shards():
     r = get_pool(2).run(tasks.new_shapes_and_eval)[0]
     assert r["programs"] == 2  # the training shape, then (eval, batch 2, seq 4)
