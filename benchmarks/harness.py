@@ -69,7 +69,7 @@ GiB = 2**30
 # --------------------------------------------------------------------------------------------
 
 
-def _build_oases(ctx: BuildContext, name: str, *, skip_collectives: bool, megatron_space: bool = False) -> System:
+def _build_oases(ctx: BuildContext, name: str, *, skip_collectives: bool, search_all: bool = False) -> System:
     try:
         import oases_fx
     except ImportError as e:
@@ -82,8 +82,8 @@ def _build_oases(ctx: BuildContext, name: str, *, skip_collectives: bool, megatr
                   backend=ctx.backend if ctx.backend != "none" else "aot_eager")
     if skip_collectives:
         kwargs["skip_collectives"] = True  # wrong numerics by design: the physical overlap limit
-    if megatron_space:  # the planner may only choose what Megatron can express (+ k, recompute)
-        kwargs.update(planner_degrees=(ctx.mesh.size(),), planner_vocab_parallel=(False,))
+    if search_all:  # the planner also searches per-region TMP degrees and vocab-parallel
+        kwargs.update(planner_degrees="all", planner_vocab_parallel=(False, True))
     compiled = oases_fx.compile(model, ctx.mesh, **kwargs)
 
     def step(idx, targets):
@@ -101,8 +101,8 @@ def build_oases_fx(ctx: BuildContext) -> System:
     return _build_oases(ctx, "oases_fx", skip_collectives=False)
 
 
-def build_oases_fx_tmp(ctx: BuildContext) -> System:
-    return _build_oases(ctx, "oases_fx_tmp", skip_collectives=False, megatron_space=True)
+def build_oases_fx_search_all(ctx: BuildContext) -> System:
+    return _build_oases(ctx, "oases_fx_search_all", skip_collectives=False, search_all=True)
 
 
 def build_floor(ctx: BuildContext) -> System:
@@ -137,9 +137,10 @@ SYSTEMS = [
                "hand-written Megatron-style TP in eager, no overlap (domino with k=1)"),
     SystemSpec("domino", "benchmarks.baselines.domino:build_domino",
                "hand-written 2-way batch split, async all-reduces overlapped (Domino-style)"),
-    SystemSpec("oases_fx", "benchmarks.harness:build_oases_fx", "oases_fx.compile, plan=auto"),
-    SystemSpec("oases_fx_tmp", "benchmarks.harness:build_oases_fx_tmp",
-               "oases_fx, plan=auto limited to full-degree TMP blocks, no vocab-parallel (Megatron's space)"),
+    SystemSpec("oases_fx", "benchmarks.harness:build_oases_fx",
+               "oases_fx.compile, plan=auto (default search: k, recompute, shard/replicate per block)"),
+    SystemSpec("oases_fx_search_all", "benchmarks.harness:build_oases_fx_search_all",
+               "oases_fx, plan=auto also searching per-block TMP degrees and vocab-parallel"),
     SystemSpec("floor", "benchmarks.harness:build_floor",
                "oases_fx graph with every collective skipped (no loss check)", loss_checked=False),
 ]

@@ -539,7 +539,8 @@ def compile(
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         return plan_model(traced.gm, regions, tp=info.tp, batch=batch, seq_len=int(seq), group=info.tp_group,
                           measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
-                          k_choices=ks, recompute_choices=rcs, degrees=cfg.planner_degrees,
+                          k_choices=ks, recompute_choices=rcs,
+                          degrees={"full": (info.tp,), "all": None}.get(cfg.planner_degrees, cfg.planner_degrees),
                           vocab_parallel_choices=cfg.planner_vocab_parallel)
 
     explicit = not _is_search(plan)

@@ -24,22 +24,27 @@ class CompileConfig:
     profile: str = "measure"
     """How plan="auto" costs plans: "measure" (profile ops and collectives on this device, cached
     on disk) or "analytical" (roofline constants; no measurement)."""
-    planner_degrees: tuple | None = None
-    """TMP degrees plan="auto" may give a region (divisors of the mesh's "tp" size; None: all of
-    them, Oases' per-block degree with data parallelism taking the rest). (T,) keeps every sharded
-    region at the full degree, as Megatron does."""
-    planner_vocab_parallel: tuple = (False, True)
-    """Whether plan="auto" may shard the embedding, LM head and loss over the vocabulary:
-    (False, True) lets it decide; (False,) or (True,) forces it."""
+    planner_degrees: object = "full"
+    """TMP degrees plan="auto" may give a sharded region: "full" (default: only the mesh's "tp"
+    size, as Megatron does), "all" (every divisor: Oases' per-block degree with data parallelism
+    taking the rest), or a tuple of degrees. Default "full" because on 2 x H100 the planner's
+    predictions for lower degrees were 14-17 % optimistic and its lower-degree choices ran slower
+    than its full-degree ones (benchmarks/RESULTS.md, section 1)."""
+    planner_vocab_parallel: tuple = (False,)
+    """Whether plan="auto" may shard the embedding, LM head and loss over the vocabulary: (False,)
+    (default: not searched; its cost model is not yet checked on GPUs), (False, True) lets the
+    planner decide, (True,) forces it. A Plan with vocab_parallel=True always works."""
     verbose: bool = True
     """Print progress lines (tracing, planning, compiling) on rank 0."""
 
     def __post_init__(self):
         if self.profile not in ("measure", "analytical"):
             raise ValueError(f"profile={self.profile!r}: expected 'measure' or 'analytical'")
-        if self.planner_degrees is not None and (not self.planner_degrees or
-                                                 any(int(d) < 1 for d in self.planner_degrees)):
-            raise ValueError(f"planner_degrees={self.planner_degrees!r}: expected None or positive TMP degrees")
+        if not (self.planner_degrees in ("full", "all") or (
+                isinstance(self.planner_degrees, tuple) and self.planner_degrees
+                and all(isinstance(d, int) and d >= 1 for d in self.planner_degrees))):
+            raise ValueError(f"planner_degrees={self.planner_degrees!r}: expected 'full', 'all' or a tuple of "
+                             "positive TMP degrees")
         if not self.planner_vocab_parallel or not set(self.planner_vocab_parallel) <= {False, True}:
             raise ValueError(f"planner_vocab_parallel={self.planner_vocab_parallel!r}: expected a tuple of bools")
         if self.backend not in BACKENDS:

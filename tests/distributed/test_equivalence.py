@@ -123,6 +123,17 @@ def test_auto_plan_measures_cpu_and_stays_correct():
     assert "predicted" in r["explain"].lower() or "step" in r["explain"].lower()
 
 
+def test_auto_plan_with_the_whole_search_space_stays_correct():
+    # planner_degrees="all" and vocab-parallel searched too: the planner measures the subgroup
+    # collectives (all-gather / all-reduce over the cross groups) and whatever it picks is exact.
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=4, seq=8,
+                        compile_kwargs=dict(plan="auto", planner_degrees="all",
+                                            planner_vocab_parallel=(False, True)))[0]
+    assert_matches(r)
+    assert "predicted" in r["explain"].lower()
+
+
 def test_tp8_and_dp2_tp4_match_unsharded():
     # The 4- and 8-GPU machines are withheld; the sharding itself is checked at those degrees here.
     pool = get_pool(8)

@@ -59,3 +59,18 @@ def test_cli_plan_save_and_diff(tmp_path, capsys, monkeypatch):
     assert all(r.name in out for r in saved.regions)
     assert plan_main(argv[:-2] + ["--profile", "analytical", "--diff", str(path)]) == 0
     assert "no differences" in capsys.readouterr().out
+
+
+def test_compile_config_planner_space_is_validated():
+    import pytest
+
+    from oases_fx.config import CompileConfig
+
+    assert CompileConfig().planner_degrees == "full" and CompileConfig().planner_vocab_parallel == (False,)
+    CompileConfig(planner_degrees="all", planner_vocab_parallel=(False, True))
+    CompileConfig(planner_degrees=(1, 2))
+    for bad in ("some", (), (0,), [2]):
+        with pytest.raises(ValueError, match="planner_degrees"):
+            CompileConfig(planner_degrees=bad)
+    with pytest.raises(ValueError, match="planner_vocab_parallel"):
+        CompileConfig(planner_vocab_parallel=("yes",))
