@@ -23,7 +23,7 @@ def load_runs(paths: list[str]) -> list[dict]:
     return runs
 
 
-def collect(runs: list[dict], metric: str) -> dict:
+def collect(runs: list[dict], metric: str, rename: dict | None = None) -> dict:
     """{interconnect: {system: {hidden: value}}}, later runs overriding earlier ones."""
     out: dict = {}
     for run in sorted(runs, key=lambda r: r["meta"]["date"]):
@@ -33,7 +33,8 @@ def collect(runs: list[dict], metric: str) -> dict:
                 value = row.get(metric)
                 if value is None:
                     continue
-                out.setdefault(label, {}).setdefault(row["system"], {})[config["hidden"]] = value
+                name = (rename or {}).get(row["system"], row["system"])
+                out.setdefault(label, {}).setdefault(name, {})[config["hidden"]] = value
     return out
 
 
@@ -79,8 +80,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="results.json files or directories holding one")
     p.add_argument("--out", default="benchmarks/results", help="directory for the PNG files")
+    p.add_argument("--rename", action="append", default=[], metavar="SYSTEM=LABEL",
+                   help="label a system differently in the legend (repeatable)")
     args = p.parse_args(argv)
     runs = load_runs(args.inputs)
+    rename = dict(r.split("=", 1) for r in args.rename)
     out = Path(args.out)
     baseline = next((c["baseline"] for r in runs for c in r["configs"]), "megatron")
     written = []
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
         ("speedup", f"speedup over {baseline}", "speedup.png", {"hline": 1.0}),
     ):
         path = out / name
-        plot(collect(runs, metric), ylabel, f"{ylabel} by hidden size", path, **kw)
+        plot(collect(runs, metric, rename), ylabel, f"{ylabel} by hidden size", path, **kw)
         written.append(path)
     print("wrote " + ", ".join(map(str, written)))
     return 0
