@@ -411,10 +411,12 @@ def trace_system(system: System, batch, device: torch.device, rank: int, out, st
 
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.overlap_sweep import collective_table, overlap_from_trace
+    from benchmarks.overlap_sweep import collective_table, overlap_from_trace, profiled_steps
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_steps(system, batch, 3, device)
+        profiled_steps(lambda: system.step(*batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     system.zero_grad()
     if rank != 0 or out is None:
         return

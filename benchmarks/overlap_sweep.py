@@ -79,6 +79,43 @@ def overlap_from_trace(path):
     return (over / total if total else float("nan")), total
 
 
+STEP_MARK = "oases_step"
+"""record_function name around each profiled step (see profiled_steps)."""
+
+
+def profiled_steps(step, n: int = 3) -> None:
+    """Run `step()` n times, each inside record_function(STEP_MARK) so the trace shows where each
+    step's GPU work lies (collective_table reads the last one)."""
+    from torch.profiler import record_function
+
+    for _ in range(n):
+        with record_function(STEP_MARK):
+            step()
+
+
+def _last_step(ev, kern, pid):
+    """The kernels of the last profiled step: inside the last GPU-side STEP_MARK range if the
+    trace has one; else launched (CPU side) inside the last CPU STEP_MARK range; else after the
+    second-longest idle gap on the GPU (3 steps: the gaps between them are the longest)."""
+    marks = sorted((e for e in ev if e.get("name") == STEP_MARK and e.get("ph") == "X"), key=lambda e: e["ts"])
+    gpu = [e for e in marks if e.get("cat") == "gpu_user_annotation" and e.get("pid") == pid]
+    if gpu:
+        a, b = gpu[-1]["ts"], gpu[-1]["ts"] + gpu[-1]["dur"]
+        return [e for e in kern if a <= e["ts"] < b], "GPU step range"
+    cpu = [e for e in marks if e.get("cat") == "user_annotation"]
+    if cpu:
+        a, b = cpu[-1]["ts"], cpu[-1]["ts"] + cpu[-1]["dur"]
+        launched = {e["args"]["correlation"]: e["ts"] for e in ev
+                    if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+        got = [e for e in kern if a <= launched.get(e.get("args", {}).get("correlation"), -1.0) <= b]
+        if got:
+            return got, "launched in the last CPU step range"
+    gaps = sorted(((kern[i + 1]["ts"] - (kern[i]["ts"] + kern[i]["dur"]), i) for i in range(len(kern) - 1)),
+                  reverse=True)[:2]
+    start = max(i for _, i in gaps) + 1 if len(gaps) == 2 else 0
+    return kern[start:], "after the second-longest GPU idle gap (no step marks)"
+
+
 def collective_table(path) -> str:
     """One line per NCCL kernel of the last profiled step on the first GPU: when it started (ms
     from the step's first kernel), how long it ran, how much of it overlapped compute kernels,
@@ -90,14 +127,12 @@ def collective_table(path) -> str:
         return f"# {path}: no GPU kernel events in the trace\n"
     pid = min(e["pid"] for e in kern)
     kern = sorted((e for e in kern if e["pid"] == pid), key=lambda e: e["ts"])
-    # Steps are separated by the longest idle gaps; take the kernels after the second-longest gap.
-    gaps = sorted(((kern[i + 1]["ts"] - (kern[i]["ts"] + kern[i]["dur"]), i) for i in range(len(kern) - 1)),
-                  reverse=True)[:2]
-    start = max(i for _, i in gaps) + 1 if len(gaps) == 2 else 0
-    kern = kern[start:]
+    kern, how = _last_step(ev, kern, pid)
+    if not kern:
+        return f"# {path}: no GPU kernel in the last step\n"
     t0 = kern[0]["ts"]
     comp = [e for e in kern if "nccl" not in e["name"].lower()]
-    lines = [f"# {path}: last step, GPU pid {pid}; t in ms from the step's first kernel",
+    lines = [f"# {path}: last step ({how}), GPU pid {pid}; t in ms from the step's first kernel",
              "# start_ms  dur_ms  overlapped  compute kernels in flight (count, busy ms)"]
     tot = hid = 0.0
     for e in kern:
@@ -214,9 +249,7 @@ def main(argv=None):
                 from torch.profiler import ProfilerActivity, profile as tprof
 
                 with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        _, loss = m(idx, tgt)
-                        loss.backward()
+                    profiled_steps(lambda: m(idx, tgt)[1].backward())
                     torch.cuda.synchronize()
                 if rank == 0:
                     tp = os.path.join(args.out, f"trace_h{h}_{interconnect.split('=')[0]}.json")

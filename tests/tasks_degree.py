@@ -67,20 +67,8 @@ def skip_collectives_shapes(rank, world_size, *, cfg, batch, seq, degrees, k=1):
                 explain=m.explain())
 
 
-class _NoConfigAttention3Heads(torch.nn.Module):
-    """3 heads of 8 (hidden 24) and no `config`: only the graph can tell the heads do not split."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(24, 72)
-        self.proj = torch.nn.Linear(24, 24)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(24, dim=2)
-        q, k, v = (t.view(B, T, 3, 8).transpose(1, 2) for t in (q, k, v))
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C)).sum()
+_NoConfigAttention3Heads = tasks._NoConfigAttention
+"""3 heads of 8 (hidden 24) and no `config`: only the graph can tell the heads do not split."""
 
 
 class _TableMLP(torch.nn.Module):
