@@ -30,8 +30,9 @@ Pseudocode
       ready   = candidates whose waits' collectives are predicted done (emitting them won't stall)
       best    = the ready candidate feeding the collective in progress (its nearest collective)
                 else the ready candidate minimising
-                    (nearest collective it feeds, by original order; -critical path (cost model);
-                     original position)
+                    (nearest collective it feeds, by original order - work feeding none, like
+                     weight gradients, takes its inputs' collective so it runs beside that work
+                     instead of last; -critical path (cost model); original position)
                 else the stalled candidate whose waits finish first (same ties)
       if best would break the memory bound: best = the candidate earliest in the original order
       emit best's waits (oldest collective first), then best   # each wait just before first use
@@ -309,6 +310,14 @@ class _ListScheduler:
             desc[n] = mask
             bottom[n] = self.cost[n] + max((bottom[u] for u in users), default=0.0)
         self.first = {n: (_lowest_bit(desc[n]) if desc[n] else self.num_comms) for n in self.body}
+        # Work that feeds no collective (weight gradients, the loss) takes the priority of the
+        # collective its inputs lead to, so it runs next to that work (while that collective is
+        # in flight, as Megatron runs weight gradients) instead of after everything else, which
+        # would keep its inputs (activations, output gradients) alive to the end of the graph.
+        for n in self.body:
+            if not desc[n]:
+                self.first[n] = min((self.first[a] for a in self.deps[n] if a in self.first),
+                                    default=self.num_comms)
         self.static = {n: (self.first[n], -bottom[n], self.pos[n]) for n in self.body}
 
         self.wait_deps = {n: [d for d in self.deps[n] if self.is_wait[d]] for n in self.body}

@@ -278,3 +278,31 @@ def new_shapes_and_eval(rank, world_size):
         want = ref(small, small)[0]
     return dict(err=(out - want).abs().max().item(), programs=len(m._programs),
                 same_params=all(p is q for p, q in zip(m.parameters(), m.graphs.gm.parameters())))
+
+
+def schedule_memory(rank, world_size, *, link_gb_s):
+    """schedule_overlap on the real pipeline's AOTAutograd graphs (k=2), from the unscheduled
+    order: predicted peak of live intermediates before/after and the hidden share of comm."""
+    from oases_fx.models import GPT, GPTConfig
+    from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
+    from oases_fx.timeline import AnalyticalCostModel, DeviceConstants, peak_live_bytes
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=64))
+    idx = torch.randint(0, 64, (4, 16))
+    m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), num_sub_batches=2, backend="aot_eager",
+                         verbose=False, plan="megatron", disabled_passes=("schedule_overlap",))
+    m(idx, idx)[1].backward()
+    # Constants scaled so the tiny graph has H100-like ratios of compute to communication.
+    cm = AnalyticalCostModel(DeviceConstants(peak_flops=800e12 / 4096, mem_bw_bytes_per_s=3e12 / 4096,
+                                             comm_alpha_us=1.0, comm_bus_bw_bytes_per_s=link_gb_s * 1e9 / 4096))
+    out = {}
+    for stage, graphs in (("forward", m.graphs.aot.forward), ("backward", m.graphs.aot.backward)):
+        gm = copy.deepcopy(graphs[-1])
+        before = peak_live_bytes(list(gm.graph.nodes))
+        gm = schedule_overlap_pass(gm, options=ScheduleOptions(), cost_model=cm)
+        tl = gm.meta["oases_timeline"]
+        out[stage] = dict(before=before, after=peak_live_bytes(list(gm.graph.nodes)),
+                          hidden=tl.comm_hidden_us / max(tl.comm_hidden_us + tl.comm_exposed_us, 1e-9))
+    return out
