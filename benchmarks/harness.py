@@ -406,12 +406,9 @@ def reference_losses(cfg, sd, batch, device, dtype):
 def trace_system(system: System, batch, device: torch.device, rank: int, out, stem: str, log) -> None:
     """torch.profiler over 3 steps; rank 0 writes the gzipped chrome trace and, per NCCL kernel of
     the last step, how much of it ran under compute (benchmarks.overlap_sweep.collective_table)."""
-    import gzip
-    import shutil
-
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.overlap_sweep import collective_table, overlap_from_trace, profiled_steps
+    from benchmarks.overlap_sweep import profiled_steps, save_trace
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         profiled_steps(lambda: system.step(*batch))
@@ -421,15 +418,7 @@ def trace_system(system: System, batch, device: torch.device, rank: int, out, st
     if rank != 0 or out is None:
         return
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"trace_{stem}.json")
-    prof.export_chrome_trace(path)
-    frac, total = overlap_from_trace(path)
-    table = collective_table(path)
-    with open(os.path.join(out, f"trace_{stem}_collectives.txt"), "w") as f:
-        f.write(table)
-    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.remove(path)
+    frac, total, table = save_trace(prof, os.path.join(out, f"trace_{stem}.json"))
     log(f"{stem}: trace: {frac:.1%} of NCCL kernel time ({total / 1e3:.1f} ms over 3 steps) ran under compute; "
         + table.strip().splitlines()[-1].lstrip("# "))
 

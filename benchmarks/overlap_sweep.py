@@ -116,6 +116,23 @@ def _last_step(ev, kern, pid):
     return kern[start:], "after the second-longest GPU idle gap (no step marks)"
 
 
+def save_trace(prof, path: str) -> tuple:
+    """Write `prof`'s chrome trace gzipped to path + ".gz" and the per-collective table next to
+    it (<path without .json>_collectives.txt); return (overlap fraction, NCCL us, table)."""
+    import gzip
+    import shutil
+
+    prof.export_chrome_trace(path)
+    frac, total = overlap_from_trace(path)
+    table = collective_table(path)
+    with open(path[:-len(".json")] + "_collectives.txt", "w") as f:
+        f.write(table)
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(path)
+    return frac, total, table
+
+
 def collective_table(path) -> str:
     """One line per NCCL kernel of the last profiled step on the first GPU: when it started (ms
     from the step's first kernel), how long it ran, how much of it overlapped compute kernels,
@@ -253,15 +270,8 @@ def main(argv=None):
                     torch.cuda.synchronize()
                 if rank == 0:
                     tp = os.path.join(args.out, f"trace_h{h}_{interconnect.split('=')[0]}.json")
-                    prof.export_chrome_trace(tp)
-                    frac, total = overlap_from_trace(tp)
+                    frac, total, _ = save_trace(prof, tp)
                     results[name]["nccl_overlap_fraction"] = frac
-                    with open(tp[:-5] + "_collectives.txt", "w") as f:
-                        f.write(collective_table(tp))
-                    import gzip, shutil
-                    with open(tp, "rb") as src, gzip.open(tp + ".gz", "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                    os.remove(tp)
                     say(f"  trace: {frac:.1%} of NCCL kernel time ({total / 1e3:.1f} ms over 3 steps) ran "
                         "concurrently with compute kernels")
             del m, model

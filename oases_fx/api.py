@@ -355,7 +355,7 @@ def schedule_constants(plan: Plan, tp: int):
     pred = plan.predicted or {}
     ar = pred.get("all_reduce") or {}
     if not str(pred.get("profile", "")).startswith("measured") or not ar.get("gb_per_s"):
-        return DeviceConstants(group_size=tp)
+        return _defaults(tp)
     share = 2.0 * (tp - 1) / tp  # all-reduce bus bandwidth = algorithm bandwidth x 2(n-1)/n
     inter = pred.get("interference") or {}
     return DeviceConstants(group_size=tp, comm_alpha_us=float(ar["alpha_us"]),
@@ -435,7 +435,7 @@ def _release_full_parameters(model: nn.Module, sharded: dict) -> None:
             mod = model.get_submodule(mod_path) if mod_path else model
         except AttributeError:
             continue
-        old = mod._parameters.get(leaf) if leaf in mod._parameters else None
+        old = mod._parameters.get(leaf)
         if old is None:
             continue
         if id(old) not in metas:

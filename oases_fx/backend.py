@@ -103,10 +103,10 @@ def keep_sub_batches_apart_choices():
     """An InductorChoices subclass that refuses any fusion across a collective issue or wait.
 
     Fusing two kernels runs both where the later one was: when a wait lies between them, the
-    earlier kernel (sub-batch A's work) waits for the collective too. The fusions that did it in
-    GPU traces: sub-batch A's and B's layer-norm backward joined through the accumulation of the
-    norm's weight gradient (mix-order reduction, which ignores score_fusion_memory_threshold), and
-    A's and B's residual-add + layer norm (horizontal). None when this torch has no such hook.
+    earlier kernel (sub-batch A's work) waits for the collective too. Seen: sub-batch A's and B's
+    layer-norm backward joined through the accumulation of the norm's weight gradient (in the
+    generated code; score_fusion_memory_threshold does not stop it), and A's and B's residual-add +
+    layer norm (in a GPU trace). None when this torch has no such hook.
     """
     base = _compat.inductor_choices_base()
     if base is None:
@@ -120,8 +120,6 @@ def keep_sub_batches_apart_choices():
             return base.can_fuse(scheduler, node1, node2, shared_data_score)
 
     return KeepSubBatchesApart
-
-
 
 
 @dataclass

@@ -81,9 +81,10 @@ def mesh_info(mesh) -> MeshInfo:
 _GROUP_CACHE: dict = {}  # (default group, tuple of global ranks) -> ProcessGroup
 
 
-def _new_group(ranks: tuple):
+def cached_new_group(ranks: tuple):
     """dist.new_group, once per rank set and default process group (every rank calls this in the
-    same order, so the cache stays consistent across ranks)."""
+    same order, so the cache stays consistent across ranks). Shared by the planner's profile and
+    the compiled program, so a rank set gets one communicator."""
     key = (id(dist.group.WORLD), ranks)
     if key not in _GROUP_CACHE:
         _GROUP_CACHE[key] = dist.new_group(list(ranks))
@@ -119,8 +120,8 @@ def with_region_groups(info: MeshInfo, mesh, degrees) -> MeshInfo:
             if list(tmp) != sorted(tmp):
                 raise OasesError(f"the mesh's TMP group {tmp} is not in increasing rank order; per-region "
                                  "TMP degrees need it. Fix: build the mesh with init_device_mesh.")
-            inner = [_new_group(tmp[c * d:(c + 1) * d]) if d > 1 else None for c in range(n)]
-            cross = [_new_group(tmp[s::d]) for s in range(d)]
+            inner = [cached_new_group(tuple(tmp[c * d:(c + 1) * d])) if d > 1 else None for c in range(n)]
+            cross = [cached_new_group(tuple(tmp[s::d])) for s in range(d)]
             if me in tmp:
                 t = tmp.index(me)
                 c, s = t // d, t % d

@@ -13,9 +13,9 @@ import torch
 from oases_fx._compat import c10d_functional
 
 
-def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, group_name: str, op: str = "sum") -> torch.Tensor:
     ops = c10d_functional()
-    return ops.wait_tensor.default(ops.all_reduce.default(x.contiguous(), "sum", group_name))
+    return ops.wait_tensor.default(ops.all_reduce.default(x.contiguous(), op, group_name))
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -23,22 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from oases_fx._compat import c10d_functional
+from oases_fx.runtime import _all_gather, _all_reduce
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
-
-
-def _all_reduce(x: torch.Tensor, op: str, group_name: str) -> torch.Tensor:
-    ops = c10d_functional()
-    return ops.wait_tensor.default(ops.all_reduce.default(x.contiguous(), op, group_name))
-
-
-def _all_gather_last(x: torch.Tensor, tp: int, group_name: str) -> torch.Tensor:
-    """Concatenate every rank's x along the last dim (rank order)."""
-    ops = c10d_functional()
-    front = x.movedim(-1, 0).contiguous()  # all_gather_into_tensor concatenates along dim 0
-    full = ops.wait_tensor.default(ops.all_gather_into_tensor.default(front, tp, group_name))
-    return full.movedim(0, -1).contiguous()
 
 
 # --- embedding --------------------------------------------------------------------------------
@@ -54,7 +41,7 @@ def _local_embedding(weight, ids, vocab_start, vocab_end, padding_idx):
 class _ReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group_name):
-        return _all_reduce(x, "sum", group_name)
+        return _all_reduce(x, group_name)
 
     @staticmethod
     def backward(ctx, grad):
@@ -77,7 +64,7 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rank, tp, group_name):
         ctx.rank, ctx.local = rank, x.shape[-1]
-        return _all_gather_last(x, tp, group_name)
+        return _all_gather(x, tp, x.dim() - 1, group_name)
 
     @staticmethod
     def backward(ctx, grad):
@@ -100,7 +87,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, ignore_index, reduction, out_dtype, group_name, skip):
         def reduce(x, op):
-            return x if skip else _all_reduce(x, op, group_name)
+            return x if skip else _all_reduce(x, group_name, op)
 
         x = logits.float() if logits.element_size() < 4 else logits  # half/bf16 computed in fp32
         n_local = x.shape[-1]

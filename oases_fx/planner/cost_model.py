@@ -153,20 +153,20 @@ class RegionSpec:
     """(num_sub_batches, d) -> RegionVariant for the degrees 1 <= d < T (Oases: n = T/d groups of
     d ranks, each running 1/n of the sub-batch)."""
 
+    def _where(self, k: int, state: int, tp: int) -> tuple:
+        """(table, key) holding the variant of decision ``state`` at k sub-batches."""
+        if state == REPLICATED or state == tp:
+            return self.variants, (k, state == tp)
+        return self.degree_variants, (k, state)
+
     def variant(self, k: int, state: int, tp: int) -> RegionVariant:
         """The variant of decision ``state`` (a degree d, or REPLICATED) at k sub-batches."""
-        if state == REPLICATED:
-            return self.variants[(k, False)]
-        if state == tp:
-            return self.variants[(k, True)]
-        return self.degree_variants[(k, state)]
+        table, key = self._where(k, state, tp)
+        return table[key]
 
     def has_state(self, k: int, state: int, tp: int) -> bool:
-        if state == REPLICATED:
-            return (k, False) in self.variants
-        if state == tp:
-            return (k, True) in self.variants
-        return (k, state) in self.degree_variants
+        table, key = self._where(k, state, tp)
+        return key in table
 
     @property
     def signature(self) -> tuple:

@@ -44,6 +44,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from oases_fx.mesh import cached_new_group
 import torch.fx as fx
 
 from oases_fx.planner.cost_model import ModelSpec
@@ -594,10 +596,6 @@ def _time_all_gather(x: torch.Tensor, out: torch.Tensor, group, timer: _Timer, o
     return float(statistics.median(times))
 
 
-_SUBGROUPS: dict = {}
-"""(TMP groups of the world, layout, ranks) -> this rank's subgroup (created once per process)."""
-
-
 def _layout_ranks(tmp_ranks: Sequence[int], layout: str, size: int) -> list:
     """The subgroups of one TMP group: "tp" = blocks of `size` consecutive ranks, "cross" = `size`
     ranks of stride len/size (the ranks holding the same position of their d-group)."""
@@ -621,16 +619,13 @@ def _subgroup(group, layout: str, size: int):
         everyone = [None] * world
         dist.all_gather_object(everyone, tuple(ranks))
         tmp_groups = sorted(set(everyone))
-    key = (tuple(tmp_groups), layout, size)
-    if key not in _SUBGROUPS:
-        me, mine = dist.get_rank(), None
-        for tg in tmp_groups:
-            for sub in _layout_ranks(tg, layout, size):
-                g = dist.new_group(ranks=sub)
-                if me in sub:
-                    mine = g
-        _SUBGROUPS[key] = mine
-    return _SUBGROUPS[key]
+    me, mine = dist.get_rank(), None
+    for tg in tmp_groups:
+        for sub in _layout_ranks(tg, layout, size):
+            g = cached_new_group(tuple(sub))  # the compiled program reuses these communicators
+            if me in sub:
+                mine = g
+    return mine
 
 
 def _poll_done(works) -> bool:
