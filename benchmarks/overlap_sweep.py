@@ -9,11 +9,19 @@ check of loss and gradients against the unsharded model; and, from a torch.profi
 the k=2 plan, the fraction of NCCL kernel time that ran concurrently with compute kernels.
 
     torchrun --nproc-per-node 2 -m benchmarks.overlap_sweep --hidden 2048 --layers 4 --out DIR
+
+Planner accuracy (issue #4): besides the k x recompute grid, the planner's choice and its first
+--runners-up runners-up are measured, so "choice vs best measured" covers the plans the planner
+itself ranked next. Each (hidden size, interconnect) is written to DIR/sweep_<ic>_h<H>.json after
+every plan (a run cut short keeps what it measured), with the measured profile and the model spec
+beside it (profile_<ic>_h<H>.json, spec_h<H>.pkl) so `python -m benchmarks.accuracy DIR
+--repredict` can re-predict every measured plan with a changed cost model, off the GPU.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -168,6 +176,28 @@ def collective_table(path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def portable_spec(spec):
+    """The ModelSpec without its scratch fx nodes (only the profiler needs them), so it pickles:
+    the cost model reads keys, parts and byte counts."""
+    def ops(t):
+        return tuple(dataclasses.replace(o, node=None) for o in t)
+
+    def variants(m):
+        return {k: dataclasses.replace(v, ops=ops(v.ops)) for k, v in m.items()}
+
+    return dataclasses.replace(
+        spec, head_ops=ops(spec.head_ops), tail_ops=ops(spec.tail_ops),
+        regions=tuple(dataclasses.replace(r, variants=variants(r.variants), degree_variants=variants(r.degree_variants))
+                      for r in spec.regions),
+        vocab=None if spec.vocab is None else dataclasses.replace(spec.vocab, head_ops=ops(spec.vocab.head_ops),
+                                                                  tail_ops=ops(spec.vocab.tail_ops)))
+
+
+def _plan_key(plan) -> tuple:
+    return (plan.num_sub_batches, plan.recompute, plan.vocab_parallel,
+            tuple((r.name, r.shard, r.tp_degree or (plan.tp_degree if r.shard else None)) for r in plan.regions))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, nargs="+", default=[2048])
@@ -177,10 +207,13 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--recomputes", nargs="+", default=["none", "fine"])
+    p.add_argument("--runners-up", type=int, default=2, help="measure the planner's first N runners-up too")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--backend", default="inductor")
     p.add_argument("--no-auto", action="store_true")
+    p.add_argument("--search-all", action="store_true", help="the planner also searches per-block degrees")
+    p.add_argument("--no-check", action="store_true", help="skip the bf16 check against the unsharded model")
     p.add_argument("--trace", action="store_true", help="profile the k=2 plan and compute the overlap")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (gloo) for a smoke test of this script")
@@ -196,20 +229,27 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats = lambda *a: None
         torch.cuda.max_memory_allocated = lambda *a: 0
         torch.cuda.empty_cache = lambda *a: None
+    import pickle
+
     from torch.distributed.device_mesh import init_device_mesh
 
     import oases_fx
     from oases_fx.models import GPT, GPTConfig
     from oases_fx.passes.annotate_sharding import find_tmp_regions
     from oases_fx.plan import Plan, RegionPlan
-    from oases_fx.planner import describe_model, measure_profile, predict_plan
+    from oases_fx.planner import (ProfileOptions, choose_plan, describe_model, measure_profile, predict_plan,
+                                  runner_up_plans)
     from oases_fx.tracing import capture
 
     mesh = init_device_mesh(args.device, (2,), mesh_dim_names=("tp",))
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     interconnect = "NCCL_P2P_DISABLE=1" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "NVLink"
-    rows = []
+    tag = "p2p_disabled" if interconnect != "NVLink" else "nvlink"
     os.makedirs(args.out, exist_ok=True)
+    meta = dict(card=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="torchrun --nproc-per-node 2 -m benchmarks.overlap_sweep " + " ".join(sys.argv[1:]))
     for h in args.hidden:
         cfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers, n_head=h // 64, n_embd=h)
         torch.manual_seed(0)
@@ -223,10 +263,13 @@ def main(argv=None):
         traced = capture(base, (idx, tgt), {})
         regions, _ = find_tmp_regions(traced.gm, 2)
         spec = describe_model(traced.gm, regions, tp=2, batch=args.batch, k_choices=tuple(args.ks))
-        from oases_fx.planner import ProfileOptions
         profile = measure_profile(spec, group=mesh.get_group("tp"), options=ProfileOptions.for_device(args.device),
                                   progress=rank == 0)
         say(f"h={h}: profile in {time.time() - t0:.1f} s")
+        if rank == 0:
+            profile.save(os.path.join(args.out, f"profile_{tag}_h{h}.json"))
+            with open(os.path.join(args.out, f"spec_h{h}.pkl"), "wb") as f:
+                pickle.dump(portable_spec(spec), f)
 
         variants = [(k, rc) for k in args.ks for rc in args.recomputes]
         # The schedule pass reads the measured interconnect from plan.predicted (as for plan="auto").
@@ -239,46 +282,89 @@ def main(argv=None):
         plans["floor (no comm)"] = Plan(tp_degree=2, num_sub_batches=1, recompute="none",
                                         regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
         if not args.no_auto:
-            from oases_fx.planner import choose_plan
-
-            plans["plan=auto"] = choose_plan(spec, tp=2, batch=args.batch, seq_len=args.seq, profile=profile)
+            # plan="auto" as compile() runs it by default (CompileConfig: planner_degrees="full",
+            # planner_vocab_parallel=(False,)); --search-all widens it to every degree and vocab-parallel.
+            auto = choose_plan(spec, tp=2, batch=args.batch, seq_len=args.seq, profile=profile,
+                               **({} if args.search_all else dict(degrees=(2,), vocab_parallel_choices=(False,))))
+            space = " --search-all" if args.search_all else ""
+            plans["plan=auto" + space] = auto
+            for i, up in enumerate(runner_up_plans(auto)[:args.runners_up]):
+                plans[f"runner-up {i + 1}" + (" (--search-all)" if space else "")] = dataclasses.replace(up, predicted=link)
         results = {}
+        seen = {}  # plan key -> the name it was measured under
+        row = dict(hidden=h, layers=args.layers, batch=args.batch, seq=args.seq, interconnect=interconnect,
+                   results=results, check={}, best=None, hidden_share=None,
+                   planner_choice=next((_plan_key(p) for n, p in plans.items() if n.startswith("plan=auto")), None))
+        path = os.path.join(args.out, f"sweep_{tag}_h{h}.json")
+
+        def write():
+            if rank == 0:
+                with open(path, "w") as f:
+                    json.dump(dict(meta=meta, rows=[row]), f, indent=1)
+
         for name, plan in plans.items():
+            floor = name.startswith("floor")
+            key = None if floor else _plan_key(plan)
+            pr = None if floor else predict_plan(spec, plan, profile)
+            pred = None if pr is None else pr.step_us / 1000
+            desc = (None if pr is None else pr.choice.summary([r.name for r in spec.regions]))
+            if key in seen:  # the planner picked a plan of the grid: one measurement, two names
+                results[name] = dict(results[seen[key]], same_as=seen[key], plan=plan.to_dict())
+                say(f"  {name}: same plan as {seen[key]} ({desc})")
+                write()
+                continue
             t0 = time.time()
             model = copy.deepcopy(base)
             torch.cuda.reset_peak_memory_stats()
             try:
                 m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), plan=plan, backend=args.backend,
-                                     verbose=False, skip_collectives=name.startswith("floor"))
+                                     verbose=False, skip_collectives=floor)
                 ms = _time_steps(m, idx, tgt, args.steps, args.warmup)
             except Exception as e:  # report, never drop a row silently
                 say(f"  {name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                results[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                results[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}", plan=plan.to_dict())
+                write()
                 continue
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
-            pred = predict_plan(spec, plan, profile).step_us / 1000 if not name.startswith("floor") else None
-            results[name] = dict(ms=ms, peak_gib=peak, predicted_ms=pred, plan=plan.to_dict(),
+            results[name] = dict(ms=ms, peak_gib=peak, predicted_ms=pred, plan=plan.to_dict(), summary=desc,
                                  compile_s=time.time() - t0)
+            if pr is not None:
+                tl = pr.timeline
+                results[name].update(predicted_compute_ms=tl.compute_busy_us / 1e3,
+                                     predicted_exposed_comm_ms=tl.comm_exposed_us / 1e3,
+                                     predicted_hidden_comm_ms=tl.comm_hidden_us / 1e3,
+                                     predicted_memory_gib=pr.memory.total / 2 ** 30)
+                seen[key] = name
             say(f"  {name}: {ms:.2f} ms (predicted {pred if pred is None else round(pred, 2)}), "
-                f"peak {peak:.1f} GiB, built+timed in {time.time() - t0:.0f} s")
+                f"peak {peak:.1f} GiB, built+timed in {time.time() - t0:.0f} s" + (f"  [{desc}]" if desc else ""))
+            write()
             if (args.trace and plan.num_sub_batches == 2 and plan.recompute == args.recomputes[-1]
-                    and not name.startswith("plan")):
+                    and name.startswith("k=")):
                 from torch.profiler import ProfilerActivity, profile as tprof
 
                 with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     profiled_steps(lambda: m(idx, tgt)[1].backward())
                     torch.cuda.synchronize()
                 if rank == 0:
-                    tp = os.path.join(args.out, f"trace_h{h}_{interconnect.split('=')[0]}.json")
+                    tp = os.path.join(args.out, f"trace_h{h}_{tag}.json")
                     frac, total, _ = save_trace(prof, tp)
                     results[name]["nccl_overlap_fraction"] = frac
                     say(f"  trace: {frac:.1%} of NCCL kernel time ({total / 1e3:.1f} ms over 3 steps) ran "
                         "concurrently with compute kernels")
             del m, model
             torch.cuda.empty_cache()
+        ok = {n: r for n, r in results.items() if "ms" in r}
+        t1 = ok.get("k=1 recompute=none", {}).get("ms")
+        tf = ok.get("floor (no comm)", {}).get("ms")
+        best_name = min((n for n in ok if not n.startswith("floor")), key=lambda n: ok[n]["ms"], default=None)
+        row["best"] = best_name
+        row["hidden_share"] = (t1 - ok[best_name]["ms"]) / (t1 - tf) if t1 and tf and best_name and t1 > tf else None
+        write()
+        say(f"h={h} {interconnect}: best {best_name}"
+            + "".join(f"; {n} {ok[n]['ms']:.2f} ms vs best {ok[best_name]['ms']:.2f} ms"
+                      for n in ok if n.startswith("plan=auto") and best_name))
         # bf16 correctness of k=2 fine against the unsharded model (first batch).
-        check = {}
-        if "k=2 recompute=fine" in plans:
+        if "k=2 recompute=fine" in plans and not args.no_check:
             model = copy.deepcopy(base)
             m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), plan=plans["k=2 recompute=fine"],
                                  backend=args.backend, verbose=False)
@@ -290,32 +376,12 @@ def main(argv=None):
             grads = m.full_grads()
             rel = max(((grads[n].float() - q.grad.float()).norm() / q.grad.float().norm()).item()
                       for n, q in ref.named_parameters())
-            check = dict(loss=loss.item(), ref_loss=rloss.item(), max_rel_grad_err=rel)
+            row["check"] = dict(loss=loss.item(), ref_loss=rloss.item(), max_rel_grad_err=rel)
             say(f"  bf16 check k=2 fine: loss {loss.item():.5f} vs unsharded {rloss.item():.5f}, "
                 f"max relative grad error {rel:.2e}")
+            write()
             del m, model, ref
             torch.cuda.empty_cache()
-        ok = {n: r for n, r in results.items() if "ms" in r}
-        t1 = ok.get("k=1 recompute=none", {}).get("ms")
-        tf = ok.get("floor (no comm)", {}).get("ms")
-        best_name = min((n for n in ok if not n.startswith("floor")), key=lambda n: ok[n]["ms"], default=None)
-        hidden = (t1 - ok[best_name]["ms"]) / (t1 - tf) if t1 and tf and best_name and t1 > tf else None
-        rows.append(dict(hidden=h, layers=args.layers, batch=args.batch, seq=args.seq, interconnect=interconnect,
-                         results=results, check=check, best=best_name, hidden_share=hidden))
-        say(f"h={h} {interconnect}: best {best_name}; hidden share of exposed comm "
-            f"{'n/a' if hidden is None else f'{hidden:.0%}'}")
-    if rank == 0:
-        meta = dict(card=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                    nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    command="torchrun --nproc-per-node 2 -m benchmarks.overlap_sweep " + " ".join(sys.argv[1:]))
-        tag = "p2p_disabled" if interconnect != "NVLink" else "nvlink"
-        with open(os.path.join(args.out, f"overlap_{tag}.json"), "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        print(json.dumps(dict(meta=meta, summary=[dict(h=r["hidden"], ic=r["interconnect"], best=r["best"],
-                         hidden_share=r["hidden_share"], ms={n: round(v.get("ms", -1), 2) for n, v in r["results"].items()},
-                         pred={n: (round(v["predicted_ms"], 2) if v.get("predicted_ms") else None) for n, v in r["results"].items()})
-                         for r in rows]), indent=1))
     dist.destroy_process_group()
 
 

@@ -23,7 +23,7 @@ from oases_fx.planner.profile import (
     AlphaBeta, Profile, ProfileOptions, analytical_profile, cache_dir, collective_key, derived_collective,
     fit_alpha_beta, load_cached_profile, measure_profile, required_collectives,
 )
-from oases_fx.planner.search import choose_plan, explain_plan, kbest_chain, region_states
+from oases_fx.planner.search import choose_plan, explain_plan, kbest_chain, region_states, runner_up_plans
 
 
 def plan_model(gm, regions, *, tp: int, batch: int, seq_len: int, group=None, device=None,
@@ -56,6 +56,6 @@ __all__ = [
     "plan_model", "describe_model", "ModelSpec", "RegionSpec", "RegionVariant", "OpSpec", "Choice", "choice_of",
     "Prediction", "predict", "predict_plan", "memory", "Profile", "ProfileOptions", "AlphaBeta", "fit_alpha_beta",
     "measure_profile", "analytical_profile", "load_cached_profile", "cache_dir", "choose_plan", "explain_plan",
-    "kbest_chain", "region_states", "REPLICATED", "VocabSpec", "VocabPattern", "divisors", "find_vocab_pattern",
+    "kbest_chain", "region_states", "runner_up_plans", "REPLICATED", "VocabSpec", "VocabPattern", "divisors", "find_vocab_pattern",
     "collective_key", "derived_collective", "required_collectives",
 ]

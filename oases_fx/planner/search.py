@@ -241,7 +241,10 @@ def _predicted(model: ModelSpec, best: Prediction, others: list, rejected: list,
         "memory": {"params_gib": _gib(mem.params), "grads_gib": _gib(mem.grads), "adam_gib": _gib(mem.optimizer),
                    "activations_gib": _gib(mem.activations + mem.transient), "budget_gib": _gib(budget)},
         "per_region": per_region,
-        "runners_up": [{"plan": p.choice.summary(names), "step_ms": _ms(p.step_us), "memory_gib": _gib(p.memory.total)}
+        "runners_up": [{"plan": p.choice.summary(names), "step_ms": _ms(p.step_us), "memory_gib": _gib(p.memory.total),
+                        "choice": {"num_sub_batches": p.choice.num_sub_batches, "recompute": p.choice.recompute,
+                                   "vocab_parallel": bool(p.choice.vocab_parallel),
+                                   "states": [int(s) for s in p.choice.states(model.tp)]}}
                        for p in others],
         "rejected": list(rejected),
         "profile": profile.label(),
@@ -379,14 +382,41 @@ def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional
     predicted = _predicted(model, best, others, rejected, profile, batch, seq_len, budget,
                            sims.count + len(chosen))
     ch = best.choice
-    return Plan(
-        tp_degree=tp, num_sub_batches=ch.num_sub_batches, recompute=ch.recompute,
-        regions=tuple(RegionPlan(name=r.name, kind=r.kind, shard=ch.state(i, tp) != REPLICATED,
-                                 tp_degree=_plan_degree(ch.state(i, tp), tp))
-                      for i, r in enumerate(model.regions)),
-        vocab_parallel=bool(ch.vocab_parallel),
-        predicted=predicted,
-    )
+    return _plan_of(model.regions, tp=tp, k=ch.num_sub_batches, rc=ch.recompute, states=ch.states(tp),
+                    vocab_parallel=ch.vocab_parallel, predicted=predicted)
+
+
+def _plan_of(model_regions, *, tp: int, k: int, rc: str, states, vocab_parallel: bool, predicted=None) -> Plan:
+    return Plan(tp_degree=tp, num_sub_batches=k, recompute=rc,
+                regions=tuple(RegionPlan(name=r.name, kind=r.kind, shard=st != REPLICATED, tp_degree=_plan_degree(st, tp))
+                              for r, st in zip(model_regions, states)),
+                vocab_parallel=bool(vocab_parallel), predicted=predicted)
+
+
+def runner_up_plans(plan: Plan) -> list:
+    """The runners-up of a plan made by choose_plan, as Plans in the planner's order (fastest
+    predicted first). Each carries ``predicted = {"step_ms", "memory_gib", "runner_up_of"}`` only;
+    measure one with ``oases_fx.compile(..., plan=runner_up_plans(plan)[i])``.
+
+    Raises ValueError for a plan the planner did not make (no runners-up recorded)."""
+    ru = (plan.predicted or {}).get("runners_up")
+    if ru is None:
+        raise ValueError(f"plan {plan.digest()} has no runners-up: it was not made by choose_plan "
+                         "(plan='auto'). Fix: pass a plan from choose_plan / compiled.plan.")
+    out = []
+    for x in ru:
+        c = x.get("choice")
+        if c is None:
+            raise ValueError(f"plan {plan.digest()}'s runners-up were saved by an older oases_fx without their "
+                             "decisions. Fix: re-plan (plan='auto') with this version.")
+        if len(c["states"]) != len(plan.regions):
+            raise ValueError(f"runner-up {x['plan']!r} has {len(c['states'])} region decisions for the plan's "
+                             f"{len(plan.regions)} regions")
+        out.append(_plan_of(plan.regions, tp=plan.tp_degree, k=c["num_sub_batches"], rc=c["recompute"],
+                            states=c["states"], vocab_parallel=c["vocab_parallel"],
+                            predicted={"step_ms": x["step_ms"], "memory_gib": x["memory_gib"],
+                                       "runner_up_of": plan.digest()}))
+    return out
 
 
 def _plan_degree(state: int, tp: int) -> Optional[int]:

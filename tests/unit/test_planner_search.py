@@ -17,7 +17,7 @@ from oases_fx.plan import RECOMPUTE_POLICIES
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.planner import (
     REPLICATED, AlphaBeta, Choice, ModelSpec, OpSpec, Profile, RegionSpec, RegionVariant, VocabSpec, choice_of,
-    choose_plan, explain_plan, kbest_chain, memory, predict, region_states,
+    choose_plan, explain_plan, kbest_chain, memory, predict, region_states, runner_up_plans,
 )
 
 GIB = 1024 ** 3
@@ -378,6 +378,24 @@ def test_explain_shows_degrees_vocab_and_runners_up():
         assert "shard d=1" in text and "shard d=2" in text and "vocab_parallel off" in text
         assert "runner-up" in text and "at d=1" in text
         assert "vocab_parallel: synthetic model without embedding/LM head" in text
+
+
+def test_runner_up_plans_are_the_listed_runners_up_and_predict_as_listed():
+    model, profile = synthetic([ATTN, SMALLP, ATTN, SMALLP], tp=2, gb_per_s=40.0, degrees=(1,))
+    plan = choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile)
+    listed = plan.predicted["runners_up"]
+    ups = runner_up_plans(Plan.from_json(plan.to_json()))  # survives the JSON round trip
+    assert len(ups) == len(listed) >= 2
+    for up, x in zip(ups, listed):
+        assert up != plan
+        ch = choice_of(up, model)
+        assert ch.summary([r.name for r in model.regions]) == x["plan"]
+        # the prediction it was ranked by is the one the cost model gives the rebuilt plan
+        assert predict(model, ch, profile).step_us / 1000 == pytest.approx(x["step_ms"], abs=1e-3)
+        assert x["step_ms"] >= plan.predicted["step_ms"]
+    assert len({choice_of(u, model) for u in ups}) == len(ups)
+    with pytest.raises(ValueError, match="not made by choose_plan"):
+        runner_up_plans(Plan(tp_degree=2))
 
 
 # --- vocab_parallel ----------------------------------------------------------------------------
