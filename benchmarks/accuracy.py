@@ -92,7 +92,7 @@ def report(root: str, *, again: bool) -> str:
                 continue
             p = rp["predicted"][n] if rp else r.get("predicted_ms")
             e = _err(p, r["ms"])
-            errs.setdefault(ic, []).append(abs(e))
+            errs.setdefault((ic, "search-all" in n), []).append(abs(e))
             label = r.get("summary") or n
             if n.startswith(("plan=", "runner")):
                 label = f"{n}: {label}"
@@ -120,9 +120,10 @@ def report(root: str, *, again: bool) -> str:
         lines.append(f"| {ic} h={h} | {chose} | {'' if cms is None else f'{cms:.2f}'} | {best} | {bms:.2f} | "
                      f"{'n/a' if gap is None else f'{gap:+.1f} %'} |")
     lines.append("")
-    for ic, e in errs.items():
-        lines.append(f"{ic}: |error| median {statistics.median(e):.1f} %, max {max(e):.1f} %, "
-                     f"{sum(x <= 10 for x in e)}/{len(e)} plans within 10 %.")
+    for (ic, wide), e in sorted(errs.items(), key=lambda kv: (kv[0][0] != "NVLink", kv[0][1])):
+        what = "plans of the --search-all planner (per-block degrees)" if wide else "plans"
+        lines.append(f"{ic}, {what}: |error| median {statistics.median(e):.1f} %, max {max(e):.1f} %, "
+                     f"{sum(x <= 10 for x in e)}/{len(e)} within 10 %.")
     return "\n".join(lines) + "\n"
 
 

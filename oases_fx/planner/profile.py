@@ -4,6 +4,8 @@
   replicated), run on real tensors: warm-up, then the median of repeats (CUDA events on GPU,
   perf_counter on CPU); forward under no_grad (compiled graphs record no autograd), backward as
   ``autograd.grad`` of the op's outputs w.r.t. its floating-point inputs (weights included).
+  Profile.op_time caps a backward at 2x its forward (2.5x for attention; see backward_cap): the
+  eager autograd call's host time would otherwise stand in for the device time of small ops.
 - All-reduce: t(bytes) = alpha + beta * bytes, a least-squares fit over log-spaced sizes on the
   actual TMP process group.
 - Per-region TMP degrees d < T (Oases): all-reduce on the groups of d consecutive ranks, and
@@ -243,6 +245,9 @@ class Profile:
                 f"{key!r}. Fix: measure a profile for this model, batch and k choices "
                 "(oases_fx.planner.measure_profile), or use analytical_profile()."
             ) from None
+        cap = backward_cap(key)
+        if cap is not None and f > 0:
+            b = min(b, cap * f)
         return float(f), float(b)
 
     def missing(self, keys) -> list:
@@ -389,6 +394,27 @@ def _backward_factor(node: Optional[fx.Node]) -> float:
     # Linear: dgrad + wgrad = 2x forward flops. Attention backward: dQ, dK, dV plus the recomputed
     # scores, the 2.5x timeline.node_flops uses for attention backward ops.
     name = str(getattr(node, "target", ""))
+    return 2.5 if "attention" in name else 2.0
+
+
+def backward_cap(op_key: str) -> Optional[float]:
+    """The most a measured backward may cost, as a multiple of the same op's measured forward
+    (None: not capped). Profile.op_time applies it.
+
+    Why: the profile times a backward as one eager ``autograd.grad`` call, and the autograd
+    engine's host work (~50 us on an H100 host) is longer than the device time of a small
+    backward, so small ops measure host time: a dropout(p=0) backward 56 us for a copy, a
+    1x2048x1024 linear's backward 196 us against 31 us forward. The compiled backward pays none of
+    that (Inductor launches its kernels directly). On the planner-accuracy sweep (RESULTS.md
+    section 5, 2 x H100, h=1024-4096) the uncapped profile over-predicted the h=1024 plans by up to
+    100 %; with this cap the largest error was 21 %. The factors are the analytical profile's
+    flop ratios (no constant fitted): linear dgrad + wgrad = 2x forward, attention 2.5x,
+    elementwise and normalisation ops read and write about twice the forward's bytes.
+    Embedding backward is a scatter-add whose cost is unrelated to the gather forward: not capped.
+    """
+    name = op_key.split("(", 1)[0]
+    if "embedding" in name:
+        return None
     return 2.5 if "attention" in name else 2.0
 
 

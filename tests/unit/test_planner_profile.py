@@ -202,6 +202,24 @@ def test_derived_collectives_scale_like_a_ring():
     assert prof.all_gather_us(1e6, 4) == pytest.approx(derived_collective(ar, 8, "all_gather", 4).predict_us(1e6))
 
 
+def test_op_time_caps_a_host_bound_backward_at_the_flop_ratio():
+    # Measured eager backwards of small ops are the autograd engine's host time (RESULTS.md
+    # section 5): op_time caps them at 2x the forward (2.5x attention); embedding is not capped,
+    # and a backward already under the cap is kept as measured.
+    ops = {
+        "aten.add.Tensor(bfloat16[1,2048,1024],bfloat16[1,2048,1024])|_,_": (10.0, 80.0),
+        "aten.scaled_dot_product_attention.default(bfloat16[1,16,2048,64])|_": (100.0, 400.0),
+        "aten.embedding.default(bfloat16[512,1024],int64[8,2048])|_,_": (25.0, 390.0),
+        "aten.linear.default(bfloat16[8,2048,1024],bfloat16[4096,1024])|_,_": (193.0, 380.0),
+        "aten.view.default(bfloat16[8,2048,1024])|_": (0.0, 5.0),
+    }
+    prof = Profile(source="measured", device_name="x", torch_version="-", tp_degree=2, op_us=ops,
+                   all_reduce=AlphaBeta(alpha_us=10.0, beta_us_per_byte=1e-3), memory_bytes=1)
+    got = [prof.op_time(k) for k in ops]
+    assert got == [(10.0, 20.0), (100.0, 250.0), (25.0, 390.0), (193.0, 380.0), (0.0, 5.0)]
+    assert prof.op_us == ops  # the measurement itself is kept as it was (and saved so)
+
+
 SUBGROUP_OPTIONS = ProfileOptions(warmup=1, repeats=2, collective_sizes_bytes=(4096, 65536), collective_repeats=2,
                                   interference_gemm_n=32, interference_comm_bytes=4096, interference_gemms=2,
                                   interference_repeats=1)
