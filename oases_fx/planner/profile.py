@@ -250,6 +250,16 @@ class Profile:
             b = min(b, cap * f)
         return float(f), float(b)
 
+    def capped_backwards(self, keys) -> list:
+        """The keys among ``keys`` whose measured backward op_time caps (see backward_cap)."""
+        out = []
+        for k in dict.fromkeys(keys):
+            f, b = self.op_us.get(k, (0.0, 0.0))
+            cap = backward_cap(k)
+            if cap is not None and f > 0 and b > cap * f:
+                out.append(k)
+        return out
+
     def missing(self, keys) -> list:
         return sorted(k for k in keys if k not in self.op_us)
 

@@ -256,8 +256,20 @@ def _predicted(model: ModelSpec, best: Prediction, others: list, rejected: list,
         "degrees": sorted({d for r in model.regions for _, d in r.degree_variants} | {model.tp}, reverse=True),
         "batch": batch, "seq_len": seq_len, "simulations": sims,
         "notes": [n for n in model.notes if not n.startswith("k=")]  # k exclusions are in "rejected"
-                 + list(profile.notes),
+                 + list(profile.notes) + _cap_note(model, profile),
     }
+
+
+def _cap_note(model: ModelSpec, profile: Profile) -> list:
+    keys = sorted(set(model.op_keys()))
+    capped = profile.capped_backwards(keys)
+    if not capped:
+        return []
+    raw = sum(profile.op_us[k][1] for k in keys if k in profile.op_us)
+    cut = sum(profile.op_us[k][1] - profile.op_time(k)[1] for k in capped)
+    return [f"backward capped at 2x its forward (2.5x attention) for {len(capped)} of {len(keys)} ops, "
+            f"{100 * cut / raw:.0f} % of their measured backward time: eager autograd host time, not device "
+            "time (profile.backward_cap)"]
 
 
 def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional[Profile] = None,

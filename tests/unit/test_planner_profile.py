@@ -218,6 +218,7 @@ def test_op_time_caps_a_host_bound_backward_at_the_flop_ratio():
     got = [prof.op_time(k) for k in ops]
     assert got == [(10.0, 20.0), (100.0, 250.0), (25.0, 390.0), (193.0, 380.0), (0.0, 5.0)]
     assert prof.op_us == ops  # the measurement itself is kept as it was (and saved so)
+    assert prof.capped_backwards(list(ops) + list(ops)) == list(ops)[:2]
 
 
 SUBGROUP_OPTIONS = ProfileOptions(warmup=1, repeats=2, collective_sizes_bytes=(4096, 65536), collective_repeats=2,

@@ -398,6 +398,27 @@ def test_runner_up_plans_are_the_listed_runners_up_and_predict_as_listed():
         runner_up_plans(Plan(tp_degree=2))
 
 
+def test_explain_says_how_much_backward_time_the_cap_removed():
+    from oases_fx.planner.profile import backward_cap
+
+    model, profile = synthetic([ATTN, MLP, ATTN, MLP], tp=2)
+    plain = choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile)
+    assert not any("capped" in n for n in plain.predicted["notes"])  # synthetic backwards are under 2x
+    keys = model.op_keys()
+    at_cap = dataclasses.replace(profile, op_us={k: (f, backward_cap(k) * f) for k, (f, b) in profile.op_us.items()})
+    # Host time on top of every backward: the cap cuts each back to the same multiple of its forward.
+    inflated = dataclasses.replace(profile, op_us={k: (f, backward_cap(k) * f + 8 * f + 50.0)
+                                                   for k, (f, b) in profile.op_us.items()})
+    ref = choose_plan(model, tp=2, batch=8, seq_len=128, profile=at_cap)
+    got = choose_plan(model, tp=2, batch=8, seq_len=128, profile=inflated)
+    assert got == ref and got.predicted["step_ms"] == ref.predicted["step_ms"]
+    assert got.predicted["step_ms"] > plain.predicted["step_ms"]  # the cap is above the synthetic backwards
+    note = [n for n in got.predicted["notes"] if "capped" in n]
+    assert len(note) == 1 and f"for {len(set(keys))} of {len(set(keys))} ops" in note[0]
+    assert "backward capped" in explain_plan(got, use_rich=False)
+    assert not any("capped" in n for n in ref.predicted["notes"])
+
+
 # --- vocab_parallel ----------------------------------------------------------------------------
 
 LM_HEAVY = dict(head_us=50.0, tail_us=3000.0, act_mib=64, param_mib=64, emb_mib=1, logits_mib=0)
