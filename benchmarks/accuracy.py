@@ -17,7 +17,6 @@ import argparse
 import glob
 import json
 import os
-import pickle
 import statistics
 
 
@@ -47,13 +46,13 @@ def _err(pred, ms):
 def repredict(row: dict, directory: str, interconnect: str) -> dict:
     """{"predicted": {name: ms}, "choice": (key, summary, predicted ms)} with this cost model."""
     from oases_fx.plan import Plan
-    from oases_fx.planner import Profile, choose_plan, predict_plan
+    from oases_fx.planner import ModelSpec, Profile, choose_plan, predict_plan
 
     tag = "nvlink" if interconnect == "NVLink" else "p2p_disabled"
     h = row["hidden"]
     profile = Profile.load(os.path.join(directory, f"profile_{tag}_h{h}.json"))
-    with open(os.path.join(directory, f"spec_h{h}.pkl"), "rb") as f:
-        spec = pickle.load(f)
+    with open(os.path.join(directory, f"spec_h{h}.json")) as f:
+        spec = ModelSpec.from_dict(json.load(f))
     pred = {}
     for name, r in row["results"].items():
         if name.startswith("floor") or "plan" not in r:

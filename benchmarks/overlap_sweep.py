@@ -14,7 +14,7 @@ Planner accuracy (issue #4): besides the k x recompute grid, the planner's choic
 --runners-up runners-up are measured, so "choice vs best measured" covers the plans the planner
 itself ranked next. Each (hidden size, interconnect) is written to DIR/sweep_<ic>_h<H>.json after
 every plan (a run cut short keeps what it measured), with the measured profile and the model spec
-beside it (profile_<ic>_h<H>.json, spec_h<H>.pkl) so `python -m benchmarks.accuracy DIR
+beside it (profile_<ic>_h<H>.json, spec_h<H>.json) so `python -m benchmarks.accuracy DIR
 --repredict` can re-predict every measured plan with a changed cost model, off the GPU.
 """
 from __future__ import annotations
@@ -176,23 +176,6 @@ def collective_table(path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def portable_spec(spec):
-    """The ModelSpec without its scratch fx nodes (only the profiler needs them), so it pickles:
-    the cost model reads keys, parts and byte counts."""
-    def ops(t):
-        return tuple(dataclasses.replace(o, node=None) for o in t)
-
-    def variants(m):
-        return {k: dataclasses.replace(v, ops=ops(v.ops)) for k, v in m.items()}
-
-    return dataclasses.replace(
-        spec, head_ops=ops(spec.head_ops), tail_ops=ops(spec.tail_ops),
-        regions=tuple(dataclasses.replace(r, variants=variants(r.variants), degree_variants=variants(r.degree_variants))
-                      for r in spec.regions),
-        vocab=None if spec.vocab is None else dataclasses.replace(spec.vocab, head_ops=ops(spec.vocab.head_ops),
-                                                                  tail_ops=ops(spec.vocab.tail_ops)))
-
-
 def _plan_key(plan) -> tuple:
     return (plan.num_sub_batches, plan.recompute, plan.vocab_parallel,
             tuple((r.name, r.shard, r.tp_degree or (plan.tp_degree if r.shard else None)) for r in plan.regions))
@@ -229,8 +212,6 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats = lambda *a: None
         torch.cuda.max_memory_allocated = lambda *a: 0
         torch.cuda.empty_cache = lambda *a: None
-    import pickle
-
     from torch.distributed.device_mesh import init_device_mesh
 
     import oases_fx
@@ -268,8 +249,8 @@ def main(argv=None):
         say(f"h={h}: profile in {time.time() - t0:.1f} s")
         if rank == 0:
             profile.save(os.path.join(args.out, f"profile_{tag}_h{h}.json"))
-            with open(os.path.join(args.out, f"spec_h{h}.pkl"), "wb") as f:
-                pickle.dump(portable_spec(spec), f)
+            with open(os.path.join(args.out, f"spec_h{h}.json"), "w") as f:
+                json.dump(spec.to_dict(), f)
 
         variants = [(k, rc) for k in args.ks for rc in args.recomputes]
         # The schedule pass reads the measured interconnect from plan.predicted (as for plan="auto").

@@ -3,7 +3,7 @@
 # one torchrun per size (a size that runs out of time keeps the plans it measured). Usage:
 #   bash benchmarks/run_sweep.sh OUT_DIR [nvlink|pcie] [SIZES] [SECONDS_PER_SIZE...]
 # pcie = the same machine with NCCL_P2P_DISABLE=1. SWEEP_ARGS in the environment go to every run.
-# Writes OUT_DIR/<interconnect>/{sweep_*_h<H>.json,profile_*_h<H>.json,spec_h<H>.pkl,log_h<H>.txt};
+# Writes OUT_DIR/<interconnect>/{sweep_*_h<H>.json,profile_*_h<H>.json,spec_h<H>.json,log_h<H>.txt};
 # then: python -m benchmarks.accuracy OUT_DIR
 set -u
 out=${1:?OUT_DIR}; ic=${2:-nvlink}; sizes=${3:-1024,2048,4096}; shift $(( $# < 3 ? $# : 3 ))

@@ -68,6 +68,7 @@ all-gathered logits when they are a graph output.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
@@ -209,6 +210,43 @@ class VocabSpec:
     """Their bytes (unsharded)."""
 
 
+def _spec_to_json(x):
+    if dataclasses.is_dataclass(x):
+        return {f.name: _spec_to_json(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "node"}
+    if isinstance(x, Mapping):  # variant tables keyed by tuples
+        return [[list(k), _spec_to_json(v)] for k, v in sorted(x.items())]
+    if isinstance(x, (tuple, list)):
+        return [_spec_to_json(v) for v in x]
+    return x
+
+
+def _build(cls, d: dict, **nested):
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names}
+    for k, conv in nested.items():
+        if k in kw:
+            kw[k] = conv(kw[k])
+    for f in dataclasses.fields(cls):  # JSON lists back to the tuples the dataclasses hold
+        if f.name in kw and isinstance(kw[f.name], list) and f.name not in nested:
+            kw[f.name] = tuple(kw[f.name])
+    return cls(**kw)
+
+
+def _ops_from(xs) -> tuple:
+    return tuple(_build(OpSpec, o) for o in xs)
+
+
+def _variants_from(rows) -> dict:
+    return {tuple(k): _build(RegionVariant, v, ops=_ops_from) for k, v in rows}
+
+
+def _spec_from_json(cls, d: dict):
+    region = lambda r: _build(RegionSpec, r, variants=_variants_from, degree_variants=_variants_from)  # noqa: E731
+    vocab = lambda v: None if v is None else _build(VocabSpec, v, head_ops=_ops_from, tail_ops=_ops_from)  # noqa: E731
+    return _build(cls, d, regions=lambda rs: tuple(region(r) for r in rs), head_ops=_ops_from, tail_ops=_ops_from,
+                  vocab=vocab)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Everything the cost model needs to know about one model at one batch size and TMP degree."""
@@ -263,6 +301,17 @@ class ModelSpec:
 
     def op_keys(self) -> list:
         return sorted({o.key for o in self.all_ops()})
+
+    def to_dict(self) -> dict:
+        """JSON-able form without the scratch fx nodes (the cost model never reads them; only the
+        profiler runs them), e.g. to re-predict measured plans later: ModelSpec.from_dict."""
+        return _spec_to_json(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        """Inverse of to_dict. Fields added since the dict was written take their defaults;
+        fields since removed are ignored."""
+        return _spec_from_json(cls, d)
 
 
 # ---------------------------------------------------------------------------------------------
