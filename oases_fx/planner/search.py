@@ -268,7 +268,7 @@ def _cap_note(model: ModelSpec, profile: Profile) -> list:
     raw = sum(profile.op_us[k][1] for k in keys if k in profile.op_us)
     cut = sum(profile.op_us[k][1] - profile.op_time(k)[1] for k in capped)
     return [f"backward capped at 2x its forward (2.5x attention) for {len(capped)} of {len(keys)} ops, "
-            f"{100 * cut / raw:.0f} % of their measured backward time: eager autograd host time, not device "
+            f"removing {100 * cut / raw:.0f} % of the measured backward time: eager autograd host time, not device "
             "time (profile.backward_cap)"]
 
 
