@@ -1,13 +1,16 @@
 """`python -m oases_fx plan`: plan a named model config without a GPU or training.
 
     python -m oases_fx plan --model gpt --hidden 2048 --layers 4 --heads 32 --seq 2048 --batch 8 --tp 2 \
-        [--profile cached|analytical|PATH] [--degrees all|2,1] [--vocab-parallel auto|on|off]
+        [--profile cached|analytical|PATH] [--degrees full|all|2,1] [--vocab-parallel off|auto|on]
         [--save plan.json] [--diff other.json]
 
 The model is built on the meta device (no memory, no weights) and traced with torch.export on
 fake tensors; the planner then uses the cached measured profile for these shapes if there is one
 (compile() writes it on the GPU machine: copy ~/.cache/oases_fx/profiles/ over), else the
 analytical roofline constants of oases_fx.timeline, labelled "analytical, not measured".
+The search space defaults to compile()'s plan="auto" (CompileConfig: every block at the full TMP
+degree or replicated, no vocab-parallel), so the plan printed is the one compile() would choose
+from the same profile; --degrees all and --vocab-parallel auto widen it.
 """
 from __future__ import annotations
 
@@ -49,12 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1,2,4", help="sub-batch counts to consider, comma-separated")
     p.add_argument("--recompute", default="none,fine,full", help="recompute policies to consider, comma-separated")
     p.add_argument("--top-n", type=int, default=5, help="candidates per global choice; runners-up shown")
-    p.add_argument("--degrees", default="all",
-                   help="per-region TMP degrees to consider: 'all' (every divisor of --tp) or comma-separated "
-                        "divisors, e.g. '2' for Megatron-only at tp=2 (replicate is always considered)")
-    p.add_argument("--vocab-parallel", choices=("auto", "on", "off"), default="auto",
-                   help="vocabulary-parallel embedding/LM head/cross-entropy: let the planner choose (auto), "
-                        "force it (on) or leave it out (off)")
+    p.add_argument("--degrees", default="full",
+                   help="per-region TMP degrees to consider: 'full' (only --tp, compile()'s default), 'all' (every "
+                        "divisor of --tp) or comma-separated divisors (replicate is always considered)")
+    p.add_argument("--vocab-parallel", choices=("auto", "on", "off"), default="off",
+                   help="vocabulary-parallel embedding/LM head/cross-entropy: leave it out (off, compile()'s "
+                        "default), let the planner choose (auto) or force it (on)")
     p.add_argument("--save", default=None, help="write the plan as JSON here")
     p.add_argument("--diff", default=None, help="print the differences to this saved plan")
     p.add_argument("--plain", action="store_true", help="plain-text tables (no rich)")
@@ -124,7 +127,9 @@ def plan_main(argv: Optional[list] = None) -> int:
     from oases_fx.timeline import DeviceConstants
 
     k_choices = tuple(int(x) for x in args.k.split(",") if x.strip())
-    degrees = None if args.degrees.strip() == "all" else tuple(int(x) for x in args.degrees.split(",") if x.strip())
+    spec = args.degrees.strip()
+    degrees = (None if spec == "all" else (args.tp,) if spec == "full"
+               else tuple(int(x) for x in spec.split(",") if x.strip()))
     vp_choices = {"auto": (False, True), "on": (True,), "off": (False,)}[args.vocab_parallel]
     rc_choices = tuple(x.strip() for x in args.recompute.split(",") if x.strip())
     traced, where = _trace(args)

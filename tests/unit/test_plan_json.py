@@ -61,6 +61,27 @@ def test_cli_plan_save_and_diff(tmp_path, capsys, monkeypatch):
     assert "no differences" in capsys.readouterr().out
 
 
+def test_cli_searches_compiles_default_space_unless_widened(tmp_path, monkeypatch):
+    # `python -m oases_fx plan` must print the plan compile(plan="auto") would choose: by default
+    # every block at the full TMP degree (or replicated) and no vocab-parallel, as CompileConfig.
+    from oases_fx.cli import plan_main
+
+    monkeypatch.setenv("OASES_FX_CACHE", str(tmp_path / "cache"))
+    base = ["--model", "gpt", "--hidden", "64", "--layers", "2", "--heads", "4", "--seq", "32", "--batch", "4",
+            "--tp", "2", "--plain", "--profile", "analytical", "--comm-gbps", "0.5"]
+    runs = {"default": [], "explicit": ["--degrees", "2", "--vocab-parallel", "off"],
+            "wide": ["--degrees", "all", "--vocab-parallel", "auto"]}
+    plans = {}
+    for name, extra in runs.items():
+        path = tmp_path / f"{name}.json"
+        assert plan_main(base + extra + ["--save", str(path)]) == 0
+        plans[name] = Plan.load(path)
+    assert plans["default"] == plans["explicit"]
+    assert all(r.tp_degree is None for r in plans["default"].regions) and not plans["default"].vocab_parallel
+    assert plans["default"].predicted["degrees"] == [2]
+    assert plans["wide"].predicted["degrees"] == [2, 1]  # the wider search described degree 1 too
+
+
 def test_compile_config_planner_space_is_validated():
     import pytest
 
