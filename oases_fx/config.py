@@ -28,7 +28,7 @@ class CompileConfig:
     """TMP degrees plan="auto" may give a sharded region: "full" (default: only the mesh's "tp"
     size, as Megatron does), "all" (every divisor: Oases' per-block degree with data parallelism
     taking the rest), or a tuple of degrees. Default "full" because on 2 x H100 the planner's
-    predictions for lower degrees were 13-21 % optimistic and its lower-degree choices ran up to
+    predictions for lower degrees were up to 21 % optimistic and its lower-degree choices ran up to
     17 % slower than its full-degree ones (benchmarks/RESULTS.md, sections 1 and 5)."""
     planner_vocab_parallel: tuple = (False,)
     """Whether plan="auto" may shard the embedding, LM head and loss over the vocabulary: (False,)
