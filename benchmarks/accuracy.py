@@ -44,7 +44,7 @@ def _err(pred, ms):
 
 
 def repredict(row: dict, directory: str, interconnect: str) -> dict:
-    """{"predicted": {name: ms}, "choice": (key, summary, predicted ms)} with this cost model."""
+    """{"predicted": {name: ms}, "choice": plan_key of plan="auto"'s choice}, with this cost model."""
     from oases_fx.plan import Plan
     from oases_fx.planner import ModelSpec, Profile, choose_plan, predict_plan
 
@@ -60,7 +60,7 @@ def repredict(row: dict, directory: str, interconnect: str) -> dict:
         pred[name] = predict_plan(spec, Plan.from_dict(r["plan"]), profile).step_us / 1e3
     auto = choose_plan(spec, tp=2, batch=row["batch"], seq_len=row["seq"], profile=profile,
                        degrees=(2,), vocab_parallel_choices=(False,))
-    return dict(predicted=pred, choice=(plan_key(auto.to_dict()), auto.predicted["step_ms"], auto))
+    return dict(predicted=pred, choice=plan_key(auto.to_dict()))
 
 
 def report(root: str, *, again: bool) -> str:
@@ -100,7 +100,7 @@ def report(root: str, *, again: bool) -> str:
             lines.append(f"| {ic} h={h} | floor (k=1, collectives skipped) | {res['floor (no comm)']['ms']:.2f} | | |")
         best = min(measured, key=measured.get)
         if rp:
-            ck, cpred, auto = rp["choice"]
+            ck = rp["choice"]
             cname = keys.get(ck)
             k, rc = ck[0], ck[1]
             chose = cname if cname else (f"not measured: k={k} recompute={rc}, "

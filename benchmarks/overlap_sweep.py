@@ -176,11 +176,6 @@ def collective_table(path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plan_key(plan) -> tuple:
-    return (plan.num_sub_batches, plan.recompute, plan.vocab_parallel,
-            tuple((r.name, r.shard, r.tp_degree or (plan.tp_degree if r.shard else None)) for r in plan.regions))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, nargs="+", default=[2048])
@@ -215,6 +210,7 @@ def main(argv=None):
     from torch.distributed.device_mesh import init_device_mesh
 
     import oases_fx
+    from benchmarks.accuracy import plan_key
     from oases_fx.models import GPT, GPTConfig
     from oases_fx.passes.annotate_sharding import find_tmp_regions
     from oases_fx.plan import Plan, RegionPlan
@@ -275,7 +271,7 @@ def main(argv=None):
         seen = {}  # plan key -> the name it was measured under
         row = dict(hidden=h, layers=args.layers, batch=args.batch, seq=args.seq, interconnect=interconnect,
                    results=results, check={}, best=None, hidden_share=None,
-                   planner_choice=next((_plan_key(p) for n, p in plans.items() if n.startswith("plan=auto")), None))
+                   planner_choice=next((plan_key(p.to_dict()) for n, p in plans.items() if n.startswith("plan=auto")), None))
         path = os.path.join(args.out, f"sweep_{tag}_h{h}.json")
 
         def write():
@@ -285,7 +281,7 @@ def main(argv=None):
 
         for name, plan in plans.items():
             floor = name.startswith("floor")
-            key = None if floor else _plan_key(plan)
+            key = None if floor else plan_key(plan.to_dict())
             pr = None if floor else predict_plan(spec, plan, profile)
             pred = None if pr is None else pr.step_us / 1000
             desc = (None if pr is None else pr.choice.summary([r.name for r in spec.regions]))

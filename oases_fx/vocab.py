@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from oases_fx.runtime import _all_gather, _all_reduce
+from oases_fx.runtime import _all_gather, _all_reduce, reduce_from_tp
 
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -38,19 +38,9 @@ def _local_embedding(weight, ids, vocab_start, vocab_end, padding_idx):
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
-class _ReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group_name):
-        return _all_reduce(x, group_name)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def vocab_parallel_embedding(weight, ids, vocab_start: int, vocab_end: int, padding_idx: int, group_name: str):
     """Embedding of global `ids` with this rank's rows `weight` = table[vocab_start:vocab_end]."""
-    return _ReduceSum.apply(_local_embedding(weight, ids, vocab_start, vocab_end, padding_idx), group_name)
+    return reduce_from_tp(_local_embedding(weight, ids, vocab_start, vocab_end, padding_idx), group_name)
 
 
 def skip_vocab_parallel_embedding(weight, ids, vocab_start: int, vocab_end: int, padding_idx: int, group_name: str):
