@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from oases_fx import agreement
 from oases_fx import backend as _backend
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
@@ -153,6 +154,9 @@ class OasesModule(nn.Module):
         if not prog.called and self._cfg.backend != "eager":
             _say(self._cfg, f"compiling with {self._cfg.backend} on this first call (forward now, backward at "
                             "the first backward())")
+        if self._cfg.check_inputs == "every" or (self._cfg.check_inputs == "first" and not prog.called):
+            agreement.check_batch(self._mesh, self._info, args, kwargs,
+                                  call="first call of this program" if not prog.called else "call")
         prog.called = True
         return prog.compiled(*args, **kwargs)
 
@@ -518,6 +522,9 @@ def compile(
 
     _say(cfg, f"tracing {type(model).__name__} with torch.export")
     traced = capture(model, args, kwargs)
+    # before the planner profiles and before any other collective (oases_fx.agreement)
+    agreement.check_compile(mesh, info, model=model, traced=traced, args=args, kwargs=kwargs, cfg=cfg, plan=plan,
+                            num_sub_batches=num_sub_batches, recompute=recompute)
     found = []
 
     def find_regions():

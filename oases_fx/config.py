@@ -36,6 +36,10 @@ class CompileConfig:
     planner decide, (True,) forces it. A Plan with vocab_parallel=True always works."""
     verbose: bool = True
     """Print progress lines (tracing, planning, compiling) on rank 0."""
+    check_inputs: str = "first"
+    """Check that the TMP ranks of a group were given the same batch (a checksum gathered over the
+    mesh, oases_fx.agreement): "first" (default: the first call of each compiled program), "every"
+    (every call; a debug setting, one small all_gather_object per step) or "off"."""
 
     def __post_init__(self):
         if self.profile not in ("measure", "analytical"):
@@ -47,5 +51,7 @@ class CompileConfig:
                              "positive TMP degrees")
         if not self.planner_vocab_parallel or not set(self.planner_vocab_parallel) <= {False, True}:
             raise ValueError(f"planner_vocab_parallel={self.planner_vocab_parallel!r}: expected a tuple of bools")
+        if self.check_inputs not in ("first", "every", "off"):
+            raise ValueError(f"check_inputs={self.check_inputs!r}: expected 'first', 'every' or 'off'")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
