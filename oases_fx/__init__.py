@@ -31,7 +31,8 @@ _map_source_passes()
 from oases_fx.api import OasesModule, compile  # noqa: E402
 from oases_fx.config import CompileConfig  # noqa: E402
 from oases_fx.errors import InputError, OasesError, PlanMismatchError, ShardingError  # noqa: E402
+from oases_fx.loading import LoadReport, WeightsNotLoadedError, load_pretrained  # noqa: E402
 from oases_fx.plan import Plan, RegionPlan  # noqa: E402
 
 __all__ = ["compile", "OasesModule", "Plan", "RegionPlan", "CompileConfig", "OasesError", "ShardingError",
-           "InputError", "PlanMismatchError"]
+           "InputError", "PlanMismatchError", "load_pretrained", "LoadReport", "WeightsNotLoadedError"]

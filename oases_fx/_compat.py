@@ -110,3 +110,23 @@ def no_autograd_cache():
     if not hasattr(fcfg, "enable_autograd_cache"):
         return contextlib.nullcontext()
     return fcfg.patch(enable_autograd_cache=False)
+
+
+def fake_tensor_mode():
+    """A FakeTensorMode for tracing a model whose weights are not allocated (meta-device init)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def is_fake_tensor(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def fake_mode_of(tensors):
+    """The FakeTensorMode of the first FakeTensor among `tensors`, else None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return next((t.fake_mode for t in tensors if isinstance(t, FakeTensor)), None)

@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from oases_fx import agreement
 from oases_fx import backend as _backend
+from oases_fx import loading as _loading
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
 from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info, with_region_groups
@@ -143,6 +144,8 @@ class OasesModule(nn.Module):
 
     # --- calling ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
+            _loading.check_loaded(self)
         key = _input_key(args, kwargs, self.training)
         prog = self._programs.get(key)
         if prog is None:
@@ -449,23 +452,11 @@ def _release_full_parameters(model: nn.Module, sharded: dict) -> None:
 
 @contextlib.contextmanager
 def _materialised(model: nn.Module, device):
-    """Released (meta) parameters become uninitialised tensors on `device` while the model is
-    traced again for new input shapes (tracing needs one device; the values are never read: the
-    new program is bound to the existing shards); released again afterwards."""
-    swapped, made = [], {}
-    for mod in model.modules():
-        for leaf, p in list(mod._parameters.items()):
-            if p is not None and p.is_meta:
-                if id(p) not in made:
-                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
-                                               requires_grad=p.requires_grad)
-                mod._parameters[leaf] = made[id(p)]
-                swapped.append((mod, leaf, p))
-    try:
+    """Released (meta) parameters become FakeTensors on `device` while the model is traced again for
+    new input shapes (tracing needs one device; the values are never read: the new program is bound
+    to the existing shards), so a retrace allocates nothing full-size; meta again afterwards."""
+    with _loading.fake_parameters(model, device):
         yield
-    finally:
-        for mod, leaf, p in swapped:
-            mod._parameters[leaf] = p
 
 
 def _rebind(gm, fqn, value):
@@ -487,6 +478,7 @@ def compile(
     num_sub_batches: Optional[int] = None,
     recompute: Optional[str] = None,
     backend: str = "inductor",
+    device=None,
     **config,
 ) -> OasesModule:
     """Shard `model` for tensor-model parallelism over `mesh` and compile it.
@@ -502,6 +494,9 @@ def compile(
         num_sub_batches: k sub-batches (None: the plan's choice).
         recompute: "none", "fine" or "full" (None: the plan's choice).
         backend: "inductor", "aot_eager" or "eager".
+        device: for a model built under torch.device("meta"): where its shards are allocated (default and
+            only choice: the example inputs' device); weights then come from model.load_full_state_dict(sd),
+            oases_fx.load_pretrained(model, hf_folder) or DCP (oases_fx.loading).
         **config: further CompileConfig fields (skip_collectives, disabled_passes, debug, verbose).
     """
     cfg = CompileConfig(backend=backend, **config)
@@ -516,6 +511,7 @@ def compile(
     args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     flat, _ = pytree.tree_flatten((args, kwargs))
     _batch_size(flat)
+    meta_init = _loading.prepare_meta_model(model, args, kwargs, device)  # built under torch.device("meta")
     info = mesh_info(mesh)
     if _is_search(plan):
         _check_divisible(model, info.tp)
@@ -568,7 +564,8 @@ def compile(
               + f", k={plan.num_sub_batches}, recompute={plan.recompute}"
               + (", vocab-parallel embedding/LM head/loss" if plan.vocab_parallel else ""))
     program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
+    _loading.allocate_fake_tensors(program.gm)  # meta-device init: only now this rank's shards exist
     del traced  # holds the full-size parameters
     _release_full_parameters(model, program.gm.meta["oases"].get("sharded_params", {}))
     key = _input_key(args, kwargs, model.training)
-    return OasesModule(model, mesh, info, plan, cfg, key, program)
+    return _loading.guard_if_meta(OasesModule(model, mesh, info, plan, cfg, key, program), meta_init)

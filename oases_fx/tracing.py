@@ -41,7 +41,16 @@ def _hf_no_cache(model):
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
+    from oases_fx import loading
+
+    if loading.has_meta_tensors(model):  # meta-device init or released weights: trace on fake ones
+        with loading.fake_parameters(model, loading.input_device(args, kwargs)):
+            return capture(model, args, kwargs)
     notes = []
+    mode = loading.fake_mode_of_model(model)
+    if mode is not None:  # fake weights: the inputs join their fake mode
+        args, kwargs = pytree.tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                                       (tuple(args), dict(kwargs)))
     with _hf_no_cache(model) as changed:
         if changed:
             notes.append("traced with config.use_cache=False (no KV cache in training)")
