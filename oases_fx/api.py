@@ -20,9 +20,11 @@ import torch.utils._pytree as pytree
 
 from oases_fx import agreement
 from oases_fx import backend as _backend
+from oases_fx import generation as _generation
 from oases_fx import loading as _loading
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
+from oases_fx.meta import graph_meta
 from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info, with_region_groups
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
@@ -150,8 +152,11 @@ class OasesModule(nn.Module):
         prog = self._programs.get(key)
         if prog is None:
             _say(self._cfg, f"new input shapes or train/eval mode {key}: tracing and compiling again")
+            plan = _generation.plan_for_batch(  # a batch k does not divide: the largest k that does
+                self.plan, _generation.batch_size_of(args, kwargs), _degree_splits(self.plan),
+                say=lambda msg: _say(self._cfg, msg))
             with _materialised(self._model, next(self.parameters()).device):
-                prog = _build_program(self._model, self._info, self.plan, self._cfg, args, kwargs, self.training,
+                prog = _build_program(self._model, self._info, plan, self._cfg, args, kwargs, self.training,
                                       bind_to=self)
             self._programs[key] = prog
         if not prog.called and self._cfg.backend != "eager":
@@ -171,7 +176,7 @@ class OasesModule(nn.Module):
 
     def explain(self) -> str:
         prog = self.graphs
-        m = prog.gm.meta.get("oases", {})
+        m = graph_meta(prog.gm)
         lines = [f"oases_fx plan (digest {self.plan.digest()}): TMP degree {self.plan.tp_degree}, "
                  f"dp {self._info.dp}, sub-batches {self.plan.num_sub_batches}, recompute {self.plan.recompute}, "
                  f"backend {self._cfg.backend}" + (" [collectives SKIPPED: floor benchmark]" if self._cfg.skip_collectives else "")]
@@ -241,8 +246,8 @@ class OasesModule(nn.Module):
 
     def _gather_full(self, named: dict) -> dict:
         info = self._info
-        sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
-        degree = self.graphs.gm.meta["oases"].get("param_degree", {})
+        m = graph_meta(self.graphs.gm)
+        sharded, degree = m.sharded_params, m.param_degree
         out = {}
         for key, t in named.items():
             if t is not None and key in sharded:
@@ -259,8 +264,8 @@ class OasesModule(nn.Module):
     def load_full_state_dict(self, state_dict: dict) -> None:
         """Load unsharded tensors (original keys); each rank keeps its shard."""
         info = self._info
-        sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
-        degree = self.graphs.gm.meta["oases"].get("param_degree", {})
+        m = graph_meta(self.graphs.gm)
+        sharded, degree = m.sharded_params, m.param_degree
         own = self.state_dict(keep_vars=True)
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -398,7 +403,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
         with _mode(model, training):
             traced = capture(model, args, kwargs)
     gm = traced.gm
-    gm.meta.setdefault("oases", {})["notes"] = traced.notes
+    graph_meta(gm).notes = traced.notes
     batch_size = _batch_size(traced.flat_inputs)
     splits = _degree_splits(plan)
     if plan.num_sub_batches > 1 or splits:
@@ -408,7 +413,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
         if missing:
             raise AssertionError(f"no subgroups for region degrees {missing}: call mesh.with_region_groups first")
         with _mode(model, training):
-            gm.meta["oases"]["batch_dims"] = batch_dims(model, args, kwargs, gm)
+            graph_meta(gm).batch_dims = batch_dims(model, args, kwargs, gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     grad_inputs = frozenset(n.name for n, t in zip(placeholders, traced.flat_inputs)
                             if isinstance(t, torch.Tensor) and t.requires_grad)
@@ -566,6 +571,6 @@ def compile(
     program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
     _loading.allocate_fake_tensors(program.gm)  # meta-device init: only now this rank's shards exist
     del traced  # holds the full-size parameters
-    _release_full_parameters(model, program.gm.meta["oases"].get("sharded_params", {}))
+    _release_full_parameters(model, graph_meta(program.gm).sharded_params)
     key = _input_key(args, kwargs, model.training)
     return _loading.guard_if_meta(OasesModule(model, mesh, info, plan, cfg, key, program), meta_init)

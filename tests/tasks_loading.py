@@ -106,3 +106,77 @@ def meta_load_matches(rank, world_size, *, kind, folder, batch, seq, vocab, how=
                grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()},
                buffers={k: b for k, b in m.named_buffers()}, ref_buffers={k: b for k, b in ref.named_buffers()})
     return out
+
+
+def odd_batches(rank, world_size, *, kind, k, batches, cfg, eval_batches=()):
+    """Compile at a batch k divides, then train on `batches` (a last batch of 3 with k=2, ...) and
+    evaluate `eval_batches` (a single prompt): loss, logits and gradients vs the unsharded model."""
+    from tests.tasks import _call
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model(kind, cfg)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(3)
+    V = cfg["vocab_size"]
+
+    def batch(b):
+        return torch.randint(0, V, (b, 8), generator=g), torch.randint(0, V, (b, 8), generator=g)
+
+    idx, tgt = batch(4)
+    if kind == "gpt":
+        m = oases_fx.compile(model, mesh, example_inputs=(idx, tgt), num_sub_batches=k, backend="aot_eager",
+                             verbose=False, plan="megatron")
+    else:
+        m = oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=tgt), num_sub_batches=k,
+                             backend="aot_eager", verbose=False, plan="megatron")
+    out = []
+    for b in batches:
+        idx, tgt = batch(b)
+        for p in list(m.parameters()) + list(ref.parameters()):
+            p.grad = None
+        logits, loss = _call(kind, m, idx, tgt)
+        loss.backward()
+        r_logits, r_loss = _call(kind, ref, idx, tgt)
+        r_loss.backward()
+        out.append(dict(batch=b, loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(),
+                        ref_logits=r_logits.detach(), grads=m.full_grads(),
+                        ref_grads={n: p.grad for n, p in ref.named_parameters()},
+                        notes=list(m.graphs.gm.meta["oases"].get("sub_batch_notes", []))))
+    m.eval()
+    ref.eval()
+    for b in eval_batches:
+        idx, tgt = batch(b)
+        with torch.no_grad():
+            logits, loss = _call(kind, m, idx, tgt)
+            r_logits, r_loss = _call(kind, ref, idx, tgt)
+        out.append(dict(batch=b, loss=loss, ref_loss=r_loss, logits=logits, ref_logits=r_logits, grads=None))
+    if rank != 0:
+        return None
+    return dict(results=out, programs=len(m._programs))
+
+
+def odd_batch_degree(rank, world_size, *, cfg):
+    """Attention at TMP degree 1 on tp=2 (n=2 batch chunks), k=2, compiled at batch 4: a batch of 2
+    runs with k=1 (1*2 pieces), a batch of 3 fits no k and must name the region."""
+    from tests.tasks_degree import degree_plan
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model("gpt", cfg)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, cfg["vocab_size"], (4, 8), generator=g)
+    m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="aot_eager", verbose=False,
+                         plan=degree_plan("gpt", cfg["n_layer"], world_size, [(1, world_size)], k=2))
+    two = idx[:2].contiguous()
+    logits, loss = m(two, two)
+    r_logits, r_loss = ref(two, two)
+    err = None
+    try:
+        three = idx[:3].contiguous()
+        m(three, three)
+    except Exception as e:
+        err = (type(e).__name__, str(e))
+    if rank != 0:
+        return None
+    return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
+                grads=None, error=err)
