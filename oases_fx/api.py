@@ -25,6 +25,7 @@ from oases_fx import loading as _loading
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
 from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info, with_region_groups
+from oases_fx.meta import graph_meta
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
 from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
@@ -175,7 +176,7 @@ class OasesModule(nn.Module):
 
     def explain(self) -> str:
         prog = self.graphs
-        m = prog.gm.meta.get("oases", {})
+        m = graph_meta(prog.gm)
         lines = [f"oases_fx plan (digest {self.plan.digest()}): TMP degree {self.plan.tp_degree}, "
                  f"dp {self._info.dp}, sub-batches {self.plan.num_sub_batches}, recompute {self.plan.recompute}, "
                  f"backend {self._cfg.backend}" + (" [collectives SKIPPED: floor benchmark]" if self._cfg.skip_collectives else "")]
@@ -184,26 +185,26 @@ class OasesModule(nn.Module):
 
             lines.append(explain_plan(self.plan, use_rich=False))
         lines.append("Sharded regions (Megatron column -> row):")
-        for r in m.get("regions", []):
+        for r in m.regions:
             d = r.degree or self.plan.tp_degree
             deg = f"TMP degree {d}" + (f" x {self.plan.tp_degree // d} batch chunks" if d < self.plan.tp_degree else "")
             lines.append(f"  {r.name} [{r.kind}, {deg}]: {r.summary}")
-        if not m.get("regions"):
+        if not m.regions:
             lines.append("  (none)")
-        if m.get("vocab_parallel"):
-            lines.append(f"Vocab-parallel (Megatron embedding, LM head, cross-entropy): {m['vocab_parallel']}")
-        lines.append("Replicated: everything else (" + ("norms, position tables)." if m.get("vocab_parallel")
+        if m.vocab_parallel:
+            lines.append(f"Vocab-parallel (Megatron embedding, LM head, cross-entropy): {m.vocab_parallel}")
+        lines.append("Replicated: everything else (" + ("norms, position tables)." if m.vocab_parallel
                                                        else "embeddings, norms, LM head, loss)."))
         lines.append("Declined (not sharded):")
-        lines.extend(f"  {name}: {why}" for name, why in m.get("declined", [])) if m.get("declined") else lines.append("  (none)")
+        lines.extend(f"  {name}: {why}" for name, why in m.declined) if m.declined else lines.append("  (none)")
         lines.append("Collectives inserted:")
-        lines.extend(f"  {c}" for c in m.get("collectives", []))
+        lines.extend(f"  {c}" for c in m.collectives)
         lines.append("Shape constants rewritten:")
-        lines.extend(f"  {c}" for c in m.get("rewrites", []))
+        lines.extend(f"  {c}" for c in m.rewrites)
         for key in ("notes", "vocab_notes", "sub_batch_notes", "recompute_notes"):
-            if m.get(key):
+            if getattr(m, key):
                 lines.append(key.replace("_", " ").capitalize() + ":")
-                lines.extend(f"  {c}" for c in m[key])
+                lines.extend(f"  {c}" for c in getattr(m, key))
         aot = prog.aot
         if aot.forward or aot.backward:
             from oases_fx._compat import is_all_reduce
@@ -245,8 +246,8 @@ class OasesModule(nn.Module):
 
     def _gather_full(self, named: dict) -> dict:
         info = self._info
-        sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
-        degree = self.graphs.gm.meta["oases"].get("param_degree", {})
+        m = graph_meta(self.graphs.gm)
+        sharded, degree = m.sharded_params, m.param_degree
         out = {}
         for key, t in named.items():
             if t is not None and key in sharded:
@@ -263,8 +264,8 @@ class OasesModule(nn.Module):
     def load_full_state_dict(self, state_dict: dict) -> None:
         """Load unsharded tensors (original keys); each rank keeps its shard."""
         info = self._info
-        sharded = self.graphs.gm.meta["oases"].get("sharded_params", {})
-        degree = self.graphs.gm.meta["oases"].get("param_degree", {})
+        m = graph_meta(self.graphs.gm)
+        sharded, degree = m.sharded_params, m.param_degree
         own = self.state_dict(keep_vars=True)
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -402,7 +403,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
         with _mode(model, training):
             traced = capture(model, args, kwargs)
     gm = traced.gm
-    gm.meta.setdefault("oases", {})["notes"] = traced.notes
+    graph_meta(gm).notes = traced.notes
     batch_size = _batch_size(traced.flat_inputs)
     splits = _degree_splits(plan)
     if plan.num_sub_batches > 1 or splits:
@@ -412,7 +413,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
         if missing:
             raise AssertionError(f"no subgroups for region degrees {missing}: call mesh.with_region_groups first")
         with _mode(model, training):
-            gm.meta["oases"]["batch_dims"] = batch_dims(model, args, kwargs, gm)
+            graph_meta(gm).batch_dims = batch_dims(model, args, kwargs, gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     grad_inputs = frozenset(n.name for n, t in zip(placeholders, traced.flat_inputs)
                             if isinstance(t, torch.Tensor) and t.requires_grad)
@@ -570,6 +571,6 @@ def compile(
     program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
     _loading.allocate_fake_tensors(program.gm)  # meta-device init: only now this rank's shards exist
     del traced  # holds the full-size parameters
-    _release_full_parameters(model, program.gm.meta["oases"].get("sharded_params", {}))
+    _release_full_parameters(model, graph_meta(program.gm).sharded_params)
     key = _input_key(args, kwargs, model.training)
     return _loading.guard_if_meta(OasesModule(model, mesh, info, plan, cfg, key, program), meta_init)

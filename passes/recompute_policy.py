@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch.fx as fx
 
 from oases_fx import meta, runtime
+from oases_fx.meta import graph_meta
 from oases_fx.passes.graph_utils import is_segment_end, outline, region_span, stable_topo_sort
 
 def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
     """Outline each (TMP segment, sub-batch) under checkpoint with the policy's marks."""
-    gm_meta = gm.meta.setdefault("oases", {})
-    notes = gm_meta.setdefault("recompute_notes", [])
+    notes = graph_meta(gm).recompute_notes
     if policy == "none":
         return gm
     wrapper = {"fine": runtime.checkpoint_fine, "full": runtime.checkpoint_full}[policy]

@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from oases_fx import meta
 from oases_fx.errors import InputError, describe
+from oases_fx.meta import graph_meta
 from oases_fx.passes.graph_utils import is_segment_end, region_span, stable_topo_sort
 from oases_fx.propagation import VIEW_OPS, Incompatible, ShardState, UnknownOp, propagate_node
 
@@ -61,8 +62,8 @@ def check_batch_splits(batch_size, k: int, degrees=()) -> None:
 def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_size: int) -> fx.GraphModule:
     """Split the batch-parallel region into k interleaved sub-batch copies (ACT); k=1: unchanged."""
     k = num_sub_batches
-    gm_meta = gm.meta.setdefault("oases", {})
-    notes = gm_meta.setdefault("sub_batch_notes", [])
+    gm_meta = graph_meta(gm)
+    notes = gm_meta.sub_batch_notes
     if k == 1:
         return gm
     check_batch_splits(batch_size, k)
@@ -74,7 +75,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     nodes = list(gm.graph.nodes)
     lo = nodes.index(first)
     hi = lo + len(span) - 1
-    batch_dims = gm_meta.get("batch_dims", {})
+    batch_dims = gm_meta.batch_dims or {}
     # Inputs of the region that carry the batch are split where they enter it (piece() below).
     bd = {}
     for n in nodes:

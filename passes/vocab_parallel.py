@@ -58,6 +58,7 @@ import torch.fx as fx
 
 from oases_fx import meta, runtime, vocab
 from oases_fx.errors import ShardingError, describe
+from oases_fx.meta import graph_meta
 from oases_fx.passes.graph_utils import region_span
 from oases_fx.propagation import IDENTITY_OPS, VIEW_OPS, linear_parts, val
 
@@ -330,17 +331,15 @@ def vocab_parallel_pass(gm: fx.GraphModule, *, enabled: bool, rank: int, tp: int
     """Shard the embedding table(s) and the LM head over the vocabulary, replace the cross-entropy
     by the vocab-parallel one, gather logits for other consumers (TAG+ACT). `skip` inserts the
     no-communication stand-ins (floor benchmark; values wrong by design)."""
-    gm_meta = gm.meta.setdefault("oases", {})
+    gm_meta = graph_meta(gm)
     if not enabled:
         return gm
     info = find_vocab_parallel(gm, tp)
     V, Vl = info.vocab_size, info.vocab_size // tp
     start, end = rank * Vl, (rank + 1) * Vl
-    sharded = gm_meta.setdefault("sharded_params", {})
-    rewrites = gm_meta.setdefault("rewrites", [])
-    inserted = gm_meta.setdefault("collectives", [])
-    notes = gm_meta.setdefault("vocab_notes", [])
-    batch_dims = gm_meta.get("batch_dims")
+    sharded, rewrites, inserted = gm_meta.sharded_params, gm_meta.rewrites, gm_meta.collectives
+    notes = gm_meta.vocab_notes
+    batch_dims = gm_meta.batch_dims
     graph = gm.graph
     span_before = region_span(graph)
     summary = (f"{len(info.embeddings)} embedding(s) {', '.join(str(e.args[0].target) for e in info.embeddings)}, "
@@ -455,7 +454,7 @@ def vocab_parallel_pass(gm: fx.GraphModule, *, enabled: bool, rank: int, tp: int
         raise ShardingError(f"vocab_parallel: nodes {inside} landed inside the TMP span (between the first and the "
                             "last sharded region), where the sub-batch split would copy them. Fix: plan without "
                             "vocab_parallel, or report the model.")
-    gm_meta["vocab_parallel"] = (
+    gm_meta.vocab_parallel = (
         f"vocabulary V={V} over {tp} ranks ({Vl} rows each, this rank [{start}, {end})): {summary}")
     graph.lint()
     gm.recompile()
