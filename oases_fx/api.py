@@ -149,6 +149,8 @@ class OasesModule(nn.Module):
         if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
             _loading.check_loaded(self)
         key = _input_key(args, kwargs, self.training)
+        if self.__dict__.get("_conversion_epoch"):  # converted by .to(dtype)/.half(): compiled again (generation.py)
+            key = (key, self.__dict__["_conversion_epoch"])
         prog = self._programs.get(key)
         if prog is None:
             _say(self._cfg, f"new input shapes or train/eval mode {key}: tracing and compiling again")
@@ -167,6 +169,9 @@ class OasesModule(nn.Module):
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
         return prog.compiled(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # .to(dtype), .half(), .bfloat16(), .to(device): oases_fx.generation
+        return _generation.convert_compiled(self, fn, lambda f: super(OasesModule, self)._apply(f, recurse))
 
     # --- introspection ----------------------------------------------------------------------
     @property

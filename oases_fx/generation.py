@@ -49,3 +49,38 @@ def plan_for_batch(plan, batch_size: Optional[int], splits, say=None):
             return dataclasses.replace(plan, num_sub_batches=kk)
     check_batch_splits(batch_size, 1, splits)  # raises, naming the region whose n does not divide the batch
     raise AssertionError("unreachable: k=1 with no region below the full degree always fits")
+
+
+def convert_compiled(module, fn, apply):
+    """OasesModule._apply (under .to(dtype), .half(), .bfloat16(), .float(), .double(), .to(device)):
+    `apply` (nn.Module._apply) converts the shards in place (same Parameter objects, so an optimizer
+    built before keeps them); a change of dtype then applies `fn` to the user's (meta) model too and
+    bumps the module's conversion epoch, so the next call of each input shape traces and compiles
+    again at the new dtype (graphs bake dtypes: casts, mask fill values). Moving to another device is
+    an error: the mesh, the process groups and the compiled programs belong to the device compiled on."""
+    import torch
+
+    from oases_fx.errors import OasesError
+
+    before = {name: (t.dtype, t.device) for name, t in _tensors(module)}
+    probe = [(name, t) for name, t in _tensors(module)][:1]
+    if probe:
+        moved = fn(torch.empty(0, dtype=probe[0][1].dtype, device=probe[0][1].device))
+        if moved.device != probe[0][1].device:
+            raise OasesError(
+                f"the compiled model lives on {probe[0][1].device} (its mesh, process groups and compiled programs "
+                f"do); it cannot be moved to {moved.device} after oases_fx.compile. Fix: move the model (or build it "
+                "under torch.device('meta')) and the example inputs to the target device before compile.")
+    apply(fn)
+    after = {name: (t.dtype, t.device) for name, t in _tensors(module)}
+    if after != before:
+        module._model._apply(fn)  # the meta model retraces at the new dtype
+        module.__dict__["_conversion_epoch"] = module.__dict__.get("_conversion_epoch", 0) + 1
+        changed = sorted({f"{str(before[n][0])}->{str(after[n][0])}" for n in before if before[n] != after[n]})
+        log.info("oases_fx: parameters converted (%s): the next call of each shape traces and compiles again",
+                 ", ".join(changed))
+    return module
+
+
+def _tensors(module):
+    return list(module.named_parameters()) + list(module.named_buffers())

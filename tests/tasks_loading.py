@@ -180,3 +180,40 @@ def odd_batch_degree(rank, world_size, *, cfg):
         return None
     return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
                 grads=None, error=err)
+
+
+def convert_after_compile(rank, world_size, *, kind, cfg, how):
+    """Compile in fp32, call once, then convert the compiled model (how: "double", "bfloat16", "half",
+    "to_float64"): logits and loss vs the unsharded model converted the same way; the Parameter
+    objects (an optimizer's) are kept. Also .to("meta") must be an OasesError."""
+    from tests.tasks import _call
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model(kind, cfg)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 8), generator=g)
+    kw = dict(example_inputs=(idx, idx)) if kind == "gpt" else dict(example_kwargs=dict(input_ids=idx, labels=idx))
+    m = oases_fx.compile(model, mesh, backend="aot_eager", verbose=False, plan="megatron", **kw)
+    _call(kind, m, idx, idx)
+    params = list(m.parameters())
+    conv = {"double": lambda x: x.double(), "bfloat16": lambda x: x.bfloat16(), "half": lambda x: x.half(),
+            "to_float64": lambda x: x.to(torch.float64)}[how]
+    assert conv(m) is m
+    conv(ref)
+    logits, loss = _call(kind, m, idx, idx)
+    loss.backward()
+    r_logits, r_loss = _call(kind, ref, idx, idx)
+    r_loss.backward()
+    grads = m.full_grads()
+    err = None
+    try:
+        m.to("meta")
+    except Exception as e:
+        err = (type(e).__name__, str(e))
+    if rank != 0:
+        return None
+    return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
+                grads=grads, ref_grads={n: p.grad for n, p in ref.named_parameters()}, error=err,
+                same_params=all(p is q for p, q in zip(params, m.parameters())),
+                dtypes=sorted({str(p.dtype) for p in m.parameters()}), programs=len(m._programs))

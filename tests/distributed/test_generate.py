@@ -43,3 +43,22 @@ def test_region_below_full_degree_odd_batch_rule_and_error():
     _assert_close(r)  # batch 2: k=1, the degree-1 attention still cut into its 2 chunks
     name, msg = r["error"]
     assert name == "InputError" and "transformer.h.0.attn" in msg and "k*n" in msg, msg
+
+
+def test_hf_gpt2_double_after_compile_recompiles_and_matches():
+    # fp64 on both sides: the bounds above hold with orders of magnitude to spare
+    r = get_pool(2).run(tasks_loading.convert_after_compile, kind="hf_gpt2", cfg=GPT, how="double")[0]
+    assert r["dtypes"] == ["torch.float64"] and r["same_params"] and r["programs"] == 2
+    _assert_close(r)
+    name, msg = r["error"]
+    assert name == "OasesError" and "before compile" in msg, msg
+
+
+def test_hf_gpt2_bfloat16_after_compile_matches():
+    r = get_pool(2).run(tasks_loading.convert_after_compile, kind="hf_gpt2", cfg=GPT, how="bfloat16")[0]
+    assert r["dtypes"] == ["torch.bfloat16"]
+    # bf16 has an 8-bit mantissa (relative step 2^-8 = 3.9e-3); sharding reorders bf16 sums over
+    # contractions of 32-128 terms, so logits (O(1)) may differ by a few bf16 steps: atol 5e-2 is ~13 steps
+    # at |x|~1 and still fails a wrong shard or a dtype not applied (which move logits by O(1))
+    torch.testing.assert_close(r["loss"].float(), r["ref_loss"].float(), atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(r["logits"].float(), r["ref_logits"].float(), atol=5e-2, rtol=2e-2)
