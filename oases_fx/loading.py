@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from oases_fx import _compat
 from oases_fx.errors import OasesError
+from oases_fx.meta import graph_meta
 
 log = logging.getLogger("oases_fx")
 
@@ -161,7 +162,7 @@ def allocate_fake_tensors(gm: nn.Module) -> dict:
                 store[leaf] = real[id(t)]
                 out[f"{mod_name}.{leaf}" if mod_name else leaf] = real[id(t)]
     if out:
-        gm.meta.setdefault("oases", {})["allocated"] = sorted(out)
+        graph_meta(gm).allocated = sorted(out)
     return out
 
 
@@ -182,7 +183,7 @@ def prepare_meta_model(model: nn.Module, args, kwargs, device) -> bool:
 def guard_if_meta(module, meta_init: bool):
     """Attach the LoadGuard to a module compiled from the meta device (returns the module)."""
     if meta_init:
-        names = module.graphs.gm.meta.get("oases", {}).get("allocated", [])
+        names = graph_meta(module.graphs.gm).allocated
         own = dict(module.named_parameters(remove_duplicate=False))
         own.update(module.named_buffers(remove_duplicate=False))
         module.__dict__["_load_guard"] = LoadGuard({n: own[n] for n in names if n in own})
@@ -403,10 +404,10 @@ def load_pretrained(module, folder, *, strict: bool = True) -> LoadReport:
 
 def shard_layout(module) -> dict:
     """{state-dict key: (dim, pieces, full shape, shard index, degree)} for this rank's sharded tensors."""
-    m = module.graphs.gm.meta["oases"]
+    m = graph_meta(module.graphs.gm)
     tp, tp_rank = module._info.tp, module._info.tp_rank
     out = {}
-    for key, (dim, pieces, full_shape) in m.get("sharded_params", {}).items():
-        d = m.get("param_degree", {}).get(key, tp)
+    for key, (dim, pieces, full_shape) in m.sharded_params.items():
+        d = m.param_degree.get(key, tp)
         out[key] = (dim, pieces, full_shape, tp_rank % d, d)
     return out
