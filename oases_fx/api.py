@@ -170,6 +170,17 @@ class OasesModule(nn.Module):
         prog.called = True
         return prog.compiled(*args, **kwargs)
 
+    def generate(self, *args, **kwargs):  # Hugging Face generate(), bucketed, no KV cache: oases_fx.generation
+        return _generation.generate(self, *args, **kwargs)
+
+    def __getattr__(self, name):  # HF attributes generate() and users read (config, generation_config, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _generation.DELEGATED and "_model" in self.__dict__:
+                return getattr(self.__dict__["_model"], name)
+            raise
+
     def _apply(self, fn, recurse=True):  # .to(dtype), .half(), .bfloat16(), .to(device): oases_fx.generation
         return _generation.convert_compiled(self, fn, lambda f: super(OasesModule, self)._apply(f, recurse))
 

@@ -84,3 +84,114 @@ def convert_compiled(module, fn, apply):
 
 def _tensors(module):
     return list(module.named_parameters()) + list(module.named_buffers())
+
+
+# --- Hugging Face generate() ---------------------------------------------------------------------
+#
+# Without a KV cache, padded to buckets: each decoding step calls the compiled model on the whole
+# sequence, right-padded to the next bucket length (powers of two from MIN_BUCKET, capped at the
+# model's maximum positions). A causal model's logits at the real positions do not depend on the
+# padded tail, so they equal the unpadded call's; generate() reads the last real position's logits.
+# The number of programs is bounded by the number of buckets (x the attention-mask variant), not
+# the number of tokens. Why no KV cache: a cache changes the graph's inputs every step (its length
+# is a shape) and its update is in-place state the sharded graph does not own; recomputing the
+# prefix costs O(L) per token more compute, which a bucket bounds, and is exact.
+
+MIN_BUCKET = 16
+DELEGATED = ("config", "generation_config", "can_generate", "main_input_name", "name_or_path",
+             "prepare_inputs_for_generation", "get_output_embeddings", "get_input_embeddings")
+"""Attributes of the user's Hugging Face model that the compiled model answers (read only)."""
+
+
+def bucket_length(n: int, max_len: Optional[int]) -> int:
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, max_len) if max_len else b
+
+
+def _max_positions(config) -> Optional[int]:
+    for name in ("n_positions", "max_position_embeddings"):
+        v = getattr(config, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def bucketed_forward(module, input_ids, attention_mask=None, position_ids=None):
+    """The compiled model on `input_ids` right-padded to its bucket; returns the logits of the real
+    positions (B, L, V). An all-ones attention mask is dropped (the same program as no mask)."""
+    import torch
+
+    from oases_fx.errors import OasesError
+
+    b, n = input_ids.shape
+    max_len = _max_positions(module._model.config)
+    if max_len and n > max_len:
+        raise OasesError(f"generate: the sequence reached {n} tokens, beyond the model's {max_len} positions. "
+                         "Fix: a shorter prompt or max_new_tokens.")
+    L = bucket_length(n, max_len)
+    pad = L - n
+    kw = dict(input_ids=torch.nn.functional.pad(input_ids, (0, pad), value=0))
+    if attention_mask is not None and not bool(attention_mask.all()):
+        kw["attention_mask"] = torch.nn.functional.pad(attention_mask, (0, pad), value=1)
+        if position_ids is not None:  # left padding: positions continue past the last real one
+            tail = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)
+            kw["position_ids"] = torch.cat([position_ids, tail], 1)
+    out = module(**kw)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, :n]
+
+
+_PROXIES = {}
+
+
+def _proxy_class(cls):
+    """A subclass of the user's HF model class whose forward is the compiled model (bucketed) and
+    whose device is the shards' device (the user's model itself holds released meta weights)."""
+    if cls not in _PROXIES:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **_ignored):
+            from oases_fx.errors import OasesError
+
+            if inputs_embeds is not None or input_ids is None:
+                raise OasesError("generate on a compiled model takes input_ids, not inputs_embeds")
+            proxy, self.__class__ = self.__class__, cls  # a retrace inside traces the user's own class
+            try:
+                logits = bucketed_forward(self.__dict__["_oases_module"], input_ids, attention_mask, position_ids)
+            finally:
+                self.__class__ = proxy
+            return CausalLMOutputWithPast(logits=logits)
+
+        def device(self):
+            return next(self.__dict__["_oases_module"].parameters()).device
+
+        _PROXIES[cls] = type(f"OasesGenerate{cls.__name__}", (cls,), dict(forward=forward, device=property(device)))
+    return _PROXIES[cls]
+
+
+def generate(module, *args, **kwargs):
+    """OasesModule.generate: Hugging Face's own generate() (greedy, sampling, beam search, stopping
+    criteria...) with the compiled model as the forward, no KV cache (use_cache=False), the sequence
+    padded to buckets. Collective: call it on every TMP rank with the same inputs and seed."""
+    import torch
+
+    from oases_fx.errors import OasesError
+
+    hf = module._model
+    if not hasattr(hf, "generate") or not hasattr(hf, "config"):
+        raise OasesError(f"generate() needs a Hugging Face model with a generate() method; {type(hf).__name__} has none.")
+    if kwargs.get("use_cache"):
+        raise OasesError("generate(use_cache=True) on a compiled model: oases_fx decodes without a KV cache "
+                         "(each step recomputes the prefix, padded to a bucket). Fix: drop use_cache.")
+    kwargs["use_cache"] = False
+    cls = type(hf)
+    hf.__class__ = _proxy_class(cls)
+    hf.__dict__["_oases_module"] = module
+    try:
+        with torch.no_grad():
+            return hf.generate(*args, **kwargs)
+    finally:
+        hf.__class__ = cls
+        hf.__dict__.pop("_oases_module", None)

@@ -217,3 +217,34 @@ def convert_after_compile(rank, world_size, *, kind, cfg, how):
                 grads=grads, ref_grads={n: p.grad for n, p in ref.named_parameters()}, error=err,
                 same_params=all(p is q for p, q in zip(params, m.parameters())),
                 dtypes=sorted({str(p.dtype) for p in m.parameters()}), programs=len(m._programs))
+
+
+def generate_matches(rank, world_size, *, kind, cfg, prompt_len, new_tokens, batch=1, k=2, meta_folder=None):
+    """HF generate() on the compiled model (greedy, then sampling with a fixed seed) vs the unsharded
+    model's generate(): the tokens, and how many programs decoding compiled."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model(kind, cfg)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(21)
+    V = cfg["vocab_size"]
+    idx = torch.randint(1, V, (2, 8), generator=g)
+    m = oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=idx), num_sub_batches=k,
+                         backend="aot_eager", verbose=False, plan="megatron")
+    m(input_ids=idx, labels=idx).loss.backward()  # one training step's forward/backward first
+    m.eval()
+    ref.eval()
+    before = len(m._programs)
+    prompt = torch.randint(1, V, (batch, prompt_len), generator=g)
+    out = {}
+    for mode, extra in (("greedy", dict(do_sample=False)), ("sample", dict(do_sample=True, top_k=0))):
+        res = []
+        for which in (m, ref):
+            torch.manual_seed(1000)
+            res.append(which.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, pad_token_id=0, **extra))
+        out[mode] = res
+    out["new_programs"] = len(m._programs) - before
+    out["config_delegated"] = m.config is model.config and m.generation_config is model.generation_config
+    if rank != 0:
+        return None
+    return out

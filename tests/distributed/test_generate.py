@@ -62,3 +62,28 @@ def test_hf_gpt2_bfloat16_after_compile_matches():
     # at |x|~1 and still fails a wrong shard or a dtype not applied (which move logits by O(1))
     torch.testing.assert_close(r["loss"].float(), r["ref_loss"].float(), atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(r["logits"].float(), r["ref_logits"].float(), atol=5e-2, rtol=2e-2)
+
+
+def _assert_generate(r, prompt_len, new_tokens):
+    for mode in ("greedy", "sample"):
+        got, want = r[mode]
+        assert got.shape == want.shape == (want.shape[0], prompt_len + new_tokens), (got.shape, want.shape)
+        assert torch.equal(got, want), f"{mode}: first difference at {(got != want).nonzero()[:1].tolist()}"
+    assert r["config_delegated"]
+
+
+def test_hf_gpt2_generate_greedy_and_sampling_equal_unsharded_bounded_traces():
+    # prompt 5 + 20 new tokens: lengths 5..24 fall in buckets 16 and 32, so at most 2 new programs
+    # (one per bucket), where a retrace per token would compile 20
+    r = get_pool(2).run(tasks_loading.generate_matches, kind="hf_gpt2", cfg=dict(GPT, block_size=32),
+                        prompt_len=5, new_tokens=20)[0]
+    _assert_generate(r, 5, 20)
+    assert 1 <= r["new_programs"] <= 2, r["new_programs"]
+
+
+def test_hf_llama_generate_batch_of_3_equal_unsharded():
+    cfg = dict(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32)
+    r = get_pool(2).run(tasks_loading.generate_matches, kind="hf_llama", cfg=cfg, prompt_len=4, new_tokens=8,
+                        batch=3)[0]
+    _assert_generate(r, 4, 8)
+    assert r["new_programs"] == 1, r["new_programs"]  # lengths 4..11: one bucket (16)
