@@ -248,3 +248,49 @@ def generate_matches(rank, world_size, *, kind, cfg, prompt_len, new_tokens, bat
     if rank != 0:
         return None
     return out
+
+
+def meta_load_auto_vocab(rank, world_size, *, kind, folder, vocab):
+    """plan="auto" (analytical) with the vocab-parallel embedding/LM head forced, on a meta model loaded
+    from the folder: the vocab-sharded tensors are read by slice too. Loss/logits/grads vs from_pretrained."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    g = torch.Generator().manual_seed(8)
+    idx = torch.randint(0, vocab, (4, 8), generator=g)
+    m = oases_fx.compile(_meta_model(kind, folder), mesh, example_kwargs=dict(input_ids=idx, labels=idx), plan="auto",
+                         profile="analytical", planner_vocab_parallel=(True,), backend="aot_eager", verbose=False)
+    rep = oases_fx.load_pretrained(m, folder)
+    ref = _hf_from_folder(kind, folder)
+    o = m(input_ids=idx, labels=idx)
+    o.loss.backward()
+    r = ref(input_ids=idx, labels=idx)
+    r.loss.backward()
+    grads = m.full_grads()
+    if rank != 0:
+        return None
+    return dict(loss=o.loss.detach(), ref_loss=r.loss.detach(), logits=o.logits.detach(), ref_logits=r.logits.detach(),
+                grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()}, buffers={}, ref_buffers={},
+                vocab_parallel=m.plan.vocab_parallel, bytes_read=rep.bytes_read, checkpoint_bytes=rep.checkpoint_bytes)
+
+
+def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2):
+    """The plain GPT (oases_fx.models) built under torch.device("meta"), compiled, filled with
+    load_full_state_dict from an identically seeded full model: loss, logits, grads vs that model."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model("gpt", cfg)
+    with torch.device("meta"):
+        meta = build_model("gpt", cfg)
+    g = torch.Generator().manual_seed(9)
+    idx = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
+    tgt = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
+    m = oases_fx.compile(meta, mesh, example_inputs=(idx, tgt), num_sub_batches=k, plan="megatron",
+                         backend="aot_eager", verbose=False)
+    m.load_full_state_dict(ref.state_dict())
+    logits, loss = m(idx, tgt)
+    loss.backward()
+    r_logits, r_loss = ref(idx, tgt)
+    r_loss.backward()
+    grads = m.full_grads()
+    if rank != 0:
+        return None
+    return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
+                grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()}, buffers={}, ref_buffers={})

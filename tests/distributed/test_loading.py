@@ -79,3 +79,44 @@ def test_meta_model_called_before_loading_is_a_clear_error(tmp_path):
                         vocab=64, forget=True)[0]
     name, msg = r["forget_error"]
     assert name == "WeightsNotLoadedError" and "load_pretrained" in msg, msg
+
+
+def test_meta_plain_gpt_load_full_state_dict():
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=True)
+    r = get_pool(2).run(tasks_loading.meta_plain_gpt_full_state_dict, cfg=cfg, batch=4, seq=8)[0]
+    _assert_matches_reference(r)
+
+
+def test_meta_gpt2_auto_plan_vocab_parallel_reads_vocab_slices(tmp_path):
+    tasks_loading.save_hf_model("hf_gpt2", dict(SMALL, n_layer=1), str(tmp_path))
+    r = get_pool(2).run(tasks_loading.meta_load_auto_vocab, kind="hf_gpt2", folder=str(tmp_path), vocab=64)[0]
+    assert r["vocab_parallel"]
+    _assert_matches_reference(r)
+    assert r["bytes_read"] < r["checkpoint_bytes"]
+
+
+class _Masked(torch.nn.Module):
+    """A module whose non-persistent buffer only its __init__ knows how to compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("mask", torch.tril(torch.ones(4, 4)), persistent=False)
+
+
+class _MaskedWithInit(_Masked):
+    def _init_buffers(self):
+        self.mask = torch.tril(torch.ones(4, 4))
+
+
+def test_non_persistent_buffer_without_an_init_is_a_clear_error_and_init_buffers_rebuilds():
+    from oases_fx.errors import OasesError
+    from oases_fx.loading import rebuild_non_persistent_buffers
+
+    with torch.device("meta"):
+        bad, good = _Masked(), _MaskedWithInit()
+    with pytest.raises(OasesError, match=r"non-persistent buffer\(s\) mask \(_Masked\)"):
+        rebuild_non_persistent_buffers(bad, "cpu")
+    assert rebuild_non_persistent_buffers(good, "cpu") == ["mask"]
+    assert torch.equal(good.mask, torch.tril(torch.ones(4, 4)))
+    assert good.lin.weight.is_meta  # parameters stay meta: they come from the checkpoint
