@@ -168,18 +168,18 @@ def fake_mesh(tp: int, device: torch.device):
     return _FAKE_PG[tp]
 
 
-@contextlib.contextmanager
-def _no_cross_rank_digest_check():
-    """The plan-digest check all-gathers over the group; on the fake group it gathers nothing
-    meaningful (FINDINGS 7), so the benchmark, and only it, bypasses it."""
+def _no_cross_rank_checks():
+    """The plan-digest and agreement checks all-gather over the group; on the fake group they
+    gather nothing meaningful (FINDINGS 7), so the benchmark, and only it, switches them off for
+    this process (one case per process)."""
     import oases_fx.api as api
 
-    saved = api.check_same_on_all_ranks
-    api.check_same_on_all_ranks = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        api.check_same_on_all_ranks = saved
+    noop = lambda *a, **k: None  # noqa: E731
+    api.check_same_on_all_ranks = noop
+    agreement = getattr(api, "agreement", None)  # oases_fx.agreement: compile-time record, first-call batch
+    for name in ("check_compile", "check_batch"):
+        if agreement is not None and hasattr(agreement, name):
+            setattr(agreement, name, noop)
 
 
 def build(case: Case, device: torch.device):
@@ -194,11 +194,10 @@ def build(case: Case, device: torch.device):
         mesh = fake_mesh(case.tp, device)
         model = GPT(cfg).to(device=device, dtype=dtype)
         idx, targets = make_batch(case, device)
-        with _no_cross_rank_digest_check():
-            module = oases_fx.compile(model, mesh, example_inputs=(idx, targets), plan="megatron",
-                                      num_sub_batches=case.k, recompute=case.recompute, backend=case.backend,
-                                      skip_collectives=case.collectives == "skip", verbose=False,
-                                      **case.options)
+        _no_cross_rank_checks()
+        module = oases_fx.compile(model, mesh, example_inputs=(idx, targets), plan="megatron",
+                                  num_sub_batches=case.k, recompute=case.recompute, backend=case.backend,
+                                  skip_collectives=case.collectives == "skip", verbose=False, **case.options)
     elif case.system == "torch_compile":
         if case.k != 1 or case.recompute != "none" or case.collectives != "skip":
             raise ValueError(f"torch_compile has no k, recompute or collectives: {case.key()}")
@@ -310,6 +309,8 @@ def profile_summary(step, batch, device, steps: int = 3) -> dict:
         _sync(device)
     fam, top = {}, []
     for ev in prof.key_averages():
+        if getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue  # a CPU op's self device time repeats its kernels' time
         dev_us = getattr(ev, "self_device_time_total", None)
         if dev_us is None:
             dev_us = getattr(ev, "self_cuda_time_total", 0)

@@ -237,6 +237,9 @@ class OasesModule(nn.Module):
                     lines.append(f"Schedule ({stage}, analytical compute, {comm_src}): {tl.summary()}")
         else:
             lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
+        if self._cfg.cudagraphs:
+            got = "; ".join(f"{r.stage} {'applied' if r.applied else 'NOT applied: ' + r.reason}" for r in aot.cudagraphs)
+            lines.append(f"CUDA graphs (cudagraphs=True): {got or 'not compiled yet'}")
         return "\n".join(lines)
 
     def timeline_png(self, path, *, stage: str = "forward") -> str:
@@ -445,7 +448,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
         return _Program(gm, gm, keep)
     fw, bw = aot_passes(info, plan, cfg)
     fn = _backend.make_backend(backend=cfg.backend, fw_passes=fw, bw_passes=bw,
-                               disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep)
+                               disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep, cudagraphs=cfg.cudagraphs)
     return _Program(gm, _backend.compile_module(gm, fn), keep)
 
 

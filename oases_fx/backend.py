@@ -81,6 +81,43 @@ INDUCTOR_KEEP_ORDER = {
 }
 
 
+def inductor_config_patches(*, cudagraphs: bool = False) -> dict:
+    """Inductor settings for our forward and backward graphs: keep our order, and with
+    ``cudagraphs`` replay each graph as a CUDA graph (cudagraph trees, what torch.compile's
+    mode="reduce-overhead" sets)."""
+    patches = dict(INDUCTOR_KEEP_ORDER)
+    if cudagraphs:
+        patches["triton.cudagraphs"] = True
+    return patches
+
+
+@dataclass(frozen=True)
+class CudagraphRecord:
+    """Whether Inductor kept CUDA graphs for one compiled graph (it declines some: CPU tensors,
+    dynamic shapes, unsupported ops), and why not."""
+
+    stage: str  # "forward" / "backward"
+    applied: bool
+    reason: str = ""
+    devices: tuple = ()
+
+
+def record_cudagraphs(compiled, kwargs, stage: str, keep: "CompiledGraphs") -> CudagraphRecord:
+    """After Inductor's per-graph compile: read whether it kept CUDA graphs (its `cudagraphs` flag,
+    which it switches off when it declines) and say so: a warning when the graph runs on a GPU
+    (the user asked and does not get it), an info line on CPU (nothing to capture)."""
+    flag = kwargs.get("cudagraphs")
+    applied = bool(flag) if flag is not None else False
+    reason = "" if applied else str(getattr(compiled, "disabled_cudagraphs_reason", "") or "not reported by Inductor")
+    devices = tuple(sorted(getattr(compiled, "device_types", ()) or ()))
+    rec = CudagraphRecord(stage, applied, reason, devices)
+    keep.cudagraphs.append(rec)
+    if not applied:
+        (log.warning if "cuda" in devices else log.info)(
+            "oases_fx: cudagraphs=True but Inductor runs the %s graph without CUDA graphs: %s", stage, reason)
+    return rec
+
+
 def _fences(scheduler) -> list:
     """Positions (in Inductor's node order, which is ours) of collective issues and waits."""
     got = getattr(scheduler, "_oases_fences", None)
@@ -129,10 +166,15 @@ class CompiledGraphs:
     forward: list = field(default_factory=list)
     backward: list = field(default_factory=list)
     records: list = field(default_factory=list)
+    cudagraphs: list = field(default_factory=list)  # CudagraphRecord per compiled graph (cudagraphs=True)
 
 
-def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False, keep: CompiledGraphs):
-    """A torch.compile backend: dynamo graph -> AOTAutograd -> our passes -> Inductor / aot_eager."""
+def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False, keep: CompiledGraphs,
+                 cudagraphs: bool = False):
+    """A torch.compile backend: dynamo graph -> AOTAutograd -> our passes -> Inductor / aot_eager.
+    ``cudagraphs``: Inductor replays each compiled graph as a CUDA graph (inductor only)."""
+    if cudagraphs and backend != "inductor":
+        raise OasesError(f"cudagraphs=True needs backend='inductor', not {backend!r}")
 
     def apply(gm, is_backward):
         passes = bw_passes if is_backward else fw_passes
@@ -163,11 +205,16 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
     def inner_compile(gm, example_inputs, **kwargs):
         # Called for the forward and, lazily at the first backward(), the backward graph: the
         # fusion fence is installed here so it covers both.
-        gm = apply(gm, bool(kwargs.get("is_backward", False)))
+        is_backward = bool(kwargs.get("is_backward", False))
+        gm = apply(gm, is_backward)
         if choices_cls is None:
-            return inner(gm, example_inputs, **kwargs)
-        with _compat.inductor_choices_handler(choices_cls()):
-            return inner(gm, example_inputs, **kwargs)
+            out = inner(gm, example_inputs, **kwargs)
+        else:
+            with _compat.inductor_choices_handler(choices_cls()):
+                out = inner(gm, example_inputs, **kwargs)
+        if cudagraphs:
+            record_cudagraphs(out, kwargs, "backward" if is_backward else "forward", keep)
+        return out
 
     def inductor_backend(gm, example_inputs):
         # No AOTAutograd cache: a hit returns compiled forward/backward code without calling our
@@ -175,7 +222,9 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
         # schedule options); Inductor's own FX graph cache still applies, keyed on our output.
         with _compat.no_autograd_cache():
             return _compat.inductor_compile_fx(gm, example_inputs, inner_compile=inner_compile,
-                                               config_patches=INDUCTOR_KEEP_ORDER)
+                                               config_patches=patches)
+
+    patches = inductor_config_patches(cudagraphs=cudagraphs)
 
     return inductor_backend
 

@@ -40,6 +40,13 @@ class CompileConfig:
     """Check that the TMP ranks of a group were given the same batch (a checksum gathered over the
     mesh, oases_fx.agreement): "first" (default: the first call of each compiled program), "every"
     (every call; a debug setting, one small all_gather_object per step) or "off"."""
+    cudagraphs: bool = False
+    """Replay the compiled forward and backward as CUDA graphs (Inductor's cudagraph trees, the
+    same as torch.compile's mode="reduce-overhead"): the host issues one graph launch per graph
+    instead of every kernel. backend="inductor" only. A graph Inductor declines (CPU tensors, ...)
+    runs without; explain() and a logged warning say which and why. As with reduce-overhead, the
+    outputs (gradients too) live in the graphs' memory: set gradients to None between steps
+    (optimizer.zero_grad()) and clone an output kept past the next call."""
 
     def __post_init__(self):
         if self.profile not in ("measure", "analytical"):
@@ -55,3 +62,8 @@ class CompileConfig:
             raise ValueError(f"check_inputs={self.check_inputs!r}: expected 'first', 'every' or 'off'")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.cudagraphs and self.backend != "inductor":
+            from oases_fx.errors import OasesError
+
+            raise OasesError(f"cudagraphs=True needs backend='inductor' (got {self.backend!r}): CUDA graphs are "
+                             "captured from Inductor's generated code. Fix: backend='inductor', or cudagraphs=False.")
