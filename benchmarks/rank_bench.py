@@ -321,10 +321,22 @@ def profile_summary(step, batch, device, steps: int = 3) -> dict:
         fam[f] = (c + ev.count / steps, t + dev_us / steps)
         top.append((dev_us / steps, ev.count / steps, ev.key[:90]))
     top.sort(reverse=True)
+    # Who launched each kernel (the CPU op and two of its ancestors): tells an eager ATen kernel
+    # launched by autograd outside the compiled graphs from one inside them.
+    launched = {}
+    for ev in prof.events():
+        for kern in getattr(ev, "kernels", ()) or ():
+            chain, e = [], ev
+            while e is not None and len(chain) < 3:
+                chain.append(e.name[:60])
+                e = getattr(e, "cpu_parent", None)
+            launched.setdefault(kern.name[:90], {}).setdefault(" <- ".join(chain), 0)
+            launched[kern.name[:90]][" <- ".join(chain)] += 1
     return {"families": {f: {"kernels": round(c, 1), "us": round(t, 1)} for f, (c, t) in sorted(fam.items())},
             "kernels_per_step": round(sum(c for c, _ in fam.values()), 1),
             "busy_us_per_step": round(sum(t for _, t in fam.values()), 1),
-            "top": [{"us": round(t, 1), "count": round(c, 1), "name": n} for t, c, n in top[:25]]}
+            "top": [{"us": round(t, 1), "count": round(c, 1), "name": n,
+                     "from": max(launched.get(n, {"?": 0}).items(), key=lambda kv: kv[1])[0]} for t, c, n in top[:30]]}
 
 
 def run_case(case: Case, device: torch.device) -> dict:
@@ -354,10 +366,29 @@ def run_case(case: Case, device: torch.device) -> dict:
             row["profile"] = profile_summary(step, batch, device)
     row.update(step_ms=round(statistics.median(dev), 3), step_ms_min=round(min(dev), 3),
                step_ms_max=round(max(dev), 3), host_ms=round(statistics.median(host), 3), loss=loss)
-    extra = getattr(module, "rank_bench_notes", None)
-    if callable(extra):
-        row["notes"] = extra()
+    if case.options.get("cudagraphs") and hasattr(module, "explain"):
+        row["cudagraphs"] = [ln for ln in module.explain().splitlines() if ln.startswith("CUDA graphs")]
     return row
+
+
+def check_cudagraphs(case: Case, device: torch.device) -> dict:
+    """One process, one fake world: the same model and batch compiled with cudagraphs off and on;
+    the loss and every gradient after one step, compared bit for bit (and the largest difference)."""
+    got = []
+    for on in (False, True):
+        c = replace(case, options=dict(case.options, cudagraphs=on))
+        step, module, _ = build(c, device)
+        batch = make_batch(c, device)
+        for _ in range(3):  # the third step replays the captured graphs
+            loss = step(*batch)
+        grads = [p.grad.detach().float().clone() for p in module.parameters() if p.grad is not None]
+        got.append((loss.detach().float().clone(), grads))
+        del step, module
+    (l0, g0), (l1, g1) = got
+    diffs = [float((a - b).abs().max()) for a, b in zip(g0, g1)]
+    return dict(key=case.key(), loss_equal=bool(torch.equal(l0, l1)), loss_off=float(l0), loss_on=float(l1),
+                grads=len(g0), grads_equal=sum(bool(torch.equal(a, b)) for a, b in zip(g0, g1)),
+                max_grad_diff=max(diffs) if diffs else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +434,28 @@ def grid_baseline():
 
 
 GRIDS["baseline"] = grid_baseline
+
+
+def grid_run2():
+    """CUDA graphs before/after (same run), the baseline cases the first run lost, profiles."""
+    cases = [Case(system="oases", tp=2, hidden=2048, layers=2, k=k, trace=True, label="trace", steps=10,
+                  options=dict(cudagraphs=cg)) for k in (1, 2) for cg in (False, True)]
+    for h in (1024, 2048):
+        cases.append(Case(system="torch_compile", tp=2, hidden=h, layers=2))
+        cases.append(Case(system="torch_compile", tp=2, hidden=h, layers=2, options=dict(mode="reduce-overhead")))
+        cases += [Case(system="oases", tp=2, hidden=h, layers=2, k=k, options=dict(cudagraphs=cg))
+                  for k in (1, 2, 4) for cg in (False, True)]
+    cases += [Case(system="oases", tp=2, hidden=2048, layers=2, k=k, collectives="fake", options=dict(cudagraphs=True))
+              for k in (2, 4)]
+    cases += _oases_and_ref((2,), (4096,), (1, 2, 4), ("none",), ("skip",), _layers)
+    cases += [Case(system="oases", tp=4, hidden=h, layers=2, k=k) for h in (4096, 1024) for k in (1, 2, 4)]
+    cases += [Case(system="oases", tp=2, hidden=4096, layers=2, k=k, recompute=rc)
+              for rc in ("fine", "full") for k in (1, 2, 4)]
+    cases += _oases_and_ref((2,), (8192,), (1, 2, 4), ("none",), ("skip",), _layers)
+    return cases
+
+
+GRIDS["run2"] = grid_run2
 
 
 def grid_tiny():
@@ -553,6 +606,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=1e9, help="launch no new case after this many seconds")
     p.add_argument("--case-timeout-s", type=float, default=300)
     p.add_argument("--out", default=None, help="results folder: results.json, table.md, cases.log")
+    p.add_argument("--check-cudagraphs", default=None,
+                   help="JSON Case fields: compare loss and gradients with cudagraphs off and on (one process)")
     p.add_argument("--only", default="", help="comma-separated substrings: keep cases whose key has all of them")
     return p.parse_args(argv)
 
@@ -560,6 +615,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.check_cudagraphs is not None:
+        print("CHECK " + json.dumps(check_cudagraphs(Case(**json.loads(args.check_cudagraphs)), device)), flush=True)
+        return 0
     if args.case is not None:
         case = Case(**json.loads(args.case))
         try:
