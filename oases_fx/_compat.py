@@ -130,3 +130,48 @@ def fake_mode_of(tensors):
     from torch._subclasses.fake_tensor import FakeTensor
 
     return next((t.fake_mode for t in tensors if isinstance(t, FakeTensor)), None)
+
+
+# --- DTensor at the parameter boundary (oases_fx.boundary) ----------------------------------------
+def strided_shard(dim: int, split_factor: int):
+    """DTensor's _StridedShard(dim, split_factor): a rank holds chunk r of each of `split_factor`
+    equal pieces of `dim` (the layout of a fused q/k/v weight sharded per piece). Private in 2.11 and 2.13."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return _StridedShard(dim, split_factor=split_factor)
+
+
+def is_strided_shard(placement) -> bool:
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return isinstance(placement, _StridedShard)
+
+
+def dtensor_with_spec(local: torch.Tensor, spec):
+    """A DTensor over `local` with an existing DTensorSpec, no checks and no autograd node: DTensor's
+    own internal constructor (what from_local ends in), used per step for gradients."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor(local, spec, requires_grad=False)
+
+
+def local_of(dt) -> torch.Tensor:
+    """The DTensor's local tensor itself (not a view, no autograd)."""
+    return dt._local_tensor
+
+
+def queue_backward_callback(fn) -> None:
+    """Run `fn` once when the current backward pass ends (what DDP's reducer uses)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def unflatten_mesh_dim(mesh, dim: int, sizes, names):
+    """DeviceMesh._unflatten (private): split one mesh dim into several (for regions of TMP degree d < tp:
+    (tp/d replicas, d shards))."""
+    if not hasattr(mesh, "_unflatten"):
+        from oases_fx.errors import OasesError
+
+        raise OasesError(f"torch {torch.__version__} has no DeviceMesh._unflatten: parameters of regions below the "
+                         "full TMP degree cannot be DTensors here. Fix: use plan='megatron' (every region at full "
+                         "degree) or torch >= 2.13.")
+    return mesh._unflatten(dim, tuple(sizes), tuple(names))

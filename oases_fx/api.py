@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from oases_fx import agreement
 from oases_fx import backend as _backend
+from oases_fx import boundary as _boundary_mod
 from oases_fx import generation as _generation
 from oases_fx import loading as _loading
 from oases_fx.config import CompileConfig
@@ -133,13 +134,8 @@ class OasesModule(nn.Module):
         self.__dict__["_cfg"] = cfg
         self.__dict__["_programs"] = {example_key: program}
         self.plan = plan
-        gm = program.gm
-        for name, child in gm.named_children():
-            self.add_module(name, child)
-        for name, p in gm.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in gm.named_buffers(recurse=False):
-            self.register_buffer(name, b)
+        # parameters: DTensors on the "tp" axis sharing the compiled program's plain shards (oases_fx.boundary)
+        self.__dict__["_boundary"] = _boundary_mod.Boundary(self, program.gm, mesh, info)
         self._hooks = []
         if info.dp_group is not None:
             self._install_dp_grad_averaging()
@@ -182,7 +178,7 @@ class OasesModule(nn.Module):
             raise
 
     def _apply(self, fn, recurse=True):  # .to(dtype), .half(), .bfloat16(), .to(device): oases_fx.generation
-        return _generation.convert_compiled(self, fn, lambda f: super(OasesModule, self)._apply(f, recurse))
+        return _generation.convert_compiled(self, fn, lambda f: self._boundary.apply(f, self))  # DTensors re-wrapped
 
     # --- introspection ----------------------------------------------------------------------
     @property
@@ -255,13 +251,12 @@ class OasesModule(nn.Module):
     # --- checkpoints ------------------------------------------------------------------------
     def full_state_dict(self) -> dict:
         """Unsharded tensors under the original model's state_dict keys (collective: call on all ranks)."""
-        return self._gather_full({k: t.detach() for k, t in self.state_dict().items()})
+        return self._gather_full({k: t.detach() for k, t in self._boundary.local_state_dict().items()})
 
     def full_grads(self) -> dict:
         """Unsharded gradients under the original parameter names (collective: call on all ranks).
         Parameters without a gradient map to None."""
-        grads = {k: p.grad for k, p in self.named_parameters()}
-        return self._gather_full(grads)
+        return self._gather_full(self._boundary.local_grads())
 
     def _gather_full(self, named: dict) -> dict:
         info = self._info
@@ -285,7 +280,7 @@ class OasesModule(nn.Module):
         info = self._info
         m = graph_meta(self.graphs.gm)
         sharded, degree = m.sharded_params, m.param_degree
-        own = self.state_dict(keep_vars=True)
+        own = self._boundary.local_state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
         if missing or unexpected:
@@ -302,15 +297,14 @@ class OasesModule(nn.Module):
 
     # --- data parallel ----------------------------------------------------------------------
     def _install_dp_grad_averaging(self):
-        info = self._info
+        """dp axis: gradients averaged over "dp" at the end of each backward, bucketed (oases_fx.boundary)."""
+        self._boundary.dp_enabled = True
 
-        def hook(p):
-            dist.all_reduce(p.grad, group=info.dp_group)
-            p.grad.div_(info.dp)
+    def no_sync(self):
+        """Context manager (as DDP's): backward passes inside accumulate gradients without the dp all-reduce;
+        the first backward outside reduces the accumulated gradient."""
+        return self._boundary.no_sync()
 
-        for p in self.parameters():
-            if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
 
 def _input_key(args, kwargs, training):
@@ -439,7 +433,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
     gm = _backend.run_passes(gm, torch_passes(info, plan, cfg, grad_inputs, batch_size), disabled=cfg.disabled_passes,
                              debug=cfg.debug, stage="torch")
     if bind_to is not None:  # a new variant shares the existing shards (the optimizer holds them)
-        for name, p in bind_to.named_parameters(remove_duplicate=False):  # every name of a tied table
+        for name, p in bind_to._boundary.local_tensors().items():  # plain shards, tied names too
             _rebind(gm, name, p)
         for name, b in bind_to.named_buffers():
             _rebind(gm, name, b)

@@ -184,8 +184,7 @@ def guard_if_meta(module, meta_init: bool):
     """Attach the LoadGuard to a module compiled from the meta device (returns the module)."""
     if meta_init:
         names = graph_meta(module.graphs.gm).allocated
-        own = dict(module.named_parameters(remove_duplicate=False))
-        own.update(module.named_buffers(remove_duplicate=False))
+        own = module._boundary.local_tensors()  # the plain shards (the DTensor parameters wrap them; oases_fx.boundary)
         module.__dict__["_load_guard"] = LoadGuard({n: own[n] for n in names if n in own})
     return module
 
@@ -347,7 +346,7 @@ def load_pretrained(module, folder, *, strict: bool = True) -> LoadReport:
     folder = Path(folder)
     files = _checkpoint_files(folder)
     layout = shard_layout(module)
-    own = module.state_dict(keep_vars=True)
+    own = module._boundary.local_state_dict()  # plain shards under the state_dict keys (oases_fx.boundary)
     by_id = {}
     for key, t in own.items():
         by_id.setdefault(id(t), []).append(key)

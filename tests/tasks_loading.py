@@ -82,7 +82,7 @@ def meta_load_matches(rank, world_size, *, kind, folder, batch, seq, vocab, how=
         if rank != 0:
             return None
         return out
-    local_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in m.state_dict(keep_vars=True).values()}.values())
+    local_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in m._boundary.local_state_dict().values()}.values())  # this rank's shards
     reset = _peak_rss_reset()
     rss0 = _status_kib("VmRSS")
     if how == "hf":

@@ -1,0 +1,356 @@
+"""DTensor parameters at the boundary, plain local tensors inside.
+
+The compiled program reads and writes this rank's shards as plain tensors (what it was traced and
+compiled against). What the user touches -- ``model.parameters()``, ``named_parameters()``,
+``state_dict()``, the gradients the optimizer reads -- are DTensors on the mesh's "tp" axis that wrap
+the *same storage*, so torch's own functions see the global tensor:
+
+    compiled program:  plain shard  W_r            (an nn.Parameter of the traced GraphModule)
+    user / optimizer:  DTensor(W_r, mesh["tp"], placement, global shape)   same storage, no copy
+
+Placements, per parameter (``gm.meta["oases"]``: ``sharded_params``, ``param_degree``):
+
+* not sharded                            -> Replicate()
+* sharded along ``dim``                  -> Shard(dim)
+* fused pieces (q/k/v) sharded per piece -> _StridedShard(dim, split_factor=#pieces): rank r holds
+  chunk r of every piece, which is exactly DTensor's strided layout (equal pieces only)
+* region of TMP degree d < tp            -> (Replicate(), Shard(dim)) on the tp axis unflattened to
+  (tp/d, d): tp ranks [c*d, (c+1)*d) hold shards 0..d-1
+
+Gradients: autograd accumulates into the plain parameter's ``.grad`` (one compiled backward node
+produces them all); a post-accumulate-grad hook on the plain parameter moves that tensor into the
+DTensor's ``.grad`` -- wrapped without copy when the DTensor has no gradient (zero_grad(set_to_none=True),
+the default), added in place when it has one (accumulation, zero_grad(set_to_none=False)) -- and sets the
+plain ``.grad`` to None, so nothing is ever accumulated twice. Per step and parameter this is one Python
+hook and either one DTensor wrapper (DTensor's internal constructor with the parameter's cached spec) or
+the same in-place add autograd itself would have done.
+
+Data parallelism ("dp" axis): after the accumulation, the hook queues the gradient; one callback at the
+end of the backward (torch's engine, as DDP's reducer) flattens the queued gradients into buckets of
+``BUCKET_BYTES``, starts one all-reduce per bucket (all asynchronous, then waited in order), divides by
+dp and copies back. ``module.no_sync()`` skips it (accumulation without traffic); the next synchronised
+backward reduces the accumulated gradient (exact: what was reduced before is identical on every dp rank).
+
+State dicts and DCP: DCP describes a rank's data as one rectangular chunk per tensor, which the strided
+layout is not. So ``state_dict()`` returns, for a strided parameter, a Shard(dim) DTensor (a copy made
+by redistribution, at checkpoint time only); ``load_state_dict`` redistributes it back. The optimizer's
+moments of such a parameter are DTensors with the strided placement too: the first ``step()`` of any
+optimizer holding one (also the step get_state_dict/set_state_dict take to initialise the state)
+registers the same two conversions on that optimizer's ``state_dict`` / ``load_state_dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from oases_fx import _compat
+from oases_fx.errors import OasesError
+
+BUCKET_BYTES = 25 * 2**20
+"""dp gradient bucket size (DDP's default bucket_cap_mb=25)."""
+
+
+class _Shell(nn.Module):
+    """One submodule path of the original model; holds its DTensor parameters and plain buffers."""
+
+
+class _Entry:
+    __slots__ = ("names", "plain", "param", "strided", "contiguous", "__weakref__")
+
+    def __init__(self, names, plain, param, strided, contiguous):
+        self.names, self.plain, self.param = names, plain, param
+        self.strided = strided  # the placements are strided (needs a conversion for DCP)
+        self.contiguous = contiguous  # the DCP-compatible placements of the same tensor (== param's if not strided)
+
+
+def tp_mesh(mesh):
+    """The 1-D "tp" DeviceMesh of this rank (the mesh itself when it is 1-D)."""
+    names = tuple(mesh.mesh_dim_names or ())
+    return mesh if len(names) == 1 else mesh["tp"]
+
+
+def _contiguous_stride(shape):
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
+class Boundary:
+    """Registers DTensor parameters (and the plain buffers) on `module`, mirroring the traced
+    GraphModule's names; owns the gradient hooks and the dp reduction."""
+
+    def __init__(self, module: nn.Module, gm, mesh, info):
+        self.info = info
+        self.mesh = tp_mesh(mesh)
+        self.sync = True
+        self._pending: list = []
+        self._queued = False
+        self.dp_enabled = False
+        m = gm.meta["oases"]
+        sharded, degree = m.get("sharded_params", {}), m.get("param_degree", {})
+        self._sub_meshes = {}
+        self.entries: dict = {}  # id(plain parameter) -> _Entry
+        self.by_name: dict = {}  # every parameter name (tied aliases too) -> _Entry
+        for name, plain in gm.named_parameters(remove_duplicate=False):
+            e = self.entries.get(id(plain))
+            if e is None:
+                e = self._make(name, plain, sharded.get(name), degree.get(name, info.tp))
+                self.entries[id(plain)] = e
+            e.names.append(name)
+            self.by_name[name] = e
+            _shell(module, name).register_parameter(name.rpartition(".")[2], e.param)
+        self.buffers = dict(gm.named_buffers(remove_duplicate=False))
+        persistent = _persistent_buffer_names(gm)
+        for name, b in self.buffers.items():
+            _shell(module, name).register_buffer(name.rpartition(".")[2], b, persistent=name in persistent)
+        self.keys = list(module.state_dict(keep_vars=True))
+        self._hooks = [e.plain.register_post_accumulate_grad_hook(self._grad_hook(e))
+                       for e in self.entries.values() if e.plain.requires_grad]
+        if any(e.strided for e in self.entries.values()):
+            module.register_state_dict_post_hook(lambda *a: self._state_dict_post_hook(*a))  # functions, not methods
+            module.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict_pre_hook(*a))
+            for e in self.entries.values():
+                if e.strided:
+                    _STRIDED[id(e.param)] = weakref.ref(e)
+            _install_optimizer_hook()
+
+    # --- construction -------------------------------------------------------------------------
+    def _make(self, name, plain, spec, d):
+        info = self.info
+        if spec is None:
+            mesh, placements, full_shape, contiguous = self.mesh, (Replicate(),), tuple(plain.shape), None
+        else:
+            dim, pieces, full_shape = spec
+            full_shape = tuple(full_shape)
+            if pieces and len(set(pieces)) > 1:
+                raise OasesError(
+                    f"{name}: a fused weight of unequal pieces {list(pieces)} along dim {dim} (grouped-query q/k/v?) has "
+                    "no DTensor placement DCP can describe. Fix: keep q, k and v as separate nn.Linear layers, or "
+                    "exclude this block from sharding.")
+            shard = (_compat.strided_shard(dim, len(pieces)) if pieces and len(pieces) > 1 else Shard(dim))
+            if d < info.tp:
+                mesh, placements = self._sub_mesh(d), (Replicate(), shard)
+                contiguous = (Replicate(), Shard(dim))
+            else:
+                mesh, placements, contiguous = self.mesh, (shard,), (Shard(dim),)
+        strided = any(_compat.is_strided_shard(p) for p in placements)
+        local = plain.detach()  # shares storage and version counter with the compiled program's tensor
+        dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(full_shape),
+                                stride=_contiguous_stride(full_shape))
+        expect = _local_shape(dt)
+        if tuple(expect) != tuple(plain.shape):
+            raise OasesError(f"{name}: this rank's shard has shape {tuple(plain.shape)} but the DTensor layout "
+                             f"{placements} of {full_shape} gives {tuple(expect)} (uneven split?).")
+        param = nn.Parameter(dt, requires_grad=plain.requires_grad)
+        if _compat.local_of(param).data_ptr() != plain.data_ptr():
+            raise AssertionError(f"{name}: the DTensor parameter does not share the compiled program's storage")
+        return _Entry([], plain, param, strided, contiguous)
+
+    def _sub_mesh(self, d):
+        if d not in self._sub_meshes:
+            n = self.info.tp // d
+            self._sub_meshes[d] = _compat.unflatten_mesh_dim(self.mesh, 0, (n, d), (f"tp_rep{d}", f"tp_shard{d}"))
+        return self._sub_meshes[d]
+
+    # --- gradients ----------------------------------------------------------------------------
+    def _grad_hook(self, e: _Entry):
+        param = e.param
+
+        def hook(plain):
+            g = plain.grad
+            plain.grad = None
+            cur = param.grad
+            if cur is None:
+                param.grad = cur = _compat.dtensor_with_spec(g, param._spec)
+            else:
+                _compat.local_of(cur).add_(g)
+            if self.dp_enabled and self.sync:
+                self._pending.append(_compat.local_of(cur))
+                if not self._queued:
+                    self._queued = True
+                    _compat.queue_backward_callback(self._reduce_dp)
+
+        return hook
+
+    def _reduce_dp(self):
+        """End of backward: average the queued gradients over the dp axis, bucketed."""
+        pending, self._pending, self._queued = self._pending, [], False
+        group, dp = self.info.dp_group, self.info.dp
+        buckets, cur, size = [], [], 0
+        for t in pending:
+            if cur and (t.dtype != cur[0].dtype or size + t.numel() * t.element_size() > BUCKET_BYTES):
+                buckets.append(cur)
+                cur, size = [], 0
+            cur.append(t)
+            size += t.numel() * t.element_size()
+        if cur:
+            buckets.append(cur)
+        flats = [torch.cat([t.reshape(-1) for t in b]) for b in buckets]
+        works = [dist.all_reduce(f, group=group, async_op=True) for f in flats]
+        for b, f, w in zip(buckets, flats, works):
+            w.wait()
+            f.div_(dp)
+            off = 0
+            for t in b:
+                t.copy_(f[off:off + t.numel()].view_as(t))
+                off += t.numel()
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        was, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = was
+
+    # --- .to(dtype) / .half() after compile (OasesModule._apply) -----------------------------------
+    @torch.no_grad()
+    def apply(self, fn, module) -> None:
+        """Convert the plain shards in place (the compiled program's Parameter objects stay), re-wrap each
+        DTensor parameter around its converted shard (the same Parameter object, so an optimizer built
+        before keeps it: torch.utils.swap_tensors) and convert the buffers."""
+        for e in self.entries.values():
+            new = fn(e.plain)
+            if new is e.plain:
+                continue
+            e.plain.data = new
+            dt = DTensor.from_local(e.plain.detach(), e.param.device_mesh, e.param.placements, run_check=False,
+                                    shape=e.param.shape, stride=e.param.stride())
+            torch.utils.swap_tensors(e.param, nn.Parameter(dt, requires_grad=e.plain.requires_grad))
+        for name, b in list(self.buffers.items()):
+            nb = fn(b)
+            if nb is not b:
+                self.buffers[name] = nb
+                _shell(module, name)._buffers[name.rpartition(".")[2]] = nb
+
+    # --- plain views for oases_fx's own code -----------------------------------------------------
+    def local_state_dict(self) -> dict:
+        """state_dict() with the plain local tensors (the compiled program's own) in place of the DTensors:
+        same keys, same order (tied names and persistent buffers included)."""
+        return {k: (self.by_name[k].plain if k in self.by_name else self.buffers[k]) for k in self.keys}
+
+    def local_tensors(self) -> dict:
+        """{name: plain tensor} of every parameter name (tied aliases too) and every buffer (for rebinding)."""
+        out = {name: e.plain for name, e in self.by_name.items()}
+        out.update(self.buffers)
+        return out
+
+    def local_grads(self) -> dict:
+        """{parameter name: local gradient or None} (deduplicated as named_parameters())."""
+        out, seen = {}, set()
+        for name, e in self.by_name.items():
+            if id(e) in seen:
+                continue
+            seen.add(id(e))
+            g = e.param.grad
+            out[name] = None if g is None else _compat.local_of(g)
+        return out
+
+    # --- state dicts: strided placements <-> Shard for DCP --------------------------------------
+    def _state_dict_post_hook(self, module, state_dict, prefix, local_metadata):
+        for name, e in self.by_name.items():
+            key = prefix + name
+            v = state_dict.get(key)
+            if e.strided and isinstance(v, DTensor) and not isinstance(v, nn.Parameter):  # keep_vars=False
+                state_dict[key] = v.redistribute(v.device_mesh, e.contiguous)
+
+    def _load_state_dict_pre_hook(self, module, state_dict, prefix, *args):
+        for name, e in self.by_name.items():
+            v = state_dict.get(prefix + name)
+            if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
+                state_dict[prefix + name] = v.redistribute(e.param.device_mesh, e.param.placements)
+
+
+def _local_shape(dt):
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)[0]
+
+
+def _persistent_buffer_names(gm) -> set:
+    out = set()
+    for mod_name, mod in gm.named_modules(remove_duplicate=False):
+        for leaf in mod._buffers:
+            if leaf not in mod._non_persistent_buffers_set:
+                out.add(f"{mod_name}.{leaf}" if mod_name else leaf)
+    return out
+
+
+def _shell(module: nn.Module, fqn: str) -> nn.Module:
+    """The (created on demand) container module at `fqn`'s parent path."""
+    mod = module
+    path = fqn.rpartition(".")[0]
+    for part in path.split(".") if path else ():
+        child = mod._modules.get(part)
+        if child is None:
+            child = _Shell()
+            mod.add_module(part, child)
+        mod = child
+    return mod
+
+
+# --- optimizers holding strided parameters ------------------------------------------------------
+_STRIDED: dict = {}  # id(DTensor parameter) -> weakref to its _Entry
+_CHECKED = weakref.WeakKeyDictionary()  # optimizers already looked at
+_HOOK = []
+
+
+def _install_optimizer_hook():
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _HOOK.append(register_optimizer_step_pre_hook(_on_optimizer_step))
+
+
+def _entries_by_index(opt):
+    """{state index: _Entry} as Optimizer.state_dict numbers the parameters."""
+    out, start, seen = {}, 0, set()
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"], start):
+            if id(p) not in seen:
+                seen.add(id(p))
+                ref = _STRIDED.get(id(p))
+                e = ref() if ref is not None else None
+                if e is not None and e.param is p:
+                    out[i] = e
+        start += len(group["params"])
+    return out
+
+
+def _on_optimizer_step(opt, args, kwargs):
+    """Once per optimizer (one dict lookup per step after that): an optimizer holding a strided DTensor
+    parameter converts that parameter's state to/from Shard(dim) in state_dict / load_state_dict."""
+    if opt in _CHECKED:
+        return
+    _CHECKED[opt] = True
+    if _entries_by_index(opt):
+        opt.register_state_dict_post_hook(_optim_state_dict_post_hook)
+        opt.register_load_state_dict_pre_hook(_optim_load_state_dict_pre_hook)
+
+
+def _optim_state_dict_post_hook(opt, state_dict):
+    state = state_dict["state"]
+    for i, e in _entries_by_index(opt).items():
+        if i in state:
+            state[i] = {k: v.redistribute(v.device_mesh, e.contiguous)
+                        if isinstance(v, DTensor) and tuple(v.placements) == tuple(e.param.placements) else v
+                        for k, v in state[i].items()}
+    return state_dict
+
+
+def _optim_load_state_dict_pre_hook(opt, state_dict):
+    state = state_dict["state"]
+    for i, e in _entries_by_index(opt).items():
+        if i in state:
+            state[i] = {k: v.redistribute(e.param.device_mesh, e.param.placements)
+                        if isinstance(v, DTensor) and v.dim() > 0 and tuple(v.placements) != tuple(e.param.placements)
+                        else v for k, v in state[i].items()}
+    return state_dict

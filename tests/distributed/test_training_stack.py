@@ -1,0 +1,96 @@
+"""torch's training stack on a compiled model, against the unsharded eager model: clip_grad_norm_ and
+AdamW on model.parameters() (DTensors), DCP save/load with get_state_dict/set_state_dict (model and
+Adam moments) at the same TP, across TP degrees and to/from the unsharded model, and the dp axis
+with gradient accumulation (no_sync).
+
+Tolerances: training compares fp32 runs whose sums are reordered by sharding (see
+test_equivalence.py: ~1e-6 per step on these sizes). Adam divides by sqrt(v) + eps, which amplifies a
+gradient difference d at a gradient of size g by ~lr * d / g per step, so parameters are compared at
+atol=2e-5 per step (lr=1e-2, |g| >= ~1e-3 for most entries, plus headroom), moments at the gradient
+tolerance. The clipped norm is a sum of squares over every gradient: rtol=1e-5 (a wrong shard, a
+norm of one rank's shards only, or a replicated gradient counted tp times is off by >10%). Across
+ranks the norm must be bit-identical (torch.equal): a per-rank norm would clip ranks differently.
+DCP round trips move bytes, no arithmetic: compared with torch.equal.
+"""
+import pytest
+import torch
+
+from tests import tasks_stack
+from tests.conftest import get_pool
+
+GPT = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def _check_training(r, steps):
+    norms = r["norms"]  # (world, steps): every rank's clip_grad_norm_ result
+    for row in norms[1:]:
+        assert torch.equal(row, norms[0]), f"clip_grad_norm_ differs across ranks: {norms}"
+    torch.testing.assert_close(norms[0], r["ref_norms"], atol=0, rtol=1e-5)
+    assert r["param_types"] == ["DTensor"], r["param_types"]
+    assert r["spread"] == 0.0, f"replicated parameters differ across tp ranks by {r['spread']}"
+    assert list(r["params"]) == list(r["ref_params"])
+    for name, ref in r["ref_params"].items():
+        torch.testing.assert_close(r["params"][name], ref, atol=ATOL * steps, rtol=RTOL,
+                                   msg=lambda m: f"param {name}: {m}")
+    assert set(r["moments"]) == set(r["ref_moments"])
+    for name, st in r["ref_moments"].items():
+        for k, ref in st.items():
+            torch.testing.assert_close(r["moments"][name][k], ref, atol=ATOL, rtol=RTOL,
+                                       msg=lambda m: f"optimizer state {name}.{k}: {m}")
+    assert r["grads_none"] == r["ref_grads_none"]
+
+
+def test_adamw_clip_tp2_matches_unsharded():
+    # clip at 0.05: below every step's norm (~1), so clipping scales every step
+    r = get_pool(2).run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=4, seq=8, steps=3)[0]
+    _check_training(r, steps=3)
+
+
+def test_adamw_clip_hf_gpt2_tp4_accumulate_zero_to_zeros_matches_unsharded():
+    # HF GPT-2: Conv1D fused c_attn sharded per piece along dim 1 (_StridedShard); two micro-batches per
+    # step accumulate into the DTensor .grad; zero_grad(set_to_none=False); the for-loop AdamW
+    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
+    r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="hf_gpt2", cfg=cfg, batch=2, seq=8, steps=2, accum=2,
+                        set_to_none=False, foreach=False)[0]
+    _check_training(r, steps=2)
+
+
+def test_dp2_tp2_accumulation_no_sync_matches_unsharded():
+    # each dp rank runs 2 micro-batches of 2 per step (the first under no_sync); the reference sees all 8
+    r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=2, seq=8, steps=2, accum=2,
+                        mesh_shape=(2, 2))[0]
+    _check_training(r, steps=2)
+
+
+def _assert_equal_state(got, want):
+    assert list(got["params"]) == list(want["params"])
+    for k, v in want["params"].items():
+        assert torch.equal(got["params"][k], v), f"param {k} differs after the DCP round trip"
+    assert set(got["moments"]) == set(want["moments"])
+    for n, st in want["moments"].items():
+        for k, v in st.items():
+            assert torch.equal(got["moments"][n][k], v), f"optimizer state {n}.{k} differs after the DCP round trip"
+
+
+def test_dcp_round_trip_tp2_and_unsharded(tmp_path):
+    pool = get_pool(2)
+    kw = dict(kind="gpt", cfg=GPT, batch=4, seq=8)
+    saved = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "tp2"), **kw)[0]
+    _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), **kw)[0], saved)  # same TP
+    _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), sharded=False, **kw)[0], saved)
+    # the unsharded model's checkpoint into the compiled model
+    full = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "full"), sharded=False, **kw)[0]
+    got = pool.run(tasks_stack.dcp_load, path=str(tmp_path / "full"), **kw)[0]
+    _assert_equal_state(got, full)
+    assert "_StridedShard" in got["placements"]["transformer.h.0.attn.c_attn.weight"]  # the fused q/k/v case ran
+
+
+def test_dcp_reshards_tp2_to_tp4_and_back(tmp_path):
+    pool = get_pool(4)
+    kw = dict(kind="gpt", cfg=GPT, batch=4, seq=8)
+    # TP=2 (mesh dp=2 x tp=2: both dp replicas hold the same shards; DCP writes them once)
+    saved = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "tp2"), tp=2, **kw)[0]
+    _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), tp=4, **kw)[0], saved)
+    saved4 = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "tp4"), tp=4, **kw)[0]
+    _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp4"), tp=2, **kw)[0], saved4)

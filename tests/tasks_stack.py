@@ -1,0 +1,163 @@
+"""Rank tasks for the training-stack tests (tests/distributed/test_training_stack.py): torch's own
+clipping, optimizers, DCP and the dp axis on a compiled model, against the unsharded eager model.
+Each returns numbers for the parent to compare (nothing is compared here)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+import oases_fx
+from tests.tasks import _call, build_model
+
+
+def _mesh(world_size, mesh_shape):
+    shape = tuple(mesh_shape or (world_size,))
+    return init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp") if len(shape) == 2 else ("tp",))
+
+
+def _batch(cfg, n, seq, seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg["vocab_size"], (n, seq), generator=g)
+    tgt = torch.randint(0, cfg["vocab_size"], (n, seq), generator=g)
+    return idx, tgt
+
+
+def _compile(kind, model, mesh, idx, tgt, **kw):
+    kw.setdefault("plan", "megatron")
+    kw.setdefault("backend", "aot_eager")
+    if kind == "gpt":
+        return oases_fx.compile(model, mesh, example_inputs=(idx, tgt), verbose=False, **kw)
+    return oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=tgt), verbose=False, **kw)
+
+
+def _full_optim_state(model, opt) -> dict:
+    """{fqn: {state key: full tensor}} of an optimizer over `model`'s parameters (DTensors gathered)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for p, st in opt.state.items():
+        out[names[id(p)]] = {k: (v.full_tensor() if isinstance(v, DTensor) else v.clone()) for k, v in st.items()}
+    return out
+
+
+def _replica_spread(model, info) -> float:
+    """Largest difference of a Replicate parameter's local tensor across the tp ranks (0.0 = identical)."""
+    worst = 0.0
+    for _, p in model.named_parameters():
+        loc = p.to_local().detach().contiguous()
+        others = [torch.empty_like(loc) for _ in range(info.tp)]
+        dist.all_gather(others, loc, group=info.tp_group)
+        if all(pl.is_replicate() for pl in p.placements):
+            worst = max(worst, max((o - loc).abs().max().item() for o in others))
+    return worst
+
+
+def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_shape=None, accum=1,
+                     max_norm=0.05, set_to_none=True, foreach=True, fused=False, k=1):
+    """AdamW + torch.nn.utils.clip_grad_norm_ on model.parameters() for `steps` steps, `accum`
+    micro-batches per step (no_sync on all but the last when there is a dp axis), on the compiled
+    model and on the unsharded eager model (which sees every dp rank's micro-batches at once)."""
+    mesh = _mesh(world_size, mesh_shape)
+    dp = mesh.size(0) if mesh.ndim == 2 else 1
+    dp_rank = mesh.get_local_rank("dp") if mesh.ndim == 2 else 0
+    ref = build_model(kind, cfg)
+    idx, tgt = _batch(cfg, batch * dp * accum * steps, seq)
+    idx, tgt = idx.view(steps, accum, dp, batch, seq), tgt.view(steps, accum, dp, batch, seq)
+    m = _compile(kind, copy.deepcopy(ref), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], num_sub_batches=k)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=foreach, fused=fused)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=foreach, fused=fused)
+    norms, ref_norms = [], []
+    for s in range(steps):
+        for a in range(accum):
+            ctx = m.no_sync() if (dp > 1 and a < accum - 1) else _null()
+            with ctx:
+                _, loss = _call(kind, m, idx[s, a, dp_rank], tgt[s, a, dp_rank])
+                (loss / accum).backward()
+            _, r_loss = _call(kind, ref, idx[s, a].reshape(dp * batch, seq), tgt[s, a].reshape(dp * batch, seq))
+            (r_loss / accum).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm))
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm))
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+        ref_opt.zero_grad(set_to_none=set_to_none)
+    norms = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms])
+    all_norms = [torch.empty_like(norms) for _ in range(world_size)]
+    dist.all_gather(all_norms, norms)
+    info = m._info
+    spread = _replica_spread(m, info)
+    full = m.full_state_dict()
+    moments = _full_optim_state(m, opt)
+    kinds = sorted({type(p).__name__ for p in m.parameters()})
+    if rank != 0:
+        return None
+    return dict(norms=torch.stack(all_norms), ref_norms=torch.stack(ref_norms), params=full,
+                ref_params=ref.state_dict(), moments=moments, ref_moments=_full_optim_state(ref, ref_opt),
+                spread=spread, param_types=kinds, ref_grads_none=all(p.grad is None for p in ref.parameters()),
+                grads_none=all(p.grad is None for p in m.parameters()))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _train(kind, model, opt, idx, tgt, steps):
+    for s in range(steps):
+        _, loss = _call(kind, model, idx[s], tgt[s])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+
+def dcp_save(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, steps=2, sharded=True):
+    """Train `steps` AdamW steps (compiled at TP=`tp` with dp = world/tp, or the unsharded model on every
+    rank when sharded=False), then get_state_dict + dcp.save to `path`. Returns the full params and moments."""
+    ref = build_model(kind, cfg)
+    idx, tgt = _batch(cfg, steps * batch, seq)
+    idx, tgt = idx.view(steps, batch, seq), tgt.view(steps, batch, seq)
+    if sharded:
+        tp = tp or world_size
+        mesh = _mesh(world_size, (world_size // tp, tp) if tp < world_size else None)
+        model = _compile(kind, ref, mesh, idx[0], tgt[0])  # every dp rank the same batch: replicas agree
+    else:
+        model = ref
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(kind, model, opt, idx, tgt, steps)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    full = model.full_state_dict() if sharded else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = _full_optim_state(model, opt)
+    return dict(params=full, moments=moments) if rank == 0 else None
+
+
+def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=True, steps_after=1):
+    """A fresh model (compiled at TP=`tp`, or unsharded on every rank) and a fresh AdamW: get_state_dict,
+    dcp.load, set_state_dict; returns the full params and moments loaded, then those after `steps_after`
+    more training steps next to an unsharded model trained the same way from the loaded state."""
+    ref = build_model(kind, dict(cfg, seed=cfg.get("seed", 0) + 7))  # other initial values: the load must overwrite them
+    idx, tgt = _batch(cfg, batch, seq, seed=99)
+    if sharded:
+        tp = tp or world_size
+        mesh = _mesh(world_size, (world_size // tp, tp) if tp < world_size else None)
+        model = _compile(kind, ref, mesh, idx, tgt)
+    else:
+        model = ref
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    full = model.full_state_dict() if sharded else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = _full_optim_state(model, opt)
+    placements = {n: str(p.placements) for n, p in model.named_parameters()} if sharded else {}
+    return dict(params=full, moments=moments, placements=placements) if rank == 0 else None
