@@ -7,6 +7,7 @@ hypothesis failure shrinks in the parent.
 """
 from __future__ import annotations
 
+import collections
 import copy
 
 import torch
@@ -48,28 +49,56 @@ def _call(kind, model, idx, tgt):
     return out.logits, out.loss
 
 
+_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
+"""Rank-side cache of compiled programs for the property tests: key -> (OasesModule, dp, dp rank).
+A program compiled for one shape is reused by every example of that shape, with the example's
+weights loaded (load_full_state_dict), so an example costs a step, not a compile."""
+_MAX_PROGRAMS = 32
+
+
+def _compiled(kind, model, mesh, idx, tgt, backend, compile_kwargs):
+    if kind == "gpt":
+        return oases_fx.compile(model, mesh, example_inputs=(idx, tgt), backend=backend, verbose=False,
+                                **compile_kwargs)
+    return oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=tgt), backend=backend,
+                            verbose=False, **compile_kwargs)
+
+
 def compare_with_reference(rank, world_size, *, kind, cfg, batch, seq, backend="aot_eager", mesh_shape=None,
-                           steps=1, compile_kwargs=None):
+                           steps=1, compile_kwargs=None, data_seed=1234, cache=False):
     """Loss, logits and every gradient (gathered) of the compiled sharded model and the unsharded
-    eager reference, for the parent to compare. With steps > 1, SGD steps are taken on both."""
+    eager reference, for the parent to compare. With steps > 1, SGD steps are taken on both.
+
+    cfg["seed"] seeds the weights, data_seed the inputs and targets. cache=True reuses the program
+    compiled for the same (kind, shapes, options) by an earlier call on this rank and loads this
+    call's weights into it, so the compiled model starts from exactly the reference's weights."""
     names = ("dp", "tp") if mesh_shape and len(mesh_shape) == 2 else ("tp",)
-    mesh = init_device_mesh("cpu", tuple(mesh_shape or (world_size,)), mesh_dim_names=names)
+    compile_kwargs = dict(compile_kwargs or {})
+    compile_kwargs.setdefault("plan", "megatron")  # shard every region (plan="auto" may replicate some)
     ref = build_model(kind, cfg)
-    model = copy.deepcopy(ref)
-    g = torch.Generator().manual_seed(1234)
-    dp = mesh.size(0) if len(names) == 2 else 1
-    dp_rank = mesh.get_local_rank("dp") if len(names) == 2 else 0
+    key = repr((kind, sorted((k, v) for k, v in cfg.items() if k != "seed"), batch, seq, backend, mesh_shape,
+                sorted(compile_kwargs.items())))
+    hit = _PROGRAMS.get(key) if cache else None
+    if hit is None:
+        mesh = init_device_mesh("cpu", tuple(mesh_shape or (world_size,)), mesh_dim_names=names)
+        dp = mesh.size(0) if len(names) == 2 else 1
+        dp_rank = mesh.get_local_rank("dp") if len(names) == 2 else 0
+    else:
+        m, dp, dp_rank = hit
+        _PROGRAMS.move_to_end(key)
+    g = torch.Generator().manual_seed(data_seed)
     idx = torch.randint(0, cfg["vocab_size"], (batch * dp, seq), generator=g)
     tgt = torch.randint(0, cfg["vocab_size"], (batch * dp, seq), generator=g)
     local = slice(dp_rank * batch, (dp_rank + 1) * batch)
-    compile_kwargs = dict(compile_kwargs or {})
-    compile_kwargs.setdefault("plan", "megatron")  # shard every region (plan="auto" may replicate some)
-    if kind == "gpt":
-        m = oases_fx.compile(model, mesh, example_inputs=(idx[local], tgt[local]), backend=backend,
-                             verbose=False, **(compile_kwargs or {}))
+    if hit is None:
+        m = _compiled(kind, copy.deepcopy(ref), mesh, idx[local], tgt[local], backend, compile_kwargs)
+        if cache:
+            _PROGRAMS[key] = (m, dp, dp_rank)
+            while len(_PROGRAMS) > _MAX_PROGRAMS:
+                _PROGRAMS.popitem(last=False)
     else:
-        m = oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx[local], labels=tgt[local]),
-                             backend=backend, verbose=False, **(compile_kwargs or {}))
+        m.load_full_state_dict(ref.state_dict())
+        m.zero_grad(set_to_none=True)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     losses, ref_losses = [], []
@@ -87,14 +116,15 @@ def compare_with_reference(rank, world_size, *, kind, cfg, batch, seq, backend="
         ref_opt.step()
     if dp > 1:  # the reference's loss is the mean over the dp ranks' losses
         ls = torch.stack(losses)
-        dist.all_reduce(ls, group=mesh.get_group("dp"))
+        dist.all_reduce(ls, group=m._info.dp_group)
         losses = list(ls / dp)
     full = m.full_state_dict()
     if rank != 0:
         return None
     logits, r_logits, grads, r_grads = last
     return dict(losses=torch.stack(losses), ref_losses=torch.stack(ref_losses), logits=logits, ref_logits=r_logits,
-                grads=grads, ref_grads=r_grads, params=full, ref_params=ref.state_dict(), explain=m.explain())
+                grads=grads, ref_grads=r_grads, params=full, ref_params=ref.state_dict(), explain=m.explain(),
+                plan=m.plan.to_dict(), cached=hit is not None)
 
 
 def expect_error(rank, world_size, *, kind, cfg, batch, seq, mesh_names=("tp",), **compile_kwargs):
@@ -306,3 +336,99 @@ def schedule_memory(rank, world_size, *, link_gb_s):
         out[stage] = dict(before=before, after=peak_live_bytes(list(gm.graph.nodes)),
                           hidden=tl.comm_hidden_us / max(tl.comm_hidden_us + tl.comm_exposed_us, 1e-9))
     return out
+
+
+class _TimesTwo(torch.autograd.Function):
+    """A custom Function whose backward is not autograd of its forward (x3 instead of x2), as a
+    straight-through or clipped-gradient trick would be: capture must not drop it silently."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 3
+
+
+class _FunctionMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(_TimesTwo.apply(torch.relu(self.fc1(x)))).sum()  # a custom Function inside the block
+
+
+def error_custom_function(rank, world_size):
+    """compile() of an MLP with a custom autograd.Function inside it: the error (type, message),
+    and the eager gradient of fc1 against autograd of the Function's forward (what capture
+    would have computed), so the test shows the error guards a real difference."""
+    torch.manual_seed(0)
+    model, x = _FunctionMLP(), torch.randn(2, 4, 16)
+    model(x).backward()
+    eager = model.fc1.weight.grad.clone()
+    model.zero_grad()
+    model.fc2(torch.relu(model.fc1(x)) * 2).sum().backward()  # the forward's ops only
+    traced_like = model.fc1.weight.grad.clone()
+    return dict(error=_error_of(model, x), grad_ratio=(eager.norm() / traced_like.norm()).item())
+
+
+class _FloatMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).sum()
+
+
+def error_bad_input(rank, world_size, *, case):
+    """The error of a float64 / meta-device input, at compile() ("compile_*") or at a call of the
+    compiled model ("call_*"), and whether a good call after it still runs."""
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    x = torch.randn(2, 4, 16)
+    bad = x.double() if case.endswith("float64") else x.to("meta")
+    try:
+        if case.startswith("compile"):
+            oases_fx.compile(_FloatMLP(), mesh, example_inputs=(bad,), backend="aot_eager", verbose=False,
+                             plan="megatron")
+            return None
+        m = oases_fx.compile(_FloatMLP(), mesh, example_inputs=(x,), backend="aot_eager", verbose=False,
+                             plan="megatron")
+        m(x).backward()
+        m(bad)
+    except Exception as e:
+        err = (type(e).__name__, str(e))
+    else:
+        return None
+    if case.startswith("call"):
+        m(x).backward()  # the module is still usable
+    return err
+
+
+FAST_LINK = dict(peak_flops=1e9, mem_bw_bytes_per_s=1e9, comm_alpha_us=1e-3, comm_bus_bw_bytes_per_s=1e15)
+"""A device model where communication is ~free next to compute (a slow chip on an ideal link):
+sharding a region halves its compute and costs nothing, so plan="auto" must shard. The CPU gloo
+measurements (and the default H100 constants at these toy sizes) make replication win instead."""
+
+
+def auto_plan_compare(rank, world_size, *, cfg, batch, seq, device=None, **compile_kwargs):
+    """compare_with_reference with plan="auto" and the analytical profile of `device`
+    (DeviceConstants fields, FAST_LINK by default), for the parent to check that the automatic
+    plan shards regions and stays exact. The planner's analytical profile is patched on this rank
+    only for the duration of the call."""
+    from unittest import mock
+
+    import oases_fx.planner as planner
+    from oases_fx.timeline import DeviceConstants
+
+    constants = DeviceConstants(group_size=world_size, **(device or FAST_LINK))
+    original = planner.analytical_profile
+    with mock.patch.object(planner, "analytical_profile",
+                           lambda model, **kw: original(model, **{"constants": constants, **kw})):
+        return compare_with_reference(rank, world_size, kind="gpt", cfg=cfg, batch=batch, seq=seq,
+                                      compile_kwargs=dict(plan="auto", profile="analytical", **compile_kwargs))

@@ -7,14 +7,20 @@ which for these sizes (contractions <= 256, values O(1), gradients O(1e-2)) stay
 absolute. We allow atol=2e-5, rtol=1e-4: an order of magnitude of headroom for the chained
 layers, and still five orders below the size of the values, so a wrong shard, a missing or
 double all-reduce (a factor of 2 or 1/tp) or a bias counted twice fails loudly.
+
+The four properties search (tests/conftest.py): 50 examples each per run, a fresh seed per run;
+each example draws a shape from the session's pool and its own weight and data seeds, and the
+ranks reuse the program compiled for that shape (tasks.compare_with_reference(cache=True)).
 """
+import itertools
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import tasks
-from tests.conftest import get_pool
+from tests.conftest import get_pool, shape_pool
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -32,59 +38,60 @@ def assert_matches(r, steps=1):
                                    msg=lambda m: f"param {name}: {m}")
 
 
-gpt_shapes = st.fixed_dictionaries(dict(
-    n_layer=st.sampled_from([1, 2]),
-    n_head=st.sampled_from([4, 8]),
-    head_dim=st.sampled_from([4, 8]),
-    seq=st.sampled_from([8, 16]),
-    batch=st.sampled_from([4, 8]),
-    bias=st.booleans(),
-    k=st.sampled_from([1, 2, 4]),
-    recompute=st.sampled_from(["none", "fine", "full"]),
-))
+def _product(**axes):
+    """Every combination of the axes' values, as dicts."""
+    return [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())]
+
+
+# The shape space (576 GPT shapes). Each session compiles a few of them, chosen by its seed
+# (conftest.shape_pool); every example draws one of those and fresh weights, inputs and targets.
+GPT_SHAPES = _product(n_layer=[1, 2], n_head=[4, 8], head_dim=[4, 8], seq=[8, 16], batch=[4, 8], bias=[False, True],
+                      k=[1, 2, 4], recompute=["none", "fine", "full"])
+HF_GPT2_SHAPES = _product(n_head=[4, 8], n_layer=[1, 2], k=[1, 2])
+HF_LLAMA_SHAPES = _product(heads=[(4, 2), (4, 4), (8, 2)], n_layer=[1, 2], k=[1, 2])
+seeds = st.integers(0, 2 ** 31 - 1)
 
 
 def _schedule(s):
     return dict(num_sub_batches=s["k"], recompute=s["recompute"])
 
 
-def _gpt_cfg(s):
+def _gpt_cfg(s, seed):
     return dict(vocab_size=64, block_size=16, n_layer=s["n_layer"], n_head=s["n_head"],
-                n_embd=s["n_head"] * s["head_dim"], bias=s["bias"])
+                n_embd=s["n_head"] * s["head_dim"], bias=s["bias"], seed=seed)
 
 
-@given(s=gpt_shapes)
-def test_plain_gpt_tp2_matches_unsharded(s):
-    r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=_gpt_cfg(s), batch=s["batch"],
-                        seq=s["seq"], steps=2, compile_kwargs=_schedule(s))[0]
+@given(s=st.sampled_from(shape_pool("gpt_tp2", GPT_SHAPES, 6)), seed=seeds, data_seed=seeds)
+def test_plain_gpt_tp2_matches_unsharded(s, seed, data_seed):
+    r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=_gpt_cfg(s, seed), batch=s["batch"],
+                        seq=s["seq"], steps=2, compile_kwargs=_schedule(s), data_seed=data_seed, cache=True)[0]
     assert_matches(r, steps=2)
 
 
-@settings(max_examples=2)
-@given(s=gpt_shapes)
-def test_plain_gpt_tp4_matches_unsharded(s):
-    r = get_pool(4).run(tasks.compare_with_reference, kind="gpt", cfg=_gpt_cfg(s), batch=s["batch"],
-                        seq=s["seq"], compile_kwargs=_schedule(s))[0]
+@given(s=st.sampled_from(shape_pool("gpt_tp4", GPT_SHAPES, 2)), seed=seeds, data_seed=seeds)
+def test_plain_gpt_tp4_matches_unsharded(s, seed, data_seed):
+    r = get_pool(4).run(tasks.compare_with_reference, kind="gpt", cfg=_gpt_cfg(s, seed), batch=s["batch"],
+                        seq=s["seq"], compile_kwargs=_schedule(s), data_seed=data_seed, cache=True)[0]
     assert_matches(r)
 
 
-@settings(max_examples=2)
-@given(n_head=st.sampled_from([4, 8]), n_layer=st.sampled_from([1, 2]), k=st.sampled_from([1, 2]))
-def test_hf_gpt2_tp2_matches_unsharded(n_head, n_layer, k):
-    cfg = dict(vocab_size=64, block_size=16, n_layer=n_layer, n_head=n_head, n_embd=8 * n_head)
-    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_gpt2", cfg=cfg, batch=4, seq=8,
-                        compile_kwargs=dict(num_sub_batches=k, recompute="fine" if k > 1 else "none"))[0]
+@given(s=st.sampled_from(shape_pool("hf_gpt2", HF_GPT2_SHAPES, 3)), seed=seeds, data_seed=seeds)
+def test_hf_gpt2_tp2_matches_unsharded(s, seed, data_seed):
+    n_head, n_layer, k = s["n_head"], s["n_layer"], s["k"]
+    cfg = dict(vocab_size=64, block_size=16, n_layer=n_layer, n_head=n_head, n_embd=8 * n_head, seed=seed)
+    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_gpt2", cfg=cfg, batch=4, seq=8, data_seed=data_seed,
+                        compile_kwargs=dict(num_sub_batches=k, recompute="fine" if k > 1 else "none"), cache=True)[0]
     assert_matches(r)
     assert "c_attn.weight S(1) interleaved" in r["explain"]  # Conv1D: (in, out) weight, fused qkv
 
 
-@settings(max_examples=3)
-@given(heads=st.sampled_from([(4, 2), (4, 4), (8, 2)]), n_layer=st.sampled_from([1, 2]), k=st.sampled_from([1, 2]))
-def test_hf_llama_gqa_tp2_matches_unsharded(heads, n_layer, k):
-    n_head, n_kv = heads
-    cfg = dict(vocab_size=64, block_size=16, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=8 * n_head)
-    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_llama", cfg=cfg, batch=4, seq=8,
-                        compile_kwargs=dict(num_sub_batches=k, recompute="fine" if k > 1 else "none"))[0]
+@given(s=st.sampled_from(shape_pool("hf_llama", HF_LLAMA_SHAPES, 3)), seed=seeds, data_seed=seeds)
+def test_hf_llama_gqa_tp2_matches_unsharded(s, seed, data_seed):
+    (n_head, n_kv), n_layer, k = s["heads"], s["n_layer"], s["k"]
+    cfg = dict(vocab_size=64, block_size=16, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=8 * n_head,
+               seed=seed)
+    r = get_pool(2).run(tasks.compare_with_reference, kind="hf_llama", cfg=cfg, batch=4, seq=8, data_seed=data_seed,
+                        compile_kwargs=dict(num_sub_batches=k, recompute="fine" if k > 1 else "none"), cache=True)[0]
     assert_matches(r)
 
 

@@ -9,7 +9,9 @@ from oases_fx.plan import Plan, RegionPlan
 from tests.unit.graphs import traced_gpt
 
 
-@given(tp=st.sampled_from([1, 2, 4]), pieces=st.sampled_from([None, (8, 8, 8), (16, 4, 4)]), dim=st.sampled_from([0, 1]))
+@given(tp=st.sampled_from([1, 2, 4]), dim=st.sampled_from([0, 1]),  # pieces: None or any split of 24 into multiples of 4
+       pieces=st.one_of(st.none(), st.integers(0, 31).map(lambda cuts: tuple(4 * (b - a) for a, b in zip(
+           [0] + [i + 1 for i in range(5) if cuts >> i & 1], [i + 1 for i in range(5) if cuts >> i & 1] + [6])))))
 def test_shard_then_unshard_is_identity(tp, pieces, dim):
     full = torch.randn(24, 24)
     shards = [shard_tensor(full, dim, r, tp, pieces) for r in range(tp)]
