@@ -34,6 +34,7 @@ from oases_fx.passes.insert_collectives import insert_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
 from oases_fx.passes.split_sub_batches import check_batch_splits, split_sub_batches_pass
 from oases_fx.passes.recompute_policy import recompute_policy_pass
+from oases_fx.passes.rng_streams import rng_streams_pass
 from oases_fx.passes.vocab_parallel import vocab_parallel_pass
 
 log = logging.getLogger("oases_fx")
@@ -359,6 +360,7 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, ba
                                               tp=info.tp, group_name=info.tp_group_name, skip=cfg.skip_collectives)),
         G("split_sub_batches", functools.partial(split_sub_batches_pass, num_sub_batches=plan.num_sub_batches,
                                                  batch_size=batch_size)),
+        G("rng_streams", functools.partial(rng_streams_pass, rank=info.tp_rank, tp=info.tp)),
         G("recompute_policy", functools.partial(recompute_policy_pass, policy=plan.recompute)),
     ]
 

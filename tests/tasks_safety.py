@@ -30,6 +30,11 @@ def _batch(b=4, t=8, seed=0, dtype=torch.long):
     return torch.randint(0, GPT_CFG["vocab_size"], (b, t), generator=g).to(dtype)
 
 
+def _local(t):
+    """A DTensor's local shard (parameters may be DTensors at the boundary), else t."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _err(fn):
     try:
         fn()
@@ -73,3 +78,87 @@ def disagree_on_batch(rank, world_size, *, check_inputs="first", second_differs=
         if got is not None:
             return got + (i,)
     return None
+
+
+# --- 2. per-shard RNG ---------------------------------------------------------------------------
+
+class DropMLP(torch.nn.Module):
+    """x -> fc1 -> dropout (sharded: between the column and the row linear) -> fc2 -> dropout
+    (replicated: after the all-reduce). With `probe=True`, fc1 = 0 with bias 1 and fc2 = identity,
+    so the first output is exactly the sharded dropout's mask (scaled by 1/(1-p)) as the row
+    linear's all-reduce assembles it from every shard's columns."""
+
+    def __init__(self, c=16, p=0.5, probe=False):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(c, c), torch.nn.Linear(c, c)
+        self.drop_mid, self.drop_out = torch.nn.Dropout(p), torch.nn.Dropout(p)
+        if probe:
+            with torch.no_grad():
+                self.fc1.weight.zero_(), self.fc1.bias.fill_(1.0)
+                self.fc2.weight.copy_(torch.eye(c)), self.fc2.bias.zero_()
+
+    def forward(self, x):
+        mid = self.fc2(self.drop_mid(self.fc1(x)))
+        return mid, self.drop_out(mid)
+
+
+def _run_drop(model, mesh, x, *, backend, recompute="none", k=1, seed=7, steps=1):
+    m = oases_fx.compile(model, mesh, example_inputs=(x,), backend=backend, verbose=False, plan="megatron",
+                         recompute=recompute, num_sub_batches=k)
+    outs = []
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        mid, out = m(x)
+        (mid.square().sum() + out.sum()).backward()
+        outs.append((mid.detach(), out.detach()))
+    return m, outs
+
+
+def dropout_masks(rank, world_size, *, backend="aot_eager", k=1):
+    """The probe model's sharded-dropout mask as each rank's output carries it (tp shards' columns
+    side by side), the replicated dropout's output, and the unsharded eager model's mask drawn from
+    the same seed."""
+    mesh = _mesh(world_size)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16)
+    ref = DropMLP(probe=True)
+    m, outs = _run_drop(copy.deepcopy(ref), mesh, x, backend=backend, k=k)
+    torch.manual_seed(7)
+    r_mid, r_out = ref(x)
+    mid, out = outs[0]
+    return dict(mid=mid, out=out, ref_mid=r_mid.detach(), ref_out=r_out.detach(), explain=m.explain())
+
+
+def dropout_runs(rank, world_size, *, backend="aot_eager", k=1):
+    """DropMLP's outputs and every gradient after 2 steps under recompute none / fine / full, twice
+    with the same seed (a fresh compile each), for the parent to compare bitwise."""
+    mesh = _mesh(world_size)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16)
+    res = {}
+    for run in (0, 1):
+        for policy in ("none", "fine", "full"):
+            torch.manual_seed(0)
+            m, outs = _run_drop(DropMLP(p=0.3), mesh, x, backend=backend, recompute=policy, k=k, steps=2)
+            res[(run, policy)] = dict(outs=outs, grads={n: _local(p.grad).clone() for n, p in m.named_parameters()})
+    return res
+
+
+def gpt_dropout_vs_unsharded(rank, world_size):
+    """GPT with dropout 0.2 (attention dropout on sharded heads, replicated residual dropout),
+    backend "eager" (the rewritten graph runs op by op on the CPU kernels the unsharded model uses):
+    loss and gathered gradients, and the unsharded eager model's, from the same seed."""
+    mesh = _mesh(world_size)
+    idx = _batch()
+    ref = _gpt(dropout=0.2, n_layer=2)
+    m = oases_fx.compile(copy.deepcopy(ref), mesh, example_inputs=(idx, idx), backend="eager", verbose=False,
+                         plan="megatron")
+    torch.manual_seed(7)
+    _, loss = m(idx, idx)
+    loss.backward()
+    torch.manual_seed(7)
+    _, r_loss = ref(idx, idx)
+    r_loss.backward()
+    grads = m.full_grads()
+    return dict(loss=loss.detach(), ref_loss=r_loss.detach(), grads=grads,
+                ref_grads={n: p.grad for n, p in ref.named_parameters()})
