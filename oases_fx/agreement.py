@@ -59,6 +59,29 @@ def model_summary(model, traced) -> str:
     return f"{type(model).__name__}, parameters {'/'.join(dtypes) or '-'}, graph {_h(traced.gm.code)}"
 
 
+def _draws_random(gm) -> bool:
+    """Whether the traced graph has random ops (dropout in training, attention dropout, rand...)."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = str(getattr(n.target, "__name__", n.target))
+        if "dropout" in name and not (len(n.args) > 2 and n.args[2] is False) and not (len(n.args) > 1 and n.args[1] == 0):
+            return True
+        if "scaled_dot_product" in name and (n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0)):
+            return True
+        if "rand" in name or "bernoulli" in name:
+            return True
+    return False
+
+
+def rng_summary(device_type: str) -> str:
+    """Digest of the default generator's state (CPU, and the accelerator's current device)."""
+    parts = [torch.get_rng_state()]
+    if device_type == "cuda" and torch.cuda.is_available():
+        parts.append(torch.cuda.get_rng_state())
+    return _h("".join(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in parts))
+
+
 def _versions() -> str:
     try:
         from importlib.metadata import version
@@ -206,6 +229,9 @@ _FIX = {
     "options": "call oases_fx.compile with the same plan, num_sub_batches, recompute and config on every rank.",
     "weights": "initialise the model identically on every rank (torch.manual_seed(same seed) before building "
                "it, or load the same checkpoint) before oases_fx.compile.",
+    "rng": "seed every TMP rank's default generator identically (torch.manual_seed(same seed) on every rank, "
+           "as Megatron requires): replicated dropout must draw the same mask on every TMP rank, and sharded "
+           "dropout draws each shard's slice of one full mask (oases_fx.rng).",
     "batch": "feed every TMP rank of a group the same batch (split data by the 'dp' rank only, seed the "
              "sampler identically on the TMP ranks).",
 }
@@ -232,6 +258,7 @@ def check_compile(mesh, info, *, model, traced, args, kwargs, cfg, plan, num_sub
         options=options_summary(cfg, plan=plan, num_sub_batches=num_sub_batches, recompute=recompute,
                                 tp=info.tp, dp=info.dp),
         weights=weights_fingerprint(model),
+        rng=rng_summary(info.device_type) if _draws_random(traced.gm) else "no random ops",
     )
     records = _gather(mesh, info, record)
     if records is None:
@@ -244,6 +271,8 @@ def check_compile(mesh, info, *, model, traced, args, kwargs, cfg, plan, num_sub
             continue  # a different model or dtype: its weights differ as a consequence
         for g, vals in _compare(records, everyone, key):
             problems.append((key, "tp' and 'dp" if info.dp > 1 else "tp", g, vals))
+    for g, vals in _compare(records, groups["tp"], "rng"):  # dp replicas may draw different masks
+        problems.append(("rng", "tp", g, vals))
     if problems:
         _raise(problems, when="before compiling (nothing was communicated but this check)")
 

@@ -57,6 +57,12 @@ def disagree_at_compile(rank, world_size, *, case):
         k, plan = (1 if rank == 0 else 2), "auto"
     elif case == "dtype_auto":
         dtype, plan = (torch.float32 if rank == 0 else torch.bfloat16), "auto"
+    elif case == "rng":  # same weights, but the generator re-seeded per rank before compile
+        model = _gpt(0, dropout=0.1)
+        torch.manual_seed(rank)
+        idx = _batch()
+        return _err(lambda: oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="eager", verbose=False,
+                                             plan="megatron"))
     elif case != "same":
         raise ValueError(case)
     model = _gpt(seed).to(dtype)

@@ -24,6 +24,12 @@ def test_ranks_seeded_differently():
     assert "c_attn.weight" in msg and "manual_seed" in msg
 
 
+def test_ranks_with_different_generator_state_and_dropout():
+    # replicated dropout would draw different masks on the TMP ranks: refused, naming the fix
+    msg = _both_raise(get_pool(2).run(T.disagree_at_compile, case="rng"), "rng")
+    assert "manual_seed" in msg and "weights" not in msg.split("Fix")[0]
+
+
 @pytest.mark.parametrize("case, what, detail", [
     ("seq_auto", "inputs", "(4, 16) int64"),       # a different sequence length on rank 1
     ("k_auto", "options", "num_sub_batches=2"),    # a different k on rank 1
