@@ -310,7 +310,10 @@ class OasesModule(nn.Module):
 
 def _input_key(args, kwargs, training):
     flat, spec = pytree.tree_flatten((args, kwargs))
-    shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in flat)
+    # what the program is traced for: shapes, and dtype, device and requires_grad (an input that needs a
+    # gradient gets Megatron f's backward all-reduce where it enters a region)
+    shapes = tuple((tuple(t.shape), t.dtype, str(t.device), t.requires_grad) if isinstance(t, torch.Tensor)
+                   else repr(t) for t in flat)
     return (bool(training), str(spec), shapes)
 
 

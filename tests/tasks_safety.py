@@ -168,3 +168,24 @@ def gpt_dropout_vs_unsharded(rank, world_size):
     grads = m.full_grads()
     return dict(loss=loss.detach(), ref_loss=r_loss.detach(), grads=grads,
                 ref_grads={n: p.grad for n, p in ref.named_parameters()})
+
+
+# --- 3. retrace key -----------------------------------------------------------------------------
+
+def input_grad_after_compile(rank, world_size, *, backend="aot_eager"):
+    """Compiled with an input that does not require grad, called with one that does: the input's
+    gradient (it enters the column linear, so it needs f's backward all-reduce) and the unsharded
+    model's; and how many programs the module holds."""
+    mesh = _mesh(world_size)
+    torch.manual_seed(0)
+    ref = DropMLP(p=0.0)
+    x = torch.randn(4, 8, 16)
+    m = oases_fx.compile(copy.deepcopy(ref), mesh, example_inputs=(x,), backend=backend, verbose=False,
+                         plan="megatron")
+    xg = x.clone().requires_grad_(True)
+    mid, out = m(xg)
+    (mid.square().sum() + out.sum()).backward()
+    xr = x.clone().requires_grad_(True)
+    r_mid, r_out = ref(xr)
+    (r_mid.square().sum() + r_out.sum()).backward()
+    return dict(grad=xg.grad, ref_grad=xr.grad, programs=len(m._programs))

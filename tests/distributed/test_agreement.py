@@ -1,6 +1,7 @@
 """Ranks that must agree are checked before anything talks: every rank raises the same
 PlanMismatchError naming what differs and which ranks (oases_fx.agreement)."""
 import pytest
+import torch
 
 from tests import tasks_safety as T
 from tests.conftest import get_pool
@@ -53,3 +54,12 @@ def test_check_every_call_catches_later_batches():
     got = get_pool(2).run(T.disagree_on_batch, second_differs=True, check_inputs="every")
     _both_raise(got, "batch")
     assert got[0][2] == 1
+
+
+def test_input_that_starts_requiring_grad_retraces_with_its_all_reduce():
+    # compiled with x.requires_grad=False, called with True: a new program (f's backward all-reduce
+    # of x's gradient where x enters the column linear); today's key ignored requires_grad
+    r = get_pool(2).run(T.input_grad_after_compile)[0]
+    assert r["programs"] == 2
+    # float32, a 16-wide MLP: sharded matmuls + one all-reduce reorder sums only (~1e-7 relative)
+    torch.testing.assert_close(r["grad"], r["ref_grad"], rtol=1e-5, atol=1e-6)
