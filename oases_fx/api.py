@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from oases_fx import agreement
+from oases_fx import analysis as _analysis
+from oases_fx import released as _released
 from oases_fx import backend as _backend
 from oases_fx import boundary as _boundary_mod
 from oases_fx import generation as _generation
@@ -29,7 +31,7 @@ from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info, with_reg
 from oases_fx.meta import graph_meta
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
-from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
+from oases_fx.passes.annotate_sharding import annotate_sharding_pass
 from oases_fx.passes.insert_collectives import insert_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
 from oases_fx.passes.split_sub_batches import check_batch_splits, split_sub_batches_pass
@@ -154,7 +156,7 @@ class OasesModule(nn.Module):
             plan = _generation.plan_for_batch(  # a batch k does not divide: the largest k that does
                 self.plan, _generation.batch_size_of(args, kwargs), _degree_splits(self.plan),
                 say=lambda msg: _say(self._cfg, msg))
-            with _materialised(self._model, next(self.parameters()).device):
+            with _released.retracing(), _materialised(self._model, next(self.parameters()).device):
                 prog = _build_program(self._model, self._info, plan, self._cfg, args, kwargs, self.training,
                                       bind_to=self)
             self._programs[key] = prog
@@ -350,6 +352,12 @@ def batch_dims(model, args, kwargs, gm) -> dict:
     return out
 
 
+def _retrace_batch_dims(model, args, kwargs, gm, training) -> dict:
+    """The fallback of oases_fx.analysis when propagation cannot decide: trace again at B+1."""
+    with _mode(model, training):
+        return batch_dims(model, args, kwargs, gm)
+
+
 def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, batch_size=None):
     """The torch-level pass list, options bound here (and only here)."""
     G = _backend.GraphPass
@@ -422,6 +430,8 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
             traced = capture(model, args, kwargs)
     gm = traced.gm
     graph_meta(gm).notes = traced.notes
+    an = _analysis.analysis_of(traced, tp=info.tp, model=model, retrace=functools.partial(
+        _retrace_batch_dims, model, args, kwargs, gm, training))
     batch_size = _batch_size(traced.flat_inputs)
     splits = _degree_splits(plan)
     if plan.num_sub_batches > 1 or splits:
@@ -430,8 +440,7 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
         missing = sorted({d for _, d, _ in splits} - set(info.subgroups))
         if missing:
             raise AssertionError(f"no subgroups for region degrees {missing}: call mesh.with_region_groups first")
-        with _mode(model, training):
-            graph_meta(gm).batch_dims = batch_dims(model, args, kwargs, gm)
+        graph_meta(gm).batch_dims = dict(an.require_batch_dims())  # a copy: passes add the nodes they make
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     grad_inputs = frozenset(n.name for n, t in zip(placeholders, traced.flat_inputs)
                             if isinstance(t, torch.Tensor) and t.requires_grad)
@@ -547,8 +556,9 @@ def compile(
     found = []
 
     def find_regions():
-        if not found:
-            found.append(find_tmp_regions(traced.gm, info.tp)[0])
+        if not found:  # the one analysis of this trace (oases_fx.analysis), read by the planner and the passes
+            found.append(_analysis.analysis_of(traced, tp=info.tp, model=model, retrace=functools.partial(
+                _retrace_batch_dims, model, args, kwargs, traced.gm, model.training)).require_regions())
         return found[0]
 
     def planner():
@@ -589,6 +599,8 @@ def compile(
     program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
     _loading.allocate_fake_tensors(program.gm)  # meta-device init: only now this rank's shards exist
     del traced  # holds the full-size parameters
+    before = list(model.parameters())
     _release_full_parameters(model, graph_meta(program.gm).sharded_params)
+    _released.guard(model, before)  # the original now raises on use (oases_fx.released)
     key = _input_key(args, kwargs, model.training)
     return _loading.guard_if_meta(OasesModule(model, mesh, info, plan, cfg, key, program), meta_init)
