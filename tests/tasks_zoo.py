@@ -1,0 +1,74 @@
+"""Rank tasks for the model zoo (tests/zoo.py): compile a family with plan="megatron" and return
+what was sharded, what was declined, and the numbers to compare with the unsharded eager model.
+Nothing is compared here (the parent compares)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+import oases_fx
+from tests import zoo
+
+
+def _regions(m):
+    gm_meta = m.graphs.gm.meta.get("oases", {})
+    regions = [(r.name, r.kind) for r in gm_meta.get("regions", [])]
+    declined = [tuple(d) if not hasattr(d, "reason") else (d.name, d.reason) for d in gm_meta.get("declined", [])]
+    return regions, declined
+
+
+def survey(rank, world_size, *, name, batch=4, seq=8):
+    """Compile only (aot_eager, no step): regions sharded and declined, or the error."""
+    fam = zoo.BY_NAME[name]
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    model = zoo.build(name)
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randint(0, zoo.VOCAB, (batch, seq), generator=g)
+    try:
+        m = oases_fx.compile(model, mesh, plan="megatron", backend="eager", verbose=False,
+                             **zoo.compile_inputs(fam, idx, idx))
+    except Exception as e:
+        return dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+    regions, declined = _regions(m)
+    return dict(regions=regions, declined=declined, num_blocks=fam.num_blocks)
+
+
+def compare(rank, world_size, *, name, batch=4, seq=8, k=1, backend="aot_eager", steps=1, compile_kwargs=None):
+    """Loss, logits, every gradient (gathered) of the compiled sharded family vs the unsharded
+    eager reference, plus the regions sharded and declined."""
+    fam = zoo.BY_NAME[name]
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = zoo.build(name)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randint(0, zoo.VOCAB, (batch, seq), generator=g)
+    tgt = torch.randint(0, zoo.VOCAB, (batch, seq), generator=g)
+    kw = dict(plan="megatron", num_sub_batches=k)
+    kw.update(compile_kwargs or {})
+    m = oases_fx.compile(model, mesh, backend=backend, verbose=False, **zoo.compile_inputs(fam, idx, tgt), **kw)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    losses, ref_losses = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        logits, loss = zoo.call(fam, m, idx, tgt)
+        loss.backward()
+        r_logits, r_loss = zoo.call(fam, ref, idx, tgt)
+        r_loss.backward()
+        losses.append(loss.detach())
+        ref_losses.append(r_loss.detach())
+        last = (logits.detach(), r_logits.detach(), m.full_grads(),
+                {k_: p.grad for k_, p in ref.named_parameters()})
+        opt.step()
+        ref_opt.step()
+    full = m.full_state_dict()
+    regions, declined = _regions(m)
+    if rank != 0:
+        return None
+    logits, r_logits, grads, r_grads = last
+    return dict(losses=torch.stack(losses), ref_losses=torch.stack(ref_losses), logits=logits, ref_logits=r_logits,
+                grads=grads, ref_grads=r_grads, params=full, ref_params=ref.state_dict(), explain=m.explain(),
+                regions=regions, declined=declined, num_blocks=fam.num_blocks)
