@@ -14,8 +14,11 @@ Placements, per parameter (``gm.meta["oases"]``: ``sharded_params``, ``param_deg
 * sharded along ``dim``                  -> Shard(dim)
 * fused pieces (q/k/v) sharded per piece -> _StridedShard(dim, split_factor=#pieces): rank r holds
   chunk r of every piece, which is exactly DTensor's strided layout (equal pieces only)
-* region of TMP degree d < tp            -> (Replicate(), Shard(dim)) on the tp axis unflattened to
-  (tp/d, d): tp ranks [c*d, (c+1)*d) hold shards 0..d-1
+* region of TMP degree 1                 -> Replicate()
+* regions of one TMP degree 1 < d < tp   -> every parameter lives on the tp axis unflattened to (tp/d, d)
+  (tp ranks [c*d, (c+1)*d) hold shards 0..d-1): degree d is (Replicate(), Shard(dim)), full degree
+  (Shard(dim), Shard(dim)) -- (c, s) holds chunk c*d + s, its tp rank --, fused pieces the strided
+  equivalents; one mesh for all, because clip_grad_norm_ stacks the per-parameter norms
 
 Gradients: autograd accumulates into the plain parameter's ``.grad`` (one compiled backward node
 produces them all); a post-accumulate-grad hook on the plain parameter moves that tensor into the
@@ -97,6 +100,8 @@ class Boundary:
         m = gm.meta["oases"]
         sharded, degree = m.get("sharded_params", {}), m.get("param_degree", {})
         self._sub_meshes = {}
+        self.notes = m.setdefault("notes", [])
+        self._layout([degree.get(n, info.tp) for n in sharded])
         self.entries: dict = {}  # id(plain parameter) -> _Entry
         self.by_name: dict = {}  # every parameter name (tied aliases too) -> _Entry
         for name, plain in gm.named_parameters(remove_duplicate=False):
@@ -123,11 +128,40 @@ class Boundary:
             _install_optimizer_hook()
 
     # --- construction -------------------------------------------------------------------------
+    def _layout(self, degrees):
+        """One mesh for every parameter (so torch's clip_grad_norm_ can stack their norms): the 1-D tp
+        axis, or with regions of one TMP degree 1 < d < tp the tp axis unflattened to (tp/d, d). Degree 1
+        is Replicate on either. Two or more such degrees: a (tp/d, d) mesh per degree (noted)."""
+        tp = self.info.tp
+        mids = sorted({d for d in degrees if 1 < d < tp})
+        self.common = None
+        if len(mids) == 1:
+            self.common = self._sub_mesh(mids[0])
+        elif len(mids) > 1:
+            self.notes.append(f"parameters of regions at TMP degrees {mids} live on different DTensor meshes: "
+                              "torch.nn.utils.clip_grad_norm_ over all of them raises (mixed meshes); use one "
+                              "degree below the full TMP degree to clip with torch's function")
+
+    def _placements(self, spec, d):
+        """(mesh, placements, DCP-compatible placements) of one parameter."""
+        tp = self.info.tp
+        mesh = self.common if self.common is not None else (self.mesh if d in (1, tp) else self._sub_mesh(d))
+        two_d = mesh.ndim == 2
+        if spec is None or d == 1:
+            rep = (Replicate(),) * mesh.ndim
+            return mesh, rep, rep
+        dim, pieces, _ = spec
+        k = len(pieces) if pieces and len(pieces) > 1 else 0
+        if not two_d:
+            return mesh, ((_compat.strided_shard(dim, k) if k else Shard(dim)),), (Shard(dim),)
+        n = mesh.size(0)
+        if d == tp:  # (c, s) holds chunk c*d + s = its tp rank
+            pl = (_compat.strided_shard(dim, k), _compat.strided_shard(dim, k * n)) if k else (Shard(dim), Shard(dim))
+            return mesh, pl, (Shard(dim), Shard(dim))
+        return mesh, (Replicate(), _compat.strided_shard(dim, k) if k else Shard(dim)), (Replicate(), Shard(dim))
+
     def _make(self, name, plain, spec, d):
-        info = self.info
-        if spec is None:
-            mesh, placements, full_shape, contiguous = self.mesh, (Replicate(),), tuple(plain.shape), None
-        else:
+        if spec is not None:
             dim, pieces, full_shape = spec
             full_shape = tuple(full_shape)
             if pieces and len(set(pieces)) > 1:
@@ -135,12 +169,9 @@ class Boundary:
                     f"{name}: a fused weight of unequal pieces {list(pieces)} along dim {dim} (grouped-query q/k/v?) has "
                     "no DTensor placement DCP can describe. Fix: keep q, k and v as separate nn.Linear layers, or "
                     "exclude this block from sharding.")
-            shard = (_compat.strided_shard(dim, len(pieces)) if pieces and len(pieces) > 1 else Shard(dim))
-            if d < info.tp:
-                mesh, placements = self._sub_mesh(d), (Replicate(), shard)
-                contiguous = (Replicate(), Shard(dim))
-            else:
-                mesh, placements, contiguous = self.mesh, (shard,), (Shard(dim),)
+        else:
+            full_shape = tuple(plain.shape)
+        mesh, placements, contiguous = self._placements(spec, d)
         strided = any(_compat.is_strided_shard(p) for p in placements)
         local = plain.detach()  # shares storage and version counter with the compiled program's tensor
         dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(full_shape),

@@ -28,7 +28,12 @@ def _batch(cfg, n, seq, seed=1234):
     return idx, tgt
 
 
-def _compile(kind, model, mesh, idx, tgt, **kw):
+def _compile(kind, model, mesh, idx, tgt, degrees=None, n_layer=None, **kw):
+    if degrees:  # per-region TMP degrees (tests.tasks_degree): parameters of degree d < tp are (Replicate, Shard)
+        from tests.tasks_degree import degree_plan
+
+        kw["plan"] = degree_plan(kind, n_layer, mesh["tp"].size() if mesh.ndim == 2 else mesh.size(),
+                                 degrees, k=kw.pop("num_sub_batches", 1))
     kw.setdefault("plan", "megatron")
     kw.setdefault("backend", "aot_eager")
     if kind == "gpt":
@@ -58,7 +63,7 @@ def _replica_spread(model, info) -> float:
 
 
 def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_shape=None, accum=1,
-                     max_norm=0.05, set_to_none=True, foreach=True, fused=False, k=1):
+                     max_norm=0.05, set_to_none=True, foreach=True, fused=False, k=1, degrees=None):
     """AdamW + torch.nn.utils.clip_grad_norm_ on model.parameters() for `steps` steps, `accum`
     micro-batches per step (no_sync on all but the last when there is a dp axis), on the compiled
     model and on the unsharded eager model (which sees every dp rank's micro-batches at once)."""
@@ -68,7 +73,8 @@ def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_s
     ref = build_model(kind, cfg)
     idx, tgt = _batch(cfg, batch * dp * accum * steps, seq)
     idx, tgt = idx.view(steps, accum, dp, batch, seq), tgt.view(steps, accum, dp, batch, seq)
-    m = _compile(kind, copy.deepcopy(ref), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], num_sub_batches=k)
+    m = _compile(kind, copy.deepcopy(ref), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], num_sub_batches=k,
+                 degrees=degrees, n_layer=cfg["n_layer"])
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=foreach, fused=fused)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=foreach, fused=fused)
     norms, ref_norms = [], []
@@ -119,7 +125,7 @@ def _train(kind, model, opt, idx, tgt, steps):
         opt.zero_grad()
 
 
-def dcp_save(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, steps=2, sharded=True):
+def dcp_save(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, steps=2, sharded=True, degrees=None):
     """Train `steps` AdamW steps (compiled at TP=`tp` with dp = world/tp, or the unsharded model on every
     rank when sharded=False), then get_state_dict + dcp.save to `path`. Returns the full params and moments."""
     ref = build_model(kind, cfg)
@@ -128,7 +134,7 @@ def dcp_save(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, steps=2,
     if sharded:
         tp = tp or world_size
         mesh = _mesh(world_size, (world_size // tp, tp) if tp < world_size else None)
-        model = _compile(kind, ref, mesh, idx[0], tgt[0])  # every dp rank the same batch: replicas agree
+        model = _compile(kind, ref, mesh, idx[0], tgt[0], degrees=degrees, n_layer=cfg["n_layer"])  # every dp rank the same batch: replicas agree
     else:
         model = ref
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -140,16 +146,16 @@ def dcp_save(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, steps=2,
     return dict(params=full, moments=moments) if rank == 0 else None
 
 
-def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=True, steps_after=1):
+def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=True, degrees=None):
     """A fresh model (compiled at TP=`tp`, or unsharded on every rank) and a fresh AdamW: get_state_dict,
-    dcp.load, set_state_dict; returns the full params and moments loaded, then those after `steps_after`
-    more training steps next to an unsharded model trained the same way from the loaded state."""
+    dcp.load, set_state_dict; returns the full params and moments loaded.
+    """
     ref = build_model(kind, dict(cfg, seed=cfg.get("seed", 0) + 7))  # other initial values: the load must overwrite them
     idx, tgt = _batch(cfg, batch, seq, seed=99)
     if sharded:
         tp = tp or world_size
         mesh = _mesh(world_size, (world_size // tp, tp) if tp < world_size else None)
-        model = _compile(kind, ref, mesh, idx, tgt)
+        model = _compile(kind, ref, mesh, idx, tgt, degrees=degrees, n_layer=cfg["n_layer"])
     else:
         model = ref
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -161,3 +167,25 @@ def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=
     moments = _full_optim_state(model, opt)
     placements = {n: str(p.placements) for n, p in model.named_parameters()} if sharded else {}
     return dict(params=full, moments=moments, placements=placements) if rank == 0 else None
+
+
+def hook_cost(rank, world_size, *, n=200):
+    """Host time of what the boundary adds per parameter per step (microseconds): wrapping a gradient
+    in a DTensor with the parameter's spec (zero_grad(set_to_none=True)), and DTensor.from_local for comparison."""
+    import time
+
+    from oases_fx import _compat
+
+    mesh = _mesh(world_size, None)
+    from torch.distributed.tensor import Shard
+
+    p = DTensor.from_local(torch.zeros(64, 64), mesh, [Shard(0)], run_check=False)
+    g = torch.zeros(64, 64)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        _compat.dtensor_with_spec(g, p._spec)
+    t1 = time.perf_counter()
+    for _ in range(n):
+        DTensor.from_local(g, mesh, [Shard(0)], run_check=False)
+    t2 = time.perf_counter()
+    return dict(wrap_us=(t1 - t0) / n * 1e6, from_local_us=(t2 - t1) / n * 1e6)

@@ -47,11 +47,11 @@ def test_adamw_clip_tp2_matches_unsharded():
     _check_training(r, steps=3)
 
 
-def test_adamw_clip_hf_gpt2_tp4_accumulate_zero_to_zeros_matches_unsharded():
+def test_adamw_clip_hf_gpt2_tp2_accumulate_zero_to_zeros_matches_unsharded():
     # HF GPT-2: Conv1D fused c_attn sharded per piece along dim 1 (_StridedShard); two micro-batches per
     # step accumulate into the DTensor .grad; zero_grad(set_to_none=False); the for-loop AdamW
     cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
-    r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="hf_gpt2", cfg=cfg, batch=2, seq=8, steps=2, accum=2,
+    r = get_pool(2).run(tasks_stack.train_adamw_clip, kind="hf_gpt2", cfg=cfg, batch=2, seq=8, steps=2, accum=2,
                         set_to_none=False, foreach=False)[0]
     _check_training(r, steps=2)
 
@@ -94,3 +94,19 @@ def test_dcp_reshards_tp2_to_tp4_and_back(tmp_path):
     _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), tp=4, **kw)[0], saved)
     saved4 = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "tp4"), tp=4, **kw)[0]
     _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp4"), tp=2, **kw)[0], saved4)
+
+
+def test_region_degrees_tp4_clip_adamw_and_dcp_reshard(tmp_path):
+    # layer 0's attention at degree 1 (Replicate) and MLP at degree 2 ((Replicate, Shard) on the tp axis
+    # unflattened to (2, 2)), layer 1 at full degree: one mesh for every parameter, so torch's clip works;
+    # the checkpoint then loads at TP=2 and under other region degrees
+    pool = get_pool(4)
+    degrees = [(1, 2), (4, 4)]
+    r = pool.run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=4, seq=8, steps=2, degrees=degrees)[0]
+    _check_training(r, steps=2)
+    kw = dict(kind="gpt", cfg=GPT, batch=4, seq=8)
+    saved = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "deg"), degrees=degrees, **kw)[0]
+    _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "deg"), tp=2, **kw)[0], saved)
+    got = pool.run(tasks_stack.dcp_load, path=str(tmp_path / "deg"), degrees=[(2, 1)], **kw)[0]
+    _assert_equal_state(got, saved)
+    assert got["placements"]["transformer.h.0.attn.c_attn.weight"] == "(Replicate(), _StridedShard(dim=0, sf=3))"
