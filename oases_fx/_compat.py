@@ -175,3 +175,31 @@ def unflatten_mesh_dim(mesh, dim: int, sizes, names):
                          "full TMP degree cannot be DTensors here. Fix: use plan='megatron' (every region at full "
                          "degree) or torch >= 2.13.")
     return mesh._unflatten(dim, tuple(sizes), tuple(names))
+
+
+# --- capture: custom autograd.Functions (oases_fx.tracing) ------------------------------------------
+def recording_autograd_functions(calls: list):
+    """Context manager: every torch.autograd.Function subclass applied inside it is appended to
+    `calls` as (class, caller's "file:line") and then runs as usual. torch.export non-strict (2.11,
+    2.13) traces only such a Function's forward and keeps no trace of its backward, so capture
+    must know one ran. Patches the public classmethod Function.apply for the duration."""
+    import contextlib
+    import sys
+
+    Function = torch.autograd.Function
+    original = Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        f = sys._getframe(1)
+        calls.append((cls, f"{f.f_code.co_filename}:{f.f_lineno}"))
+        return original.__func__(cls, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def patched():
+        Function.apply = classmethod(apply)
+        try:
+            yield calls
+        finally:
+            Function.apply = original
+
+    return patched()

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from oases_fx import _compat
 from oases_fx.errors import OasesError
 
 
@@ -40,10 +41,29 @@ def _hf_no_cache(model):
             cfg.use_cache = old
 
 
+def _refuse_custom_functions(model, calls) -> None:
+    """torch.export (non-strict) traces a custom autograd.Function's forward only: its backward
+    would be replaced by autograd of the forward's ops, a silently wrong gradient. Refuse instead."""
+    seen = {}
+    for cls, where in calls:
+        if not cls.__module__.startswith("oases_fx."):
+            seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", where)
+    if seen:
+        what = "; ".join(f"{name} (applied at {where})" for name, where in seen.items())
+        raise OasesError(
+            f"{type(model).__name__} applies a custom torch.autograd.Function: {what}. torch.export (non-strict) "
+            "traces only its forward, so its backward would be silently replaced by autograd of the forward's "
+            "ops and the gradients would be wrong. Fix: write the op with differentiable torch ops (its "
+            "backward is then derived exactly), or register it as a custom op with its own backward "
+            "(torch.library.custom_op + register_autograd), which torch.export keeps whole."
+        )
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
     from oases_fx import loading
 
-    if loading.has_meta_tensors(model):  # meta-device init or released weights: trace on fake ones
+    if loading.has_meta_tensors(model) and loading.input_device(args, kwargs).type != "meta":
+        # meta-device init or released weights: trace on fake ones (meta inputs: on meta, as the planner CLI)
         with loading.fake_parameters(model, loading.input_device(args, kwargs)):
             return capture(model, args, kwargs)
     notes = []
@@ -54,8 +74,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
     with _hf_no_cache(model) as changed:
         if changed:
             notes.append("traced with config.use_cache=False (no KV cache in training)")
+        functions = []
         try:
-            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            with _compat.recording_autograd_functions(functions):
+                ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
         except Exception as e:  # export's own message says which line; add what to do
             raise OasesError(
                 f"could not trace {type(model).__name__} with torch.export (non-strict): "
@@ -63,6 +85,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
                 "forward traceable for the given example_inputs (no data-dependent Python control flow "
                 "on tensor values), see the full error above."
             ) from e
+    _refuse_custom_functions(model, functions)
     gm = ep.module()
     graph = gm.graph
     removed = 0

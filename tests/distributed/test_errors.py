@@ -68,3 +68,13 @@ def test_example_inputs_of_different_batch():
 def test_ranks_disagreeing_on_plan_refuse_before_training():
     kind, msg = _both(get_pool(2).run(tasks.rank_dependent_plan, cfg=GPT))
     assert kind == "PlanMismatchError" and "rank 0" in msg and "rank 1" in msg
+
+
+def test_custom_autograd_function_is_refused_with_its_name_and_line():
+    r = get_pool(2).run(tasks.error_custom_function)
+    # Capture would trace only the forward (x2): fc1's gradient would be 2/3 of the model's own (x3).
+    assert abs(r[0]["grad_ratio"] - 1.5) < 1e-4
+    kind, msg = _both([x["error"] for x in r])
+    assert kind == "OasesError" and "tests.tasks._TimesTwo" in msg and "autograd.Function" in msg
+    assert "tests/tasks.py:" in msg and "Fix" in msg  # the line that applies it
+
