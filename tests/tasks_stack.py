@@ -168,24 +168,3 @@ def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=
     placements = {n: str(p.placements) for n, p in model.named_parameters()} if sharded else {}
     return dict(params=full, moments=moments, placements=placements) if rank == 0 else None
 
-
-def hook_cost(rank, world_size, *, n=200):
-    """Host time of what the boundary adds per parameter per step (microseconds): wrapping a gradient
-    in a DTensor with the parameter's spec (zero_grad(set_to_none=True)), and DTensor.from_local for comparison."""
-    import time
-
-    from oases_fx import _compat
-
-    mesh = _mesh(world_size, None)
-    from torch.distributed.tensor import Shard
-
-    p = DTensor.from_local(torch.zeros(64, 64), mesh, [Shard(0)], run_check=False)
-    g = torch.zeros(64, 64)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        _compat.dtensor_with_spec(g, p._spec)
-    t1 = time.perf_counter()
-    for _ in range(n):
-        DTensor.from_local(g, mesh, [Shard(0)], run_check=False)
-    t2 = time.perf_counter()
-    return dict(wrap_us=(t1 - t0) / n * 1e6, from_local_us=(t2 - t1) / n * 1e6)

@@ -57,9 +57,10 @@ def test_adamw_clip_hf_gpt2_tp2_accumulate_zero_to_zeros_matches_unsharded():
 
 
 def test_dp2_tp2_accumulation_no_sync_matches_unsharded():
-    # each dp rank runs 2 micro-batches of 2 per step (the first under no_sync); the reference sees all 8
+    # each dp rank runs 2 micro-batches of 2 per step (the first under no_sync); the reference sees all 8;
+    # fused AdamW (CPU has the fused kernel) on both
     r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=2, seq=8, steps=2, accum=2,
-                        mesh_shape=(2, 2))[0]
+                        mesh_shape=(2, 2), foreach=False, fused=True)[0]
     _check_training(r, steps=2)
 
 
