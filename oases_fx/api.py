@@ -24,6 +24,7 @@ from oases_fx import released as _released
 from oases_fx import backend as _backend
 from oases_fx import boundary as _boundary_mod
 from oases_fx import generation as _generation
+from oases_fx import inputs as _inputs
 from oases_fx import loading as _loading
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
@@ -147,6 +148,7 @@ class OasesModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
             _loading.check_loaded(self)
+        _inputs.check_inputs(self._param_signature(), args, kwargs, what=f"{type(self._model).__name__} call")
         key = _input_key(args, kwargs, self.training)
         if self.__dict__.get("_conversion_epoch"):  # converted by .to(dtype)/.half(): compiled again (generation.py)
             key = (key, self.__dict__["_conversion_epoch"])
@@ -168,6 +170,13 @@ class OasesModule(nn.Module):
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
         return prog.compiled(*args, **kwargs)
+
+    def _param_signature(self):  # dtype/device of the parameters, again after .to(): oases_fx.inputs
+        epoch = self.__dict__.get("_conversion_epoch")
+        cached = self.__dict__.get("_param_sig")
+        if cached is None or cached[0] != epoch:
+            cached = self.__dict__["_param_sig"] = (epoch, _inputs.ParamSignature.of(self))
+        return cached[1]
 
     def generate(self, *args, **kwargs):  # Hugging Face generate(), bucketed, no KV cache: oases_fx.generation
         return _generation.generate(self, *args, **kwargs)
@@ -544,6 +553,7 @@ def compile(
     flat, _ = pytree.tree_flatten((args, kwargs))
     _batch_size(flat)
     meta_init = _loading.prepare_meta_model(model, args, kwargs, device)  # built under torch.device("meta")
+    _inputs.check_inputs(_inputs.ParamSignature.of(model), args, kwargs, what="compile(example_inputs=...)")
     info = mesh_info(mesh)
     if _is_search(plan):
         _check_divisible(model, info.tp)

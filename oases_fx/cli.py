@@ -117,7 +117,27 @@ def _trace(args):
     return capture(model, a, kw), "CPU"
 
 
+CLI_FIXES = ("With this CLI: a larger budget (--memory-gib N), a larger TMP degree (--tp N), a smaller batch "
+             "(--batch N), or allow recomputation (--recompute none,fine,full).")
+"""Appended to a "no plan fits" error: the planner's fixes, as this CLI's flags."""
+
+
 def plan_main(argv: Optional[list] = None) -> int:
+    """The CLI: a user's mistake (an OasesError) is printed as one message with its fix, no
+    traceback, exit status 2; anything else is a bug and keeps its traceback."""
+    from oases_fx.errors import OasesError
+
+    try:
+        return _plan(argv)
+    except OasesError as e:
+        msg = str(e)
+        if msg.startswith("no plan fits"):
+            msg = f"{msg} {CLI_FIXES}"
+        print(f"[oases_fx] error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _plan(argv: Optional[list] = None) -> int:
     args = _parser().parse_args(argv)
     from oases_fx.passes.annotate_sharding import find_tmp_regions
     from oases_fx.planner import (

@@ -78,3 +78,20 @@ def test_custom_autograd_function_is_refused_with_its_name_and_line():
     assert kind == "OasesError" and "tests.tasks._TimesTwo" in msg and "autograd.Function" in msg
     assert "tests/tasks.py:" in msg and "Fix" in msg  # the line that applies it
 
+
+def test_float64_input_at_compile_names_dtype_and_fix():
+    kind, msg = _both(get_pool(2).run(tasks.error_bad_input, case="compile_float64"))
+    assert kind == "InputError" and "torch.float64" in msg and "torch.float32" in msg and "Fix" in msg
+    assert "Attempt to trace generator" not in msg
+
+
+def test_float64_input_at_call_names_dtype_and_fix():
+    kind, msg = _both(get_pool(2).run(tasks.error_bad_input, case="call_float64"))
+    assert kind == "InputError" and "positional argument 0 is torch.float64" in msg and "x.to(torch.float32)" in msg
+
+
+def test_input_on_another_device_names_both_devices():
+    # "meta" stands in for another device on a CPU-only machine (a cuda input to a CPU model).
+    for case in ("compile_meta", "call_meta"):
+        kind, msg = _both(get_pool(2).run(tasks.error_bad_input, case=case))
+        assert kind == "InputError" and "is on meta" in msg and "parameters are on cpu" in msg and "Fix" in msg
