@@ -189,3 +189,41 @@ def input_grad_after_compile(rank, world_size, *, backend="aot_eager"):
     r_mid, r_out = ref(xr)
     (r_mid.square().sum() + r_out.sum()).backward()
     return dict(grad=xg.grad, ref_grad=xr.grad, programs=len(m._programs))
+
+
+# --- 4. the released original module ------------------------------------------------------------
+
+def released_original(rank, world_size):
+    """After compile: what using the user's original model does (forward, state_dict,
+    load_state_dict, an optimizer built from it before compile), and that the compiled module
+    still retraces (another batch shape) and trains with an optimizer built from it."""
+    mesh = _mesh(world_size)
+    model = _gpt()
+    early_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = _batch()
+    m = oases_fx.compile(model, mesh, example_inputs=(idx, idx), backend="eager", verbose=False, plan="megatron")
+    out = {}
+    out["forward"] = _err(lambda: model(idx, idx))
+    out["state_dict"] = _err(lambda: model.state_dict())
+    out["load_state_dict"] = _err(lambda: model.load_state_dict(sd))
+
+    def early_step():
+        _, loss = m(idx, idx)
+        loss.backward()
+        early_opt.step()
+    out["early_optimizer"] = _err(early_step)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    small = _batch(b=2, t=4)
+    before = {k: v.clone() for k, v in m.full_state_dict().items()}
+
+    def train():
+        opt.zero_grad()
+        _, loss = m(small, small)  # another shape: a retrace of the released original
+        loss.backward()
+        opt.step()
+    out["compiled_optimizer"] = _err(train)
+    after = m.full_state_dict()
+    out["trained"] = any(not torch.equal(before[k], after[k]) for k in before)
+    out["programs"] = len(m._programs)
+    return out
