@@ -77,10 +77,13 @@ def compare_vocab_parallel(rank, world_size, *, kind, cfg, batch, seq, k=1, reco
         ref_opt.step()
     full = m.full_state_dict()
     # A round trip through load_full_state_dict must give back the same shards.
-    before = {n: t.clone() for n, t in m.state_dict().items()}
+    def local(t):  # state_dict() holds DTensors on the tp axis (oases_fx.boundary): this rank's shard
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    before = {n: local(t).clone() for n, t in m.state_dict().items()}
     m.load_full_state_dict(full)
-    reload_ok = all(torch.equal(before[n], t) for n, t in m.state_dict().items())
-    local_shapes = {n: tuple(p.shape) for n, p in m.state_dict().items()}
+    reload_ok = all(torch.equal(before[n], local(t)) for n, t in m.state_dict().items())
+    local_shapes = {n: tuple(local(p).shape) for n, p in m.state_dict().items()}
     top, inner = _vocab_nodes(m.graphs.gm)
     loss_all_ranks = losses[-1]
     if rank != 0:
