@@ -43,9 +43,12 @@ def predictions(case: Case, *, profile: str, device: torch.device, ks=(1, 2, 4),
     regions = find_tmp_regions(gm, case.tp)[0]
     spec = describe_model(gm, regions, tp=case.tp, batch=case.batch, k_choices=tuple(ks))
     if profile == "measure":
+        from benchmarks.rank_bench import gpu_lock
+
         _one_rank_profile()
-        prof = measure_profile(spec, group=mesh.get_group("tp"), device=device,
-                               options=ProfileOptions.for_device(device.type), cache=False, progress=False)
+        with gpu_lock():  # alone on the GPU while it times ops (a rank_bench run may share it)
+            prof = measure_profile(spec, group=mesh.get_group("tp"), device=device,
+                                   options=ProfileOptions.for_device(device.type), cache=False, progress=False)
     else:
         prof = analytical_profile(spec)
     free = AlphaBeta(alpha_us=0.0, beta_us_per_byte=MIN_BETA_US_PER_BYTE)
