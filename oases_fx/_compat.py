@@ -205,3 +205,12 @@ def recording_autograd_functions(calls: list):
             Function.apply = original
 
     return patched()
+
+
+def dynamo_wrapper_exceptions() -> tuple:
+    """The exception types torch.compile wraps a backend's or a traced op's own exception in
+    (the original is their __cause__)."""
+    import torch._dynamo.exc as exc
+
+    names = ("BackendCompilerFailed", "TorchRuntimeError", "InternalTorchDynamoError")
+    return tuple(getattr(exc, n) for n in names if hasattr(exc, n))

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from oases_fx.errors import PlanMismatchError
+from oases_fx.errors import OasesError, PlanMismatchError
 
 
 
@@ -263,6 +263,7 @@ def check_compile(mesh, info, *, model, traced, args, kwargs, cfg, plan, num_sub
     records = _gather(mesh, info, record)
     if records is None:
         return
+    _raise_if_peer_failed(records, where="before the agreement check")
     groups = _axis_groups(mesh)
     everyone = [tuple(sorted(records))]
     problems = []
@@ -286,3 +287,70 @@ def check_batch(mesh, info, args, kwargs, *, call: str) -> None:
     problems = [("batch", "tp", g, vals) for g, vals in _compare(records, _axis_groups(mesh)["tp"], "batch")]
     if problems:
         _raise(problems, when=f"on the {call}")
+
+
+# --- bounded waiting: a rank that fails in compile() stops the others -------------------------------
+
+def _raise_if_peer_failed(records: dict, *, where: str) -> None:
+    failed = {r: rec["failed"] for r, rec in records.items() if isinstance(rec, dict) and "failed" in rec}
+    if failed:
+        text = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        err = OasesError(f"oases_fx.compile failed on {'rank' if len(failed) == 1 else 'ranks'} "
+                         f"{', '.join(map(str, sorted(failed)))} {where} ({text}). This rank stops too instead of "
+                         "waiting for it in the next collective. Fix: see that rank's error.")
+        err._oases_shared = True
+        raise err
+
+
+def _world_gather(mesh, record) -> Optional[dict]:
+    """rank -> record over the whole world (None if the mesh does not span it or the group is fake)."""
+    try:
+        group = mesh.get_group(mesh.mesh_dim_names.index("tp") if "tp" in (mesh.mesh_dim_names or ()) else 0)
+    except Exception:
+        return None
+    if not dist.is_initialized() or _is_fake(group) or mesh.mesh.numel() != dist.get_world_size():
+        return None
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, record)
+    return dict(enumerate(got))
+
+
+def errors_shared(compile_fn):
+    """Decorate compile(): every rank ends it with one small all_gather_object of its status
+    (ok, or its error), so a rank that raises inside compile() makes the others raise an OasesError
+    naming it at once, instead of leaving them blocked in the first collective of the model until
+    the process group's timeout (gloo's and NCCL's default: 30 minutes). A rank failing before the
+    agreement check is seen by the others in that check's gather. Not covered: a rank failing
+    while the others are inside the planner's own collectives (those wait for the timeout)."""
+    import functools
+
+    @functools.wraps(compile_fn)
+    def wrapper(model, mesh, *args, **kwargs):
+        try:
+            out = compile_fn(model, mesh, *args, **kwargs)
+        except Exception as e:
+            if not getattr(e, "_oases_shared", False):
+                _world_gather(mesh, dict(failed=f"{type(e).__name__}: {str(e)[:500]}"))
+            raise
+        records = _world_gather(mesh, dict(ok=True))
+        if records is not None:
+            _raise_if_peer_failed(records, where="after this rank finished compiling")
+        return out
+
+    return wrapper
+
+
+def innermost_cause(e: BaseException) -> BaseException:
+    """The exception torch.compile's wrappers (BackendCompilerFailed, TorchRuntimeError, ...) carry
+    as their cause, followed to the innermost one; `e` itself if it is not such a wrapper."""
+    from oases_fx._compat import dynamo_wrapper_exceptions
+
+    wrappers = dynamo_wrapper_exceptions()
+    seen = set()
+    while isinstance(e, wrappers) and id(e) not in seen:
+        seen.add(id(e))
+        inner = e.__cause__ or getattr(e, "inner_exception", None)
+        if inner is None:
+            break
+        e = inner
+    return e

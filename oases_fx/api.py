@@ -169,7 +169,13 @@ class OasesModule(nn.Module):
             agreement.check_batch(self._mesh, self._info, args, kwargs,
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
-        return prog.compiled(*args, **kwargs)
+        try:
+            return prog.compiled(*args, **kwargs)
+        except Exception as e:  # the step's own error, not torch.compile's wrapper around it
+            inner = agreement.innermost_cause(e)
+            if inner is e:
+                raise
+            raise inner from None
 
     def _param_signature(self):  # dtype/device of the parameters, again after .to(): oases_fx.inputs
         epoch = self.__dict__.get("_conversion_epoch")
@@ -509,6 +515,7 @@ def _rebind(gm, fqn, value):
         mod.register_buffer(leaf, value)
 
 
+@agreement.errors_shared  # a rank that fails in compile() stops the others at once
 def compile(
     model: nn.Module,
     mesh,

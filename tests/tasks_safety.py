@@ -227,3 +227,48 @@ def released_original(rank, world_size):
     out["trained"] = any(not torch.equal(before[k], after[k]) for k in before)
     out["programs"] = len(m._programs)
     return out
+
+
+# --- 5. bounded waiting (run in a fresh pool: tests/distributed/test_faults.py) -------------------
+
+def fault_in_compile(rank, world_size, *, failing_rank=1):
+    """`failing_rank` raises inside compile() after the agreement check (program build); what each
+    rank's compile() raises. Without the shared status step the other rank returns a module and
+    blocks in the first all-reduce until the process group's timeout."""
+    import oases_fx.api as api
+
+    real = api._build_program
+
+    def broken(*a, **kw):
+        raise RuntimeError(f"injected fault on rank {rank}")
+
+    if rank == failing_rank:
+        api._build_program = broken
+    try:
+        idx = _batch()
+        return _err(lambda: oases_fx.compile(_gpt(), _mesh(world_size), example_inputs=(idx, idx), backend="eager",
+                                             verbose=False, plan="megatron"))
+    finally:
+        api._build_program = real
+
+
+def fault_in_backend_pass(rank, world_size):
+    """A forward-graph pass raises an OasesError inside torch.compile (at the first call): the type
+    and message the caller sees (torch.compile wraps it in BackendCompilerFailed)."""
+    import oases_fx.api as api
+    from oases_fx.backend import GraphPass
+    from oases_fx.errors import OasesError
+
+    real = api.aot_passes
+
+    def fail(gm):
+        raise OasesError("injected pass failure")
+
+    api.aot_passes = lambda *a, **kw: ([GraphPass("injected", fail)], [])
+    try:
+        idx = _batch()
+        m = oases_fx.compile(_gpt(), _mesh(world_size), example_inputs=(idx, idx), backend="aot_eager", verbose=False,
+                             plan="megatron")
+        return _err(lambda: m(idx, idx))
+    finally:
+        api.aot_passes = real
