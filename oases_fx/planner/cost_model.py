@@ -338,24 +338,29 @@ def _metas(v) -> list:
     return []
 
 
-def _batch_carrying(graph: fx.Graph, batch: int) -> set:
-    """Nodes whose value flows from a graph input with leading dim == batch (the data)."""
-    carrying = set()
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            ms = _metas(n.meta.get("val"))
-            if ms and ms[0][0] and ms[0][0][0] == batch:
-                carrying.add(n)
-        elif n.op == "call_function" and any(a in carrying for a in n.all_input_nodes):
-            carrying.add(n)
-    return carrying
+def _batch_dims(gm: fx.GraphModule, batch: int) -> tuple:
+    """(node -> batch dim, note): the analysis' batch dims (oases_fx.analysis, the ones the passes
+    split by), computed here only when describe_model is called on a graph without one."""
+    from oases_fx import analysis
+    from oases_fx.meta import graph_meta
+
+    an = graph_meta(gm).analysis
+    dims = an.batch_dims if an is not None and an.batch_size == batch else None
+    note = ""
+    if dims is None:
+        try:
+            dims = analysis.propagate_batch_dims(gm, batch)
+        except analysis.BatchDimsUnknown as e:
+            dims, note = {}, f"batch dims unknown ({e}): only leading dims of size {batch} are divided by k"
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return {by_name[name]: d for name, d in dims.items() if name in by_name}, note
 
 
 class _Shapes:
     """Shapes of a node's value at a variant: batch dim divided by k, the sharded dim by tp."""
 
-    def __init__(self, *, batch: int, carrying: set, params: set):
-        self.batch, self.carrying, self.params = batch, carrying, params
+    def __init__(self, *, batch: int, dims: dict, params: set):
+        self.batch, self.dims, self.params = batch, dims, params
 
     def placement(self, n: fx.Node, st) -> object:
         if st is None:
@@ -375,9 +380,9 @@ class _Shapes:
             if isinstance(p, int) and shape:
                 shape[p] //= tp
             is_param = n.op == "get_attr" or n in self.params
-            if shape and not is_param and k > 1 and (
-                    shape[0] == self.batch or (n in self.carrying and shape[0] % self.batch == 0)):
-                shape[0] //= k
+            d = self.dims.get(n, 0 if shape and shape[0] == self.batch else None)  # the batch dim
+            if shape and not is_param and k > 1 and d is not None and d < len(shape) and shape[d] % k == 0:
+                shape[d] //= k
             out.append((shape, dtype))
         return out
 
@@ -461,48 +466,18 @@ class VocabPattern:
     """The logits reach the graph outputs (through views only): vocab_parallel must all-gather them."""
 
 
-_LINEAR_TARGETS = ("aten.linear.default",)
-
-
 def find_vocab_pattern(gm: fx.GraphModule):
-    """(VocabPattern, "") or (None, reason): the planner's own detection of the Megatron vocab
-    pattern (aten.embedding weight [V, h] whose V equals a linear's output dim). Replaceable by
-    passes.vocab_parallel.find_vocab_parallel once merged (describe_model(find_vocab=...))."""
-    graph = gm.graph
-    embs = [n for n in graph.nodes if n.op == "call_function" and str(n.target) == "aten.embedding.default"]
-    linears = [n for n in graph.nodes if n.op == "call_function" and str(n.target) in _LINEAR_TARGETS]
-    for e in embs:
-        w = e.args[0]
-        ms = _metas(w.meta.get("val")) if isinstance(w, fx.Node) else []
-        if not ms or len(ms[0][0]) != 2:
-            continue
-        V, h = ms[0][0]
-        # Candidates: linears with a [V, h] weight; the tied one first, else the last in graph order
-        # (an MLP's [4h, h] weight has the same shape when V == 4h).
-        cands = []
-        for i, lin in enumerate(linears):
-            lw = lin.args[1] if len(lin.args) > 1 else None
-            lms = _metas(lw.meta.get("val")) if isinstance(lw, fx.Node) else []
-            if lms and lms[0][0] == [V, h]:
-                cands.append((lw is not w, -i, lin))
-        for _, _, lin in sorted(cands, key=lambda c: c[:2]):
-            lw = lin.args[1]
-            bias = lin.args[2] if len(lin.args) > 2 and isinstance(lin.args[2], fx.Node) else None
-            # Do the logits reach the outputs through views only?
-            out, todo, seen = False, [lin], {lin}
-            while todo:
-                x = todo.pop()
-                for u in x.users:
-                    if u.op == "output":
-                        out = True
-                    elif u not in seen and u.op == "call_function" and is_free_op(u):
-                        seen.add(u)
-                        todo.append(u)
-            return VocabPattern(vocab=V, embedding=e, weights=tuple(dict.fromkeys([w, lw])), lm_head=lin,
-                                lm_bias=bias, logits_output=out), ""
-    if not embs:
-        return None, "no aten.embedding in the graph"
-    return None, "no linear whose output dim equals an embedding table's rows (no LM head over the vocabulary)"
+    """(VocabPattern, "") or (None, reason): the vocab_parallel pass's own detection
+    (passes.vocab_parallel.find_vocab_parallel, through oases_fx.analysis), so the planner offers
+    vocab_parallel exactly where the pass applies it; the analysis' result when the graph has one."""
+    from oases_fx import analysis
+    from oases_fx.meta import graph_meta
+
+    an = graph_meta(gm).analysis
+    info, reason = (an.vocab, an.vocab_reason) if an is not None else analysis.find_vocab(gm)
+    if info is None and an is not None and "not divisible" in reason:
+        info, reason = analysis.find_vocab(gm)  # divisibility is _describe_vocab's to say, per degree
+    return (analysis.vocab_pattern(info), "") if info is not None else (None, reason)
 
 
 class _VocabState:
@@ -563,7 +538,7 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
         degrees: per-region TMP degrees to describe (divisors of tp; None: all of them). A degree
             d < tp at k sub-batches needs batch % (k * tp/d) == 0 (else left out, with a note).
         vocab: describe the vocabulary-parallel head/tail (when the pattern is found).
-        find_vocab: the detection, gm -> (pattern or None, reason); default find_vocab_pattern.
+        find_vocab: the detection, gm -> (pattern or None, reason); default find_vocab_pattern (the pass's).
     """
     from oases_fx.propagation import linear_parts
 
@@ -576,9 +551,10 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
         params = {n for n in graph.nodes if n.op == "get_attr" and str(n.target) in names}
     else:
         params = {n for n in graph.nodes if n.op == "get_attr"}
-    shapes = _Shapes(batch=batch, carrying=_batch_carrying(graph, batch), params=params)
+    dims, dims_note = _batch_dims(gm, batch)
+    shapes = _Shapes(batch=batch, dims=dims, params=params)
     build = _VariantBuilder(shapes)
-    notes = []
+    notes = [dims_note] if dims_note else []
     ks = []
     for k in sorted(set(k_choices)):
         if batch % k:
