@@ -5,6 +5,7 @@ Generated tokens are compared exactly: greedy argmax over logits that agree to ~
 token unless two logits tie that closely, which the fixed seeds here do not produce (a failure
 would show the first differing position).
 """
+import pytest
 import torch
 
 from tests import tasks_loading
@@ -31,6 +32,7 @@ def test_last_batch_of_3_with_k2_and_single_prompt_eval():
     assert not any("sub-batches" in n and "split" in n for n in odd["notes"]), odd["notes"]  # ran with k=1
 
 
+@pytest.mark.extended  # the rule is covered in CI by the plain-GPT and degree tests
 def test_hf_gpt2_batch_of_6_with_k4_runs_with_k3():
     cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32)
     r = get_pool(2).run(tasks_loading.odd_batches, kind="hf_gpt2", k=4, batches=[6], cfg=cfg)[0]

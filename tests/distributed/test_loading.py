@@ -40,6 +40,7 @@ def test_meta_gpt2_from_sharded_hf_folder_with_tied_lm_head(tmp_path):
     assert r["bytes_read"] == r["local_bytes"] < r["checkpoint_bytes"]
 
 
+@pytest.mark.extended  # tied aliases are covered in CI by the GPT-2 test
 def test_meta_llama_tied_embeddings(tmp_path):
     tasks_loading.save_hf_model("hf_llama", SMALL, str(tmp_path), tie=True)
     r = get_pool(2).run(tasks_loading.meta_load_matches, kind="hf_llama", folder=str(tmp_path), batch=4, seq=8,
