@@ -614,6 +614,13 @@ def compile(
               + f", k={plan.num_sub_batches}, recompute={plan.recompute}"
               + (", vocab-parallel embedding/LM head/loss" if plan.vocab_parallel else ""))
     program = _build_program(model, info, plan, cfg, args, kwargs, model.training, traced=traced)
+    from oases_fx.passes.annotate_sharding import check_strict, coverage_message  # declined blocks said
+
+    if cfg.strict:
+        check_strict(graph_meta(program.gm))
+    coverage = coverage_message(graph_meta(program.gm))
+    if coverage:
+        _say(cfg, coverage)
     _loading.allocate_fake_tensors(program.gm)  # meta-device init: only now this rank's shards exist
     del traced  # holds the full-size parameters
     before = list(model.parameters())

@@ -34,6 +34,9 @@ class CompileConfig:
     """Whether plan="auto" may shard the embedding, LM head and loss over the vocabulary: (False,)
     (default: not searched; its cost model is not yet checked on GPUs), (False, True) lets the
     planner decide, (True,) forces it. A Plan with vocab_parallel=True always works."""
+    strict: bool = False
+    """Make any attention or MLP block the sharding analysis declines (an op without a rule, a
+    layout it cannot shard) an error instead of running that block replicated."""
     verbose: bool = True
     """Print progress lines (tracing, planning, compiling) on rank 0."""
     check_inputs: str = "first"

@@ -146,6 +146,24 @@ def _tensor_args(node):
     return out
 
 
+_TRANSPOSE_OPS = {aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int}
+
+
+def _is_2d_transpose(node) -> bool:
+    if ndim(node) != 2:
+        return False
+    if node.target is aten.permute.default:
+        return [int(v) % 2 for v in node.args[1]] == [1, 0]
+    return True
+
+
+def weight_arg(node):
+    """The weight argument of a linear-like node as it appears in the graph (a get_attr, or its
+    transpose for `x @ w.T`), or None."""
+    spec = LINEAR_OPS.get(node.target) if node.op == "call_function" else None
+    return node.args[spec[1]] if spec is not None and len(node.args) > spec[1] else None
+
+
 def linear_parts(node):
     """(activation, weight, bias, layout) of a linear-like node with a parameter weight (or one
     passed through f over the cross group by insert_collectives), else None."""
@@ -160,6 +178,11 @@ def linear_parts(node):
     if isinstance(w, fx.Node) and w.op == "call_function" and (w.meta.get("oases") is not None
                                                                and w.meta["oases"].role == "copy_to_cross"):
         base = w.args[0]  # a weight through f over the cross group (region of degree d < tp) is still one
+    if (isinstance(base, fx.Node) and base.op == "call_function" and base.target in _TRANSPOSE_OPS
+            and _is_2d_transpose(base) and isinstance(base.args[0], fx.Node) and base.args[0].op == "get_attr"):
+        # `x @ self.weight.T` (Falcon's FalconLinear): the (out, in) weight seen transposed
+        base = w = base.args[0]
+        layout = "oi" if layout == "io" else "io"
     if not (isinstance(base, fx.Node) and base.op == "get_attr" and ndim(base) == 2):
         return None
     bias = None
@@ -251,6 +274,13 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
         if x in st.origin and o == out_nd - 1 and d == ndim(x) - 1:
             st.origin[node] = st.origin[x]
         return
+    if tgt is aten.flatten.using_ints:  # a view without baked sizes (nothing for shard to rewrite)
+        try:
+            st.placement[node] = view_dim_map(list(val(x).shape), list(val(node).shape), d, tp)
+        except _Indivisible as e:
+            raise Incompatible(f"flatten merges the sharded dim into dim {e.dim} of size {e.size}, not "
+                               f"divisible by {tp}") from None
+        return
     if tgt is aten.expand.default:
         st.placement[node] = d + (out_nd - ndim(x))
         return
@@ -298,7 +328,7 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
     if tgt is aten.slice.Tensor:
         sdim = int(node.args[1]) % ndim(x) if len(node.args) > 1 else 0
         if sdim == d and tuple(val(node).shape) != tuple(val(x).shape):
-            raise Incompatible("slice of the sharded dim")
+            _slice_pieces(node, x, d, st)  # a fused projection cut by slicing (Phi-3's qkv[..., :q_end])
         st.placement[node] = d
         return
     if tgt is aten.select.int:
@@ -338,6 +368,21 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
         keep = out_nd == ndim(x)
         st.placement[node] = d if keep else d - sum(1 for v in dims if v < d)
         return
+    if tgt is aten.stack.default:  # rotary written as stack((x1*cos - x2*sin, ...), -1).flatten(-2)
+        sdim = int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out_nd
+        ps = [st.of(t) for t in node.args[0]]
+        if len(set(ps)) != 1:
+            raise Incompatible("stack of tensors sharded differently")
+        st.placement[node] = ps[0] + 1 if sdim <= ps[0] else ps[0]
+        return
+    if tgt is aten.view_as_complex.default:  # (..., n, 2) real -> (..., n) complex: the last dim goes
+        if d >= ndim(x) - 1:
+            raise Incompatible("view_as_complex of the sharded (real, imaginary) dim")
+        st.placement[node] = d
+        return
+    if tgt is aten.view_as_real.default:  # (..., n) complex -> (..., n, 2) real: a new last dim
+        st.placement[node] = d
+        return
     if tgt is aten.cat.default:
         cdim = int(node.args[1] if len(node.args) > 1 else 0) % out_nd
         ps = [st.of(t) for t in node.args[0]]
@@ -356,6 +401,54 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
         st.placement[node] = None
         return
     raise UnknownOp(f"{tgt} has no sharding rule")
+
+
+def slice_bounds(node) -> tuple:
+    """(dim, start, end, step) of an aten.slice.Tensor node, normalised to ints within the input."""
+    x = node.args[0]
+    size_in = val(x).shape
+    dim = int(node.args[1]) % ndim(x) if len(node.args) > 1 else 0
+    n = int(size_in[dim])
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else n
+    step = node.args[4] if len(node.args) > 4 else 1
+    start, end = int(start), int(end)
+    start = max(0, min(n, start + n if start < 0 else start))
+    end = max(0, min(n, end + n if end < 0 else end))
+    return dim, start, end, int(step)
+
+
+def _slice_pieces(node, x, d, st) -> None:
+    """Slices of the sharded dim of a column linear's output that cut it into consecutive pieces
+    (every user of `x` on that dim a step-1 slice, together covering it once) are the pieces of
+    an interleaved shard, exactly like split: each rank's output holds its block of every piece."""
+    col = st.origin.get(x)
+    if col is None:
+        raise Incompatible(f"slice of the sharded dim of {x.name}, which is not a column linear's output")
+    cuts = []
+    for u in x.users:
+        if u.op == "call_function" and u.target is aten.slice.Tensor and slice_bounds(u)[0] == d:
+            _, a, b, step = slice_bounds(u)
+            if step != 1:
+                raise Incompatible(f"strided slice (step {step}) of the sharded dim")
+            cuts.append((a, b))
+        elif u.op == "call_function":
+            raise Incompatible(f"the sharded dim of {x.name} is sliced and also used whole by {u.name}")
+    cuts = sorted(set(cuts))
+    pos, sizes = 0, []
+    for a, b in cuts:
+        if a != pos:
+            raise Incompatible(f"slices of the sharded dim of {x.name} overlap or leave a gap at {a}")
+        sizes.append(b - a)
+        pos = b
+    if pos != int(val(x).shape[d]):
+        raise Incompatible(f"slices of the sharded dim of {x.name} do not cover it")
+    bad = [v for v in sizes if v % st.tp]
+    if bad:
+        raise Incompatible(f"a slice of {bad[0]} of the sharded dim is not divisible by the TMP degree {st.tp}")
+    if st.pieces.get(col, sizes) != sizes:
+        raise Incompatible(f"the output of {col.name} is cut two different ways")
+    st.pieces[col] = sizes
 
 
 def _pointwise(node, args, pls, out_nd):

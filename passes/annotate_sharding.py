@@ -110,10 +110,13 @@ def _trial(sources: set, row: fx.Node, order: dict, tp: int):
                and n.target is not torch.ops.aten._assert_tensor_metadata.default]
     nodes = sorted(cone & anc, key=order.__getitem__)
     for n in nodes:
-        propagate_node(n, st)
+        try:
+            propagate_node(n, st)
+        except (Incompatible, UnknownOp) as e:  # the region is declined: say which op and source line
+            raise type(e)(f"{e} at {describe(n)}") from None
     for n in escaped:
         if st.placement.get(n) is not None:
-            raise Incompatible(f"{n.name} uses a sharded tensor outside the region")
+            raise Incompatible(f"a sharded tensor is used outside the region, at {describe(n)}")
     return st, nodes
 
 
@@ -129,13 +132,15 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
     for n in linears:
         weight_users.setdefault(linear_parts(n)[1], []).append(n)
     assigned: set = set()
+    tried_rows: set = set()  # rows of declined candidates: not the columns of a later candidate
     regions, declined = [], []
     for row in linears:
         if row in assigned:
             continue
         sources = _sources(row, linear_set)
-        if not sources or sources & assigned:
+        if not sources or sources & (assigned | tried_rows):
             continue
+        tried_rows.add(row)
         weights = [linear_parts(n)[1] for n in sorted(sources, key=order.__getitem__)] + [linear_parts(row)[1]]
         name = _region_name(weights)
         shared = [w for w in weights if len(weight_users[w]) > 1]
@@ -148,20 +153,19 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
             declined.append((name, str(e)))
             continue
         except ShardingError as e:
-            if name not in degrees:
-                raise
-            raise ShardingError(f"region '{name}' planned at TMP degree {degrees[name]}: {e}") from None
-        except UnknownOp as e:
-            bad = next(n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) in str(e))
-            raise ShardingError(
-                f"{describe(bad)}: {e}, and it touches a tensor sharded over the TMP group in the region "
-                f"'{name}'. Fix: pass a plan that replicates '{name}' (RegionPlan(name=..., shard=False)), "
-                "or report the op so a rule can be added to oases_fx/propagation.py."
-            ) from None
+            if name in degrees:
+                raise ShardingError(f"region '{name}' planned at TMP degree {degrees[name]}: {e}") from None
+            declined.append((name, f"not divisible by the TMP degree {tp}: {e}"))  # e.g. kv heads < tp
+            continue
+        except UnknownOp as e:  # no rule: declined (the model runs replicated there), never an error
+            declined.append((name, f"no sharding rule: {e}. Fix: report the op so a rule can be added "
+                                   "to oases_fx/propagation.py"))
+            continue
         kind = "attention" if any(n.target in SDPA_OPS or n.target in SOFTMAX_OPS for n in nodes) else "mlp"
         cols = sorted(sources, key=order.__getitem__)
         regions.append(RegionMatch(name=name, kind=kind, columns=cols, row=row, nodes=nodes, state=st))
         assigned |= sources | {row}
+    declined.extend(_orphan_attention(gm, regions, declined))
     names = [r.name for r in regions]
     for r in regions:  # two blocks under one module path get an index to stay unique
         if names.count(r.name) > 1:
@@ -169,6 +173,30 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
             if degrees.get(r.name, tp) != r.state.tp:  # checked at the wrong degree under the short name
                 r.state, r.nodes = _trial(set(r.columns), r.row, order, degrees.get(r.name, tp))
     return regions, declined
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return paths[-1] if paths else node.name
+
+
+def _orphan_attention(gm, regions, declined) -> list:
+    """An attention op (SDPA, or a softmax in eager attention) in no region and under no declined
+    candidate's module path: said, never silent (e.g. its projections are no linear the analysis knows)."""
+    in_region = {n for r in regions for n in r.nodes}
+    named = [name for name, _ in declined]
+    out, seen = [], set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in SDPA_OPS or n in in_region:
+            continue
+        path = _module_path(n)
+        if path in seen or any(path == d or path.startswith(d + ".") or d.startswith(path + ".") for d in named):
+            continue
+        seen.add(path)
+        out.append((path, f"attention in no column -> row pair (no linear with a parameter weight found "
+                          f"before and after it) at {describe(n)}"))
+    return out
 
 
 def _summary(r: RegionMatch) -> str:
@@ -226,3 +254,39 @@ def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModu
     gm_meta["all_regions"] = regions
     gm_meta["declined"] = declined
     return gm
+
+
+PLAN_DECISIONS = ("replicated by the plan", "not in the plan: replicated")
+
+
+def coverage(gm_meta) -> tuple:
+    """(blocks sharded, blocks found, [(name, reason)] declined by the analysis, not by the plan).
+    A block the plan chose to replicate counts as found, not as declined."""
+    declined = [(n, why) for n, why in gm_meta.get("declined", []) if why not in PLAN_DECISIONS]
+    found = len(gm_meta.get("all_regions", [])) + len(declined)
+    return len(gm_meta.get("regions", [])), found, declined
+
+
+def coverage_message(gm_meta, top: int = 3) -> str:
+    """"N of M blocks sharded" and the most frequent reasons (op and source line included), or ""
+    when every block found is sharded or replicated by the plan's choice."""
+    n, m, declined = coverage(gm_meta)
+    if not declined:
+        return ""
+    counts = {}
+    for _, why in declined:
+        counts[why] = counts.get(why, 0) + 1
+    reasons = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    return (f"{n} of {m} blocks sharded; {len(declined)} declined (replicated), top reasons:\n"
+            + "\n".join(f"  {c} x {why}" for why, c in reasons))
+
+
+def check_strict(gm_meta) -> None:
+    """CompileConfig(strict=True): any block declined by the analysis is an error."""
+    n, m, declined = coverage(gm_meta)
+    if declined:
+        name, why = declined[0]
+        raise ShardingError(
+            f"strict=True: {len(declined)} of {m} blocks cannot be sharded; first: '{name}': {why}. "
+            "Fix: compile with strict=False to run those blocks replicated, or replicate them in the plan "
+            "(RegionPlan(name=..., shard=False)).")

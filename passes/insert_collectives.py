@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from oases_fx import meta, runtime
 from oases_fx.errors import ShardingError, describe
-from oases_fx.propagation import linear_parts
+from oases_fx.propagation import linear_parts, weight_arg
 
 aten = torch.ops.aten
 
@@ -106,7 +106,7 @@ def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool =
             sharded_out = n is region.row or (p is not None and not isinstance(p, tuple)) or (
                 isinstance(p, tuple) and any(v is not None for v in p))
             parts = linear_parts(n)
-            weight_like = {parts[1], parts[2]} if parts else set()
+            weight_like = {parts[1], parts[2], weight_arg(n)} if parts else set()  # weight_arg: w.T
             for a in n.all_input_nodes:
                 if a in in_region:
                     continue

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from oases_fx import meta
 from oases_fx.errors import ShardingError, describe
-from oases_fx.propagation import VIEW_OPS, local_shape
+from oases_fx.propagation import VIEW_OPS, local_shape, slice_bounds
 
 aten = torch.ops.aten
 
@@ -98,6 +98,13 @@ def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
                     new = [-1 if s == -1 else v for s, v in zip(n.args[1], new)]
                 rewrites.append(f"{n.name}: {n.target.__name__} {list(n.args[1])} -> {new}")
                 n.args = (n.args[0], new) + tuple(n.args[2:])
+            elif n.target is aten.slice.Tensor and p is not None and not isinstance(p, tuple):
+                sdim, start, end, step = slice_bounds(n)
+                if sdim != p or (start, end) == (0, int(n.args[0].meta["val"].shape[sdim])):
+                    continue
+                new = (n.args[0], sdim, start // d, end // d, step)  # the piece's block (interleaved shard)
+                rewrites.append(f"{n.name}: slice [{start}:{end}] -> [{start // d}:{end // d}]")
+                n.args = new
             elif n.target in (aten.split.Tensor, aten.split_with_sizes.default):
                 x = n.args[0]
                 px = st.placement.get(x)

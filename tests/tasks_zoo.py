@@ -72,3 +72,16 @@ def compare(rank, world_size, *, name, batch=4, seq=8, k=1, backend="aot_eager",
     return dict(losses=torch.stack(losses), ref_losses=torch.stack(ref_losses), logits=logits, ref_logits=r_logits,
                 grads=grads, ref_grads=r_grads, params=full, ref_params=ref.state_dict(), explain=m.explain(),
                 regions=regions, declined=declined, num_blocks=fam.num_blocks)
+
+
+def compile_error(rank, world_size, *, name, batch=4, seq=8, **config):
+    """Compile (eager backend) and return (error type, message), or None if it compiled."""
+    fam = zoo.BY_NAME[name]
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    idx = torch.randint(0, zoo.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1234))
+    try:
+        oases_fx.compile(zoo.build(name), mesh, plan="megatron", backend="eager", verbose=False,
+                         **zoo.compile_inputs(fam, idx, idx), **config)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None

@@ -205,8 +205,9 @@ FAMILIES = [
     Family("gpt_neox", "fused per-head qkv viewed (B,S,heads,3,hd); parallel residual",
            _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", **_std(use_parallel_residual=True, hidden_dropout=0.0,
                                                               attention_dropout=0.0)), _L2),
+    # MHA: a fused q/k/v of unequal pieces (GQA) has no DTensor placement at the boundary (boundary.py)
     Family("phi3", "fused qkv and gate_up split by slicing",
-           _hf("Phi3ForCausalLM", "Phi3Config", **_std(num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0)),
+           _hf("Phi3ForCausalLM", "Phi3Config", **_std(num_key_value_heads=HEADS, resid_pdrop=0.0, embd_pdrop=0.0)),
            _L2),
     Family("falcon", "multi-query attention (1 kv head), fused qkv, parallel attention+MLP",
            _hf("FalconForCausalLM", "FalconConfig", **_common(
