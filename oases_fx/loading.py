@@ -185,21 +185,30 @@ def guard_if_meta(module, meta_init: bool):
     if meta_init:
         names = graph_meta(module.graphs.gm).allocated
         own = module._boundary.local_tensors()  # the plain shards (the DTensor parameters wrap them; oases_fx.boundary)
-        module.__dict__["_load_guard"] = LoadGuard({n: own[n] for n in names if n in own})
+        guard = LoadGuard({n: own[n] for n in names if n in own})
+        module.__dict__["_load_guard"] = guard
+        module.register_load_state_dict_post_hook(guard.on_load_state_dict)
     return module
 
 
 class LoadGuard:
-    """Remembers the tensors allocated uninitialised and their version counters: a forward while any
-    of them was never written (in place: load_full_state_dict, load_hf_checkpoint, DCP, copy_) is an
-    error naming them, instead of a step on garbage."""
+    """Remembers the tensors allocated uninitialised: a forward while any of them was never written is
+    an error naming them, instead of a step on garbage. Written means: its version counter moved (an
+    in-place write to the plain shard: load_full_state_dict, load_pretrained, copy_), or a
+    load_state_dict of the module loaded its key (DCP's set_state_dict writes through the DTensor
+    state dict, whose copies do not move the plain shard's counter)."""
 
     def __init__(self, tensors: dict):
         self.versions = {name: (t, t._version) for name, t in tensors.items()}
+        self.loaded = set()
+
+    def on_load_state_dict(self, module, incompatible_keys) -> None:
+        """load_state_dict post-hook: every key but the missing ones was loaded."""
+        self.loaded |= set(self.versions) - set(incompatible_keys.missing_keys)
 
     def check(self) -> bool:
         """True once every tensor was written; raises WeightsNotLoadedError otherwise."""
-        stale = sorted(name for name, (t, v) in self.versions.items() if t._version == v)
+        stale = sorted(name for name, (t, v) in self.versions.items() if t._version == v and name not in self.loaded)
         if stale:
             raise WeightsNotLoadedError(
                 f"this model was compiled from the meta device and {len(stale)} of its {len(self.versions)} "

@@ -294,3 +294,32 @@ def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2):
         return None
     return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
                 grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()}, buffers={}, ref_buffers={})
+
+
+def meta_dcp_load(rank, world_size, *, cfg, batch, seq, path):
+    """The unsharded model's state dict saved with DCP (every rank the same, plain tensors), then loaded
+    with get_model_state_dict / dcp.load / set_model_state_dict into a model compiled from the meta
+    device: loss, logits, grads vs the unsharded model (and no WeightsNotLoadedError)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model("gpt", cfg)
+    dcp.save({"model": get_model_state_dict(ref)}, checkpoint_id=path)
+    with torch.device("meta"):
+        meta = build_model("gpt", cfg)
+    g = torch.Generator().manual_seed(10)
+    idx = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
+    m = oases_fx.compile(meta, mesh, example_inputs=(idx, idx), plan="megatron", backend="aot_eager", verbose=False)
+    state = {"model": get_model_state_dict(m)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(m, state["model"])
+    logits, loss = m(idx, idx)
+    loss.backward()
+    r_logits, r_loss = ref(idx, idx)
+    r_loss.backward()
+    grads = m.full_grads()
+    if rank != 0:
+        return None
+    return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
+                grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()}, buffers={}, ref_buffers={})

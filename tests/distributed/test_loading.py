@@ -121,3 +121,9 @@ def test_non_persistent_buffer_without_an_init_is_a_clear_error_and_init_buffers
     assert rebuild_non_persistent_buffers(good, "cpu") == ["mask"]
     assert torch.equal(good.mask, torch.tril(torch.ones(4, 4)))
     assert good.lin.weight.is_meta  # parameters stay meta: they come from the checkpoint
+
+
+def test_meta_plain_gpt_loaded_through_dcp(tmp_path):
+    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_embd=32, bias=True)
+    r = get_pool(2).run(tasks_loading.meta_dcp_load, cfg=cfg, batch=2, seq=8, path=str(tmp_path / "ckpt"))[0]
+    _assert_matches_reference(r)
