@@ -165,7 +165,7 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
         cols = sorted(sources, key=order.__getitem__)
         regions.append(RegionMatch(name=name, kind=kind, columns=cols, row=row, nodes=nodes, state=st))
         assigned |= sources | {row}
-    declined.extend(_orphan_attention(gm, regions, declined))
+    declined.extend(_orphan_attention(gm, regions, declined, tried_rows, linear_set))
     names = [r.name for r in regions]
     for r in regions:  # two blocks under one module path get an index to stay unique
         if names.count(r.name) > 1:
@@ -181,14 +181,30 @@ def _module_path(node: fx.Node) -> str:
     return paths[-1] if paths else node.name
 
 
-def _orphan_attention(gm, regions, declined) -> list:
-    """An attention op (SDPA, or a softmax in eager attention) in no region and under no declined
-    candidate's module path: said, never silent (e.g. its projections are no linear the analysis knows)."""
+def _next_linears(node, linears) -> set:
+    seen, stack, found = set(), list(node.users), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in linears:
+            found.add(n)
+        else:
+            stack.extend(n.users)
+    return found
+
+
+def _orphan_attention(gm, regions, declined, tried_rows, linears) -> list:
+    """An attention op (SDPA) in no region and before no declined candidate's row: said, never
+    silent (e.g. its projections are no linear the analysis knows)."""
     in_region = {n for r in regions for n in r.nodes}
     named = [name for name, _ in declined]
     out, seen = [], set()
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in SDPA_OPS or n in in_region:
+            continue
+        if _next_linears(n, linears) & tried_rows:  # its block was tried and declined with a reason
             continue
         path = _module_path(n)
         if path in seen or any(path == d or path.startswith(d + ".") or d.startswith(path + ".") for d in named):

@@ -85,3 +85,51 @@ def compile_error(rank, world_size, *, name, batch=4, seq=8, **config):
     except Exception as e:
         return type(e).__name__, str(e)
     return None
+
+
+def _cell(r) -> str:
+    if "error" in r:
+        return "compile error"
+    return f"{len(r['regions'])}/{r['num_blocks']}"
+
+
+def _why(r) -> str:
+    if "error" in r:
+        return r["error"].split(". Fix")[0].replace("|", "/")[:160]
+    reasons = sorted({why.split(" at node ")[0].split(" from File")[0] for _, why in r["declined"]
+                      if "plan" not in why})
+    return "; ".join(reasons).replace("|", "/")[:200]
+
+
+def markdown_table(by_tp: dict) -> str:
+    """The README's family table from survey() results: {tp: {family: result}}."""
+    tps = sorted(by_tp)
+    lines = ["| family | construct | " + " | ".join(f"TP={tp} blocks sharded" for tp in tps)
+             + " | declined / error and why |", "|---" * (3 + len(tps)) + "|"]
+    for fam in zoo.FAMILIES:
+        rs = [by_tp[tp][fam.name] for tp in tps]
+        why = " / ".join(f"TP={tp}: {_why(r)}" for tp, r in zip(tps, rs) if _why(r))
+        lines.append(f"| {fam.name} | {fam.construct} | " + " | ".join(_cell(r) for r in rs) + f" | {why or '-'} |")
+    return "\n".join(lines)
+
+
+def main():  # python -m tests.tasks_zoo: print the README table (compiles every family at TP=2 and TP=4)
+    from tests.pool import RankPool
+
+    by_tp = {}
+    for tp in (2, 4):
+        pool = RankPool(tp)
+        try:
+            by_tp[tp] = {}
+            for fam in zoo.FAMILIES:
+                try:
+                    by_tp[tp][fam.name] = pool.run(survey, name=fam.name)[0]
+                except Exception as e:
+                    by_tp[tp][fam.name] = dict(error=str(e).splitlines()[-1][:300])
+        finally:
+            pool.close()
+    print(markdown_table(by_tp))
+
+
+if __name__ == "__main__":
+    main()
