@@ -207,6 +207,18 @@ def recording_autograd_functions(calls: list):
     return patched()
 
 
+def redistribute(dt, mesh, placements):
+    """dt.redistribute(mesh, placements); where this torch cannot redistribute between the two layouts
+    (_StridedShard <-> Shard in older releases), gather the full tensor and slice this rank's part
+    locally (distribute_tensor with src_data_rank=None: no scatter). Checkpoint time only."""
+    try:
+        return dt.redistribute(mesh, placements)
+    except (NotImplementedError, RuntimeError, AssertionError):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(dt.full_tensor(), mesh, placements, src_data_rank=None)
+
+
 def dynamo_wrapper_exceptions() -> tuple:
     """The exception types torch.compile wraps a backend's or a traced op's own exception in
     (the original is their __cause__)."""

@@ -291,13 +291,13 @@ class Boundary:
             key = prefix + name
             v = state_dict.get(key)
             if e.strided and isinstance(v, DTensor) and not isinstance(v, nn.Parameter):  # keep_vars=False
-                state_dict[key] = v.redistribute(v.device_mesh, e.contiguous)
+                state_dict[key] = _compat.redistribute(v, v.device_mesh, e.contiguous)
 
     def _load_state_dict_pre_hook(self, module, state_dict, prefix, *args):
         for name, e in self.by_name.items():
             v = state_dict.get(prefix + name)
             if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
-                state_dict[prefix + name] = v.redistribute(e.param.device_mesh, e.param.placements)
+                state_dict[prefix + name] = _compat.redistribute(v, e.param.device_mesh, e.param.placements)
 
 
 def _local_shape(dt):
@@ -371,7 +371,7 @@ def _optim_state_dict_post_hook(opt, state_dict):
     state = state_dict["state"]
     for i, e in _entries_by_index(opt).items():
         if i in state:
-            state[i] = {k: v.redistribute(v.device_mesh, e.contiguous)
+            state[i] = {k: _compat.redistribute(v, v.device_mesh, e.contiguous)
                         if isinstance(v, DTensor) and tuple(v.placements) == tuple(e.param.placements) else v
                         for k, v in state[i].items()}
     return state_dict
@@ -381,7 +381,7 @@ def _optim_load_state_dict_pre_hook(opt, state_dict):
     state = state_dict["state"]
     for i, e in _entries_by_index(opt).items():
         if i in state:
-            state[i] = {k: v.redistribute(e.param.device_mesh, e.param.placements)
+            state[i] = {k: _compat.redistribute(v, e.param.device_mesh, e.param.placements)
                         if isinstance(v, DTensor) and v.dim() > 0 and tuple(v.placements) != tuple(e.param.placements)
                         else v for k, v in state[i].items()}
     return state_dict

@@ -92,6 +92,9 @@ def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_s
         ref_opt.step()
         opt.zero_grad(set_to_none=set_to_none)
         ref_opt.zero_grad(set_to_none=set_to_none)
+    # a new input shape (half the sequence) traces and compiles again: the program must read the trained shards
+    half = idx[0, 0, dp_rank][:, : seq // 2].contiguous(), tgt[0, 0, dp_rank][:, : seq // 2].contiguous()
+    retrace = (_call(kind, m, *half)[1].detach(), _call(kind, ref, *half)[1].detach(), len(m._programs))
     norms = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms])
     all_norms = [torch.empty_like(norms) for _ in range(world_size)]
     dist.all_gather(all_norms, norms)
@@ -104,7 +107,7 @@ def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_s
         return None
     return dict(norms=torch.stack(all_norms), ref_norms=torch.stack(ref_norms), params=full,
                 ref_params=ref.state_dict(), moments=moments, ref_moments=_full_optim_state(ref, ref_opt),
-                spread=spread, param_types=kinds, ref_grads_none=all(p.grad is None for p in ref.parameters()),
+                spread=spread, param_types=kinds, retrace=retrace, ref_grads_none=all(p.grad is None for p in ref.parameters()),
                 grads_none=all(p.grad is None for p in m.parameters()))
 
 

@@ -39,6 +39,9 @@ def _check_training(r, steps):
             torch.testing.assert_close(r["moments"][name][k], ref, atol=ATOL, rtol=RTOL,
                                        msg=lambda m: f"optimizer state {name}.{k}: {m}")
     assert r["grads_none"] == r["ref_grads_none"]
+    loss, ref_loss, programs = r["retrace"]
+    assert programs >= 2, "half the sequence should have traced a new program"
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)  # the new program reads the trained shards
 
 
 def test_adamw_clip_tp2_matches_unsharded():
@@ -97,6 +100,7 @@ def test_dcp_reshards_tp2_to_tp4_and_back(tmp_path):
     _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp4"), tp=2, **kw)[0], saved4)
 
 
+@pytest.mark.extended  # ~40 s: keeps this file within its CI budget; the region-degree layouts run here
 def test_region_degrees_tp4_clip_adamw_and_dcp_reshard(tmp_path):
     # layer 0's attention at degree 1 (Replicate) and MLP at degree 2 ((Replicate, Shard) on the tp axis
     # unflattened to (2, 2)), layer 1 at full degree: one mesh for every parameter, so torch's clip works;
