@@ -102,13 +102,15 @@ class CudagraphRecord:
     devices: tuple = ()
 
 
-def record_cudagraphs(compiled, kwargs, stage: str, keep: "CompiledGraphs") -> CudagraphRecord:
+def record_cudagraphs(compiled, kwargs, stage: str, keep: "CompiledGraphs", *, on_entry: bool = True) -> CudagraphRecord:
     """After Inductor's per-graph compile: read whether it kept CUDA graphs (its `cudagraphs` flag,
     which it switches off when it declines) and say so: a warning when the graph runs on a GPU
     (the user asked and does not get it), an info line on CPU (nothing to capture)."""
     flag = kwargs.get("cudagraphs")
     applied = bool(flag) if flag is not None else False
-    reason = "" if applied else str(getattr(compiled, "disabled_cudagraphs_reason", "") or "not reported by Inductor")
+    reason = "" if applied else str(getattr(compiled, "disabled_cudagraphs_reason", "") or (
+        "not reported by Inductor" if on_entry else "Inductor switched CUDA graphs off for the whole module "
+        "when it declined the forward graph"))
     devices = tuple(sorted(getattr(compiled, "device_types", ()) or ()))
     rec = CudagraphRecord(stage, applied, reason, devices)
     keep.cudagraphs.append(rec)
@@ -206,6 +208,7 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
         # Called for the forward and, lazily at the first backward(), the backward graph: the
         # fusion fence is installed here so it covers both.
         is_backward = bool(kwargs.get("is_backward", False))
+        on_entry = bool(kwargs.get("cudagraphs"))  # one flag for forward and backward: off here if the forward declined
         gm = apply(gm, is_backward)
         if choices_cls is None:
             out = inner(gm, example_inputs, **kwargs)
@@ -213,7 +216,7 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
             with _compat.inductor_choices_handler(choices_cls()):
                 out = inner(gm, example_inputs, **kwargs)
         if cudagraphs:
-            record_cudagraphs(out, kwargs, "backward" if is_backward else "forward", keep)
+            record_cudagraphs(out, kwargs, "backward" if is_backward else "forward", keep, on_entry=on_entry)
         return out
 
     def inductor_backend(gm, example_inputs):
