@@ -14,6 +14,9 @@ Placements, per parameter (``gm.meta["oases"]``: ``sharded_params``, ``param_deg
 * sharded along ``dim``                  -> Shard(dim)
 * fused pieces (q/k/v) sharded per piece -> _StridedShard(dim, split_factor=#pieces): rank r holds
   chunk r of every piece, which is exactly DTensor's strided layout (equal pieces only)
+* fused pieces of unequal sizes (grouped-query q/k/v) -> Shard(dim): right shapes, so norms and
+  optimizers are exact, but no placement describes the layout: state_dict()/DCP raise an OasesError
+  (full_state_dict() works), explain() notes it
 * region of TMP degree 1                 -> Replicate()
 * regions of one TMP degree 1 < d < tp   -> every parameter lives on the tp axis unflattened to (tp/d, d)
   (tp ranks [c*d, (c+1)*d) hold shards 0..d-1): degree d is (Replicate(), Shard(dim)), full degree
@@ -64,10 +67,10 @@ class _Shell(nn.Module):
 
 
 class _Entry:
-    __slots__ = ("names", "plain", "param", "strided", "contiguous", "__weakref__")
+    __slots__ = ("names", "plain", "param", "strided", "contiguous", "unequal", "__weakref__")
 
     def __init__(self, names, plain, param, strided, contiguous):
-        self.names, self.plain, self.param = names, plain, param
+        self.names, self.plain, self.param, self.unequal = names, plain, param, False
         self.strided = strided  # the placements are strided (needs a conversion for DCP)
         self.contiguous = contiguous  # the DCP-compatible placements of the same tensor (== param's if not strided)
 
@@ -119,11 +122,11 @@ class Boundary:
         self.keys = list(module.state_dict(keep_vars=True))
         self._hooks = [e.plain.register_post_accumulate_grad_hook(self._grad_hook(e))
                        for e in self.entries.values() if e.plain.requires_grad]
-        if any(e.strided for e in self.entries.values()):
+        if any(e.strided or e.unequal for e in self.entries.values()):
             module.register_state_dict_post_hook(lambda *a: self._state_dict_post_hook(*a))  # functions, not methods
             module.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict_pre_hook(*a))
             for e in self.entries.values():
-                if e.strided:
+                if e.strided or e.unequal:
                     _STRIDED[id(e.param)] = weakref.ref(e)
             _install_optimizer_hook()
 
@@ -164,13 +167,11 @@ class Boundary:
         if spec is not None:
             dim, pieces, full_shape = spec
             full_shape = tuple(full_shape)
-            if pieces and len(set(pieces)) > 1:
-                raise OasesError(
-                    f"{name}: a fused weight of unequal pieces {list(pieces)} along dim {dim} (grouped-query q/k/v?) has "
-                    "no DTensor placement DCP can describe. Fix: keep q, k and v as separate nn.Linear layers, or "
-                    "exclude this block from sharding.")
+            unequal = bool(pieces) and len(set(pieces)) > 1
         else:
-            full_shape = tuple(plain.shape)
+            full_shape, unequal = tuple(plain.shape), False
+        if unequal:  # no DTensor placement is this layout: Shard(dim) has the right shapes (norms, optimizers are exact)
+            spec = (dim, None, full_shape)
         mesh, placements, contiguous = self._placements(spec, d)
         strided = any(_compat.is_strided_shard(p) for p in placements)
         local = plain.detach()  # shares storage and version counter with the compiled program's tensor
@@ -183,7 +184,12 @@ class Boundary:
         param = nn.Parameter(dt, requires_grad=plain.requires_grad)
         if _compat.local_of(param).data_ptr() != plain.data_ptr():
             raise AssertionError(f"{name}: the DTensor parameter does not share the compiled program's storage")
-        return _Entry([], plain, param, strided, contiguous)
+        e = _Entry([], plain, param, strided, contiguous)
+        e.unequal = unequal and (pieces, dim)
+        if unequal:
+            self.notes.append(f"{name}: fused weight of unequal pieces {list(pieces)}: a Shard({dim}) DTensor for "
+                              "clipping and optimizers; state_dict()/DCP raise (use full_state_dict())")
+        return e
 
     def _sub_mesh(self, d):
         if d not in self._sub_meshes:
@@ -290,6 +296,8 @@ class Boundary:
         for name, e in self.by_name.items():
             key = prefix + name
             v = state_dict.get(key)
+            if e.unequal and isinstance(v, DTensor) and not isinstance(v, nn.Parameter):
+                raise _unequal_error(key, e)
             if e.strided and isinstance(v, DTensor) and not isinstance(v, nn.Parameter):  # keep_vars=False
                 state_dict[key] = _compat.redistribute(v, v.device_mesh, e.contiguous)
 
@@ -298,6 +306,15 @@ class Boundary:
             v = state_dict.get(prefix + name)
             if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
                 state_dict[prefix + name] = _compat.redistribute(v, e.param.device_mesh, e.param.placements)
+
+
+def _unequal_error(key, e, what=""):
+    pieces, dim = e.unequal
+    return OasesError(
+        f"state_dict: {what}{key} is a fused weight of unequal pieces {list(pieces)} along dim {dim} (grouped-query "
+        "q/k/v?), held per piece; no DTensor placement describes that layout, so it cannot go into a DCP checkpoint "
+        "or a sharded state_dict (training, clipping and optimizers are exact). Fix: checkpoint with "
+        "model.full_state_dict() / load_full_state_dict(), or keep q, k and v as separate nn.Linear layers.")
 
 
 def _local_shape(dt):
@@ -370,6 +387,8 @@ def _on_optimizer_step(opt, args, kwargs):
 def _optim_state_dict_post_hook(opt, state_dict):
     state = state_dict["state"]
     for i, e in _entries_by_index(opt).items():
+        if e.unequal and i in state:
+            raise _unequal_error(e.names[0], e, "optimizer state of ")
         if i in state:
             state[i] = {k: _compat.redistribute(v, v.device_mesh, e.contiguous)
                         if isinstance(v, DTensor) and tuple(v.placements) == tuple(e.param.placements) else v

@@ -171,3 +171,31 @@ def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=
     placements = {n: str(p.placements) for n, p in model.named_parameters()} if sharded else {}
     return dict(params=full, moments=moments, placements=placements) if rank == 0 else None
 
+
+
+def unequal_pieces(rank, world_size, *, batch=2, seq=8):
+    """HF Phi-3 with grouped-query attention: its fused qkv_proj has unequal pieces (q > k = v). One AdamW
+    step with clipping next to the unsharded model, then state_dict() (must be a clear error)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    ref = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                     pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    mesh = _mesh(world_size, None)
+    idx, tgt = _batch(dict(vocab_size=64), batch, seq)
+    m = _compile("hf", copy.deepcopy(ref), mesh, idx, tgt)
+    out = {}
+    for model in (m, ref):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(input_ids=idx, labels=tgt).loss.backward()
+        n = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        out["norm" if model is m else "ref_norm"] = n.full_tensor() if isinstance(n, DTensor) else n
+    try:
+        m.state_dict()
+        out["error"] = None
+    except oases_fx.OasesError as e:
+        out["error"] = str(e)
+    out.update(params=m.full_state_dict(), ref_params=ref.state_dict(), explain=m.explain())
+    return out if rank == 0 else None

@@ -115,3 +115,13 @@ def test_region_degrees_tp4_clip_adamw_and_dcp_reshard(tmp_path):
     got = pool.run(tasks_stack.dcp_load, path=str(tmp_path / "deg"), degrees=[(2, 1)], **kw)[0]
     _assert_equal_state(got, saved)
     assert got["placements"]["transformer.h.0.attn.c_attn.weight"] == "(Replicate(), _StridedShard(dim=0, sf=3))"
+
+
+@pytest.mark.extended  # HF Phi-3 import + compile; the CI budget of this file is taken by the tests above
+def test_fused_qkv_of_unequal_pieces_trains_and_refuses_a_sharded_state_dict():
+    r = get_pool(2).run(tasks_stack.unequal_pieces)[0]
+    torch.testing.assert_close(r["norm"], r["ref_norm"], atol=0, rtol=1e-5)
+    for name, ref in r["ref_params"].items():
+        torch.testing.assert_close(r["params"][name], ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"param {name}: {m}")
+    assert r["error"] is not None and "unequal pieces" in r["error"] and "full_state_dict" in r["error"]
+    assert "qkv_proj.weight: fused weight of unequal pieces" in r["explain"]
