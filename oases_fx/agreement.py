@@ -129,7 +129,9 @@ def tensor_fingerprints(named) -> dict:
             x = flat if flat.is_floating_point() or flat.is_complex() else flat.double()
             if x.is_complex():
                 x = torch.view_as_real(x).reshape(-1)
-            pick = torch.linspace(0, n - 1, min(n, 16), device=t.device).long()
+            m = min(n, 16)  # evenly spaced elements, in integer arithmetic: a float32 linspace rounds
+            # n - 1 up to n past 2**24 elements and indexes out of bounds (seen at h=4096 on GPU)
+            pick = torch.arange(m, dtype=torch.int64, device=t.device) * (n - 1) // max(m - 1, 1)
             w = torch.arange(1, pick.numel() + 1, dtype=torch.float64, device=t.device)
             rows.append(torch.stack([torch.sum(x, dtype=torch.float64),
                                      torch.linalg.vector_norm(x, dtype=torch.float64),
