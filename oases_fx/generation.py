@@ -182,6 +182,9 @@ def generate(module, *args, **kwargs):
     hf = module._model
     if not hasattr(hf, "generate") or not hasattr(hf, "config"):
         raise OasesError(f"generate() needs a Hugging Face model with a generate() method; {type(hf).__name__} has none.")
+    if getattr(hf.config, "is_encoder_decoder", False):
+        raise OasesError(f"generate() on a compiled {type(hf).__name__}: oases_fx decodes causal (decoder-only) models "
+                         "only (it right-pads the sequence to a bucket, which is exact only under a causal mask).")
     if kwargs.get("use_cache"):
         raise OasesError("generate(use_cache=True) on a compiled model: oases_fx decodes without a KV cache "
                          "(each step recomputes the prefix, padded to a bucket). Fix: drop use_cache.")
