@@ -24,6 +24,7 @@ Contract
 Pseudocode
   deps   = data edges + order edges (impure nodes chained; mutating nodes are barriers)
   order  = placeholders; issue every ready collective while in_flight < max_in_flight
+           (ready collectives are issued in the order they became ready)
   while nodes remain:
       candidates = nodes whose missing inputs are only waits of issued collectives
       if none: emit the oldest ready wait; continue
@@ -348,7 +349,8 @@ class _ListScheduler:
         self.ready_by_first: dict[int, list] = {}     # first -> [(static, version, node)]
         self.stalled: list = []                       # (ready_at, static, version, node)
         self.by_pos: list = []                        # (pos, version, node): every candidate
-        self.ready_comms: list = []                   # (pos, node): collectives ready to issue
+        self.ready_comms: list = []                   # (ready seq, pos, node): collectives ready to issue
+        self.ready_seq = 0                            # first ready, first issued (the planner's order too)
         self.ready_waits: list = []                   # (pos, node): waits whose collective issued
         for n in self.body:
             if self.is_wait[n] and self.missing[n] == 0:
@@ -377,7 +379,8 @@ class _ListScheduler:
         ver = self.version[n]
         pending = self._pending_waits(n)
         if n in self.comm_bit and not pending:
-            heapq.heappush(self.ready_comms, (self.pos[n], n))
+            self.ready_seq += 1
+            heapq.heappush(self.ready_comms, (self.ready_seq, self.pos[n], n))
             return
         heapq.heappush(self.by_pos, (self.pos[n], ver, n))
         ready_at = self._ready_at(pending)
@@ -445,11 +448,11 @@ class _ListScheduler:
 
     def _issue_ready_collectives(self) -> None:
         while len(self.in_flight) < self.options.max_in_flight:
-            while self.ready_comms and self.ready_comms[0][1] in self.emitted:
+            while self.ready_comms and self.ready_comms[0][-1] in self.emitted:
                 heapq.heappop(self.ready_comms)
             if not self.ready_comms:
                 return
-            self._emit(heapq.heappop(self.ready_comms)[1])
+            self._emit(heapq.heappop(self.ready_comms)[-1])
 
     def _pick(self) -> Optional[fx.Node]:
         best = None

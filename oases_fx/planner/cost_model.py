@@ -44,6 +44,11 @@ and the last sub-batch's collective overlaps the first sub-batch's work of the n
                    GR(r)
                for j: wait AR_b(first, j); head backward; wait every GR; [wait AG_logits]
 
+At most MAX_IN_FLIGHT collectives are in flight (schedule_overlap's ScheduleOptions.max_in_flight):
+a collective past the bound is issued right after the next wait, and a wait reached before its
+collective was issued waits the oldest in flight first (tests/unit/test_planner_order.py checks
+this order against the pass's on a graph of k sub-batch chains).
+
 Head (before the first region) and tail (after the last) run whole: split_sub_batches only
 splits the region chain. With vocab_parallel they run their vocabulary-parallel variants (LM
 head and cross-entropy over V/T, embedding lookup in a V/T table). The optimizer step is not part
@@ -77,6 +82,7 @@ import torch
 import torch.fx as fx
 
 from oases_fx import meta as oases_meta
+from oases_fx.passes.schedule_overlap import ScheduleOptions
 from oases_fx.plan import RECOMPUTE_POLICIES, Plan
 from oases_fx.timeline import COMM, COMPUTE, TableCostModel, Timeline, is_free_op, op_key, simulate
 
@@ -877,6 +883,9 @@ class CostCache:
 
 _SUB_BATCH_META: dict = {}
 
+MAX_IN_FLIGHT = ScheduleOptions().max_in_flight
+"""The schedule pass's default bound on collectives in flight: the host order predicted is the pass's."""
+
 
 @dataclass
 class _Template:
@@ -895,16 +904,26 @@ class _Template:
     """(name, region, field)."""
     owner: dict = field(default_factory=dict)
     """Event name -> region (relative) or None."""
+    max_in_flight: Optional[int] = None
+    """Most collectives issued and not yet waited (ScheduleOptions.max_in_flight, the schedule pass's
+    bound): a collective past it is issued right after the next wait, and a wait still ahead of an
+    unissued collective waits the oldest one in flight first, as schedule_overlap orders them.
+    None: unbounded."""
     _graph: fx.Graph = field(default_factory=fx.Graph)
+    _in_flight: list = field(default_factory=list)
+    _deferred: list = field(default_factory=list)
+    _waited: set = field(default_factory=set)
+    _where: dict = field(default_factory=dict)
 
-    def _node(self, target, name, args, owner, sub_batch):
+    def _node(self, target, name, args, owner, sub_batch, append=True):
         n = fx.Node(self._graph, name, "call_function", target, args, {})
         if sub_batch is not None:
             meta = _SUB_BATCH_META.get(sub_batch)
             if meta is None:
                 meta = _SUB_BATCH_META[sub_batch] = oases_meta.OasesMeta(sub_batch=sub_batch)
             n.meta[oases_meta.KEY] = meta
-        self.nodes.append(n)
+        if append:
+            self.nodes.append(n)
         self.owner[name] = owner
         return n
 
@@ -913,21 +932,43 @@ class _Template:
         self.compute.append((name, owner, fields))
 
     def comm_ev(self, name, owner, sub_batch, what):
-        n = self._node(_comm_event, name, (), owner, sub_batch)
+        n = self._node(_comm_event, name, (), owner, sub_batch, append=False)
         self.comm.append((name, owner, what))
+        self._where[n] = (owner, sub_batch)
+        self._deferred.append(n)
+        self._issue()
         return n
 
+    def _issue(self):
+        while self._deferred and (self.max_in_flight is None or len(self._in_flight) < self.max_in_flight):
+            c = self._deferred.pop(0)
+            self.nodes.append(c)
+            self._in_flight.append(c)
+
+    def _wait(self, c):
+        owner, sub_batch = self._where[c]
+        self._node(_wait_event, "wait_" + c.name, (c,), owner, sub_batch)
+        self._in_flight.remove(c)
+        self._waited.add(c)
+        self._issue()
+
     def wait_ev(self, comm_node, owner, sub_batch):
-        if comm_node is not None:
-            self._node(_wait_event, "wait_" + comm_node.name, (comm_node,), owner, sub_batch)
+        if comm_node is None or comm_node in self._waited:
+            return
+        while comm_node in self._deferred:  # not issued yet: the oldest in flight is waited first
+            self._wait(self._in_flight[0])
+        if comm_node not in self._waited:
+            self._wait(comm_node)
 
 
-def _build_template(k: int, rc: str, comm: tuple, outside: bool, vocab: tuple = (False, False)) -> _Template:
+def _build_template(k: int, rc: str, comm: tuple, outside: bool, vocab: tuple = (False, False),
+                    max_in_flight: Optional[int] = None) -> _Template:
     """See the module docstring for the order. comm[r]: region r's (all-reduce, all-gather,
-    gradient all-reduce) flags; vocab: (vocab_parallel, logits all-gather)."""
+    gradient all-reduce) flags; vocab: (vocab_parallel, logits all-gather); max_in_flight: the
+    schedule pass's bound on collectives in flight (_Template.max_in_flight)."""
     n = len(comm)
     vp, logits_ag = vocab if outside else (False, False)
-    ev = _Template()
+    ev = _Template(max_in_flight=max_in_flight)
     if outside:
         ev.compute_ev("head_fwd", None, None, "head_fwd")
         if vp:
@@ -1007,13 +1048,14 @@ _TEMPLATE_CACHE_MAX_REGIONS = 2
 """Templates of up to this many regions (the search's single and pair simulations) are kept."""
 
 
-def _template(k: int, rc: str, comm: tuple, outside: bool, vocab: tuple = (False, False)) -> _Template:
+def _template(k: int, rc: str, comm: tuple, outside: bool, vocab: tuple = (False, False),
+              max_in_flight: Optional[int] = None) -> _Template:
     if len(comm) > _TEMPLATE_CACHE_MAX_REGIONS:
-        return _build_template(k, rc, comm, outside, vocab)
-    key = (k, rc, comm, outside, vocab)
+        return _build_template(k, rc, comm, outside, vocab, max_in_flight)
+    key = (k, rc, comm, outside, vocab, max_in_flight)
     t = _TEMPLATES.get(key)
     if t is None:
-        t = _TEMPLATES[key] = _build_template(k, rc, comm, outside, vocab)
+        t = _TEMPLATES[key] = _build_template(k, rc, comm, outside, vocab, max_in_flight)
     return t
 
 
@@ -1031,7 +1073,7 @@ def simulate_choice(model: ModelSpec, choice: Choice, profile: "Profile", *, lo:
     if vp and model.vocab is None:
         raise ValueError(f"vocab_parallel: the model has no vocabulary-parallel variant ({model.vocab_reason})")
     vocab = (vp, vp and model.vocab.logits_gather_bytes > 0)
-    tpl = _template(k, choice.recompute, comm_flags, outside, vocab)
+    tpl = _template(k, choice.recompute, comm_flags, outside, vocab, MAX_IN_FLIGHT)
     fixed = {}
     if outside:
         head, tail = (model.vocab.head_ops, model.vocab.tail_ops) if vp else (model.head_ops, model.tail_ops)

@@ -14,6 +14,7 @@ import pytest
 
 from oases_fx.errors import OasesError
 from oases_fx.plan import RECOMPUTE_POLICIES
+from oases_fx.planner import cost_model
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.planner import (
     REPLICATED, AlphaBeta, Choice, ModelSpec, OpSpec, Profile, RegionSpec, RegionVariant, VocabSpec, choice_of,
@@ -282,7 +283,25 @@ def test_search_with_degrees_finds_brute_force_optimum(layers, tp, degrees, gb_p
     assert plan.predicted["step_ms"] == pytest.approx(best.step_us / 1e3, abs=1e-4)
 
 
-def test_slow_link_picks_degree_1_for_small_parameter_regions():
+def test_default_in_flight_bound_costs_degree_1(monkeypatch):
+    """The bound only delays: every choice predicts at least its unbounded time, and the search
+    still finds the brute-force optimum under it."""
+    layers = [ATTN, SMALLP, ATTN, SMALLP]
+    model, profile = synthetic(layers, tp=2, gb_per_s=40.0, degrees=(1,))
+    bounded = choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile)
+    assert cost_model.MAX_IN_FLIGHT == 2 and _choice(bounded) == brute_force(model, profile).choice
+    monkeypatch.setattr(cost_model, "MAX_IN_FLIGHT", None)
+    free = choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile)
+    assert free.predicted["step_ms"] <= bounded.predicted["step_ms"]
+    assert any(d == 1 for d in _degrees(free))  # unbounded, the slow link moves a region to d=1
+
+
+def test_slow_link_picks_degree_1_for_small_parameter_regions(monkeypatch):
+    # With schedule_overlap's default bound of 2 collectives in flight (which the planner models),
+    # a degree-1 region's gradient all-reduce holds a slot the next sub-batch's all-gather needs
+    # and d=1 stops paying here (test_default_in_flight_bound_costs_degree_1 below); a bound of 3
+    # leaves the room this test is about.
+    monkeypatch.setattr(cost_model, "MAX_IN_FLIGHT", 3)
     layers = [ATTN, SMALLP, ATTN, SMALLP]
     model, profile = synthetic(layers, tp=2, gb_per_s=40.0, degrees=(1,))
     plan = choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile)
@@ -355,7 +374,8 @@ def test_degrees_not_described_are_rejected_with_reason():
         choose_plan(model, tp=4, batch=8, seq_len=128, profile=profile, degrees=(3,))
 
 
-def test_degree_plans_round_trip_through_json_and_keep_digest_at_full_degree():
+def test_degree_plans_round_trip_through_json_and_keep_digest_at_full_degree(monkeypatch):
+    monkeypatch.setattr(cost_model, "MAX_IN_FLIGHT", 3)  # room for d=1 (see test_slow_link_picks_degree_1...)
     model, profile = synthetic([ATTN, SMALLP, ATTN, SMALLP], tp=2, gb_per_s=40.0, degrees=(1,))
     plan = choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile)
     assert any(r.tp_degree == 1 for r in plan.regions)
@@ -370,7 +390,8 @@ def test_degree_plans_round_trip_through_json_and_keep_digest_at_full_degree():
     assert Plan.from_json(full.to_json()).digest() == legacy.digest()
 
 
-def test_explain_shows_degrees_vocab_and_runners_up():
+def test_explain_shows_degrees_vocab_and_runners_up(monkeypatch):
+    monkeypatch.setattr(cost_model, "MAX_IN_FLIGHT", 3)  # room for d=1 (see test_slow_link_picks_degree_1...)
     model, profile = synthetic([ATTN, SMALLP, ATTN, SMALLP], tp=2, gb_per_s=40.0, degrees=(1,))
     plan = choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile)
     for use_rich in (False, True):
