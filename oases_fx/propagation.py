@@ -127,6 +127,9 @@ class ShardState:
     weight_dim: dict = field(default_factory=dict)  # weight get_attr Node -> sharded dim
     bias_dim: dict = field(default_factory=dict)  # bias get_attr Node -> sharded dim (column bias)
     rows: list = field(default_factory=list)  # row linear Nodes (partial outputs)
+    partial_reductions: list = field(default_factory=list)  # mean/sum over the sharded dim: all-reduced
+    param_inputs: dict = field(default_factory=dict)  # input Node (a parameter, maybe cast) -> its get_attr,
+    # sharded because it meets a sharded tensor pointwise (a q/k norm weight over the full width)
 
     def of(self, arg) -> Placement:
         if isinstance(arg, fx.Node):
@@ -253,7 +256,7 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
         return
 
     if isinstance(tgt, torch._ops.OpOverload) and torch.Tag.pointwise in tgt.tags:
-        st.placement[node] = _pointwise(node, args, pls, out_nd)
+        st.placement[node] = _pointwise(node, args, pls, out_nd, st)
         return
 
     d = pls[0]
@@ -363,6 +366,12 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
     if tgt in REDUCE_OPS:
         dims = node.args[1] if len(node.args) > 1 else None
         dims = list(range(ndim(x))) if not dims else [int(v) % ndim(x) for v in dims]
+        if d in dims and tgt in (aten.mean.dim, aten.sum.dim_IntList) and dims == [d] and val(node).dtype.is_floating_point:
+            # a norm's statistics over the full width (OLMo-2's q/k RMSNorm): the local mean or sum,
+            # all-reduced over the TMP group by insert_collectives (Megatron g: backward identity)
+            st.partial_reductions.append(node)
+            st.placement[node] = None
+            return
         if d in dims:
             raise Incompatible("reduction over the sharded dim")
         keep = out_nd == ndim(x)
@@ -451,7 +460,17 @@ def _slice_pieces(node, x, d, st) -> None:
     st.pieces[col] = sizes
 
 
-def _pointwise(node, args, pls, out_nd):
+def _param_base(a):
+    """The get_attr of a parameter used only here, directly or through one dtype cast; else None."""
+    base = a
+    if base.op == "call_function" and base.target in (aten._to_copy.default, aten.to.dtype) and len(base.users) == 1:
+        base = base.args[0]
+    if isinstance(base, fx.Node) and base.op == "get_attr" and ndim(base) >= 1 and len(base.users) == 1:
+        return base
+    return None
+
+
+def _pointwise(node, args, pls, out_nd, st=None):
     dims = set()
     for a, p in zip(args, pls):
         if p is not None:
@@ -463,6 +482,12 @@ def _pointwise(node, args, pls, out_nd):
     for a, p in zip(args, pls):
         if p is None and val(a) is not None and val(a).dim() > 0:
             ad = d - (out_nd - ndim(a))
+            if ad >= 0 and val(a).shape[ad] != 1 and val(a).shape[ad] == out_shape[d] and st is not None:
+                base = _param_base(a)
+                if base is not None and val(a).shape[ad] % st.tp == 0:
+                    st.param_inputs[a] = base  # a norm weight over the sharded width: sharded with it
+                    st.bias_dim[base] = ad
+                    continue
             if ad >= 0 and val(a).shape[ad] != 1 and val(a).shape[ad] == out_shape[d]:
                 raise Incompatible(
                     f"pointwise {node.target} combines a sharded tensor with a replicated one ({a.name}) "

@@ -261,6 +261,8 @@ def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModu
             meta.update(w, region=r.name, role="column", placement=f"S({st.weight_dim[w]})", pieces=pieces)
             if isinstance(bias, fx.Node):
                 meta.update(bias, region=r.name, role="column", placement="S(0)", pieces=pieces)
+        for base in st.param_inputs.values():  # norm weights over the sharded width
+            meta.update(base, region=r.name, role="column", placement=f"S({st.bias_dim[base]})")
         _, w, bias, _ = linear_parts(r.row)
         meta.update(w, region=r.name, role="row", placement=f"S({st.weight_dim[w]})")
         if isinstance(bias, fx.Node):

@@ -107,6 +107,7 @@ def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool =
                 isinstance(p, tuple) and any(v is not None for v in p))
             parts = linear_parts(n)
             weight_like = {parts[1], parts[2], weight_arg(n)} if parts else set()  # weight_arg: w.T
+            weight_like |= set(st.param_inputs) | set(st.param_inputs.values())  # sharded norm weights
             for a in n.all_input_nodes:
                 if a in in_region:
                     continue
@@ -125,6 +126,19 @@ def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool =
                     b = f_nodes[a]
                 if b is not a:
                     n.replace_input_with(a, b)
+        # a mean/sum over the sharded dim (a norm's statistics): local value all-reduced (g), mean / d
+        for n in st.partial_reductions if inner is not None else ():
+            users_n = list(n.users)
+            # forward: sum of the ranks' partial statistics (g); backward: the statistic's gradient is
+            # itself partial (each rank's shard uses it), so it is summed too (f)
+            out_n = add(g_fn, (n, inner), n, region, "reduce_from_tp", n, before=False)
+            out_n = add(f_fn, (out_n, inner), out_n, region, "copy_to_tp", n, before=False)
+            if n.target is aten.mean.dim:
+                out_n = add(aten.div.Tensor, (out_n, region.degree or 1), out_n, region, "reduce_from_tp", n,
+                            before=False)
+            for u in users_n:
+                u.replace_input_with(n, out_n)
+            inserted.append(f"{region.name}: reduce_from_tp (g) of the statistics {n.name} over the sharded width")
         # g after the row linear (over the inner group; none for d=1); its bias after g.
         row = region.row
         x, w, bias, _ = linear_parts(row)

@@ -16,20 +16,21 @@ from tests.conftest import get_pool
 from tests.distributed.test_equivalence import assert_matches
 
 # Every block sharded at this TP degree (measured; the README table is generated from these tests).
-FULL_TP2 = ["gpt_neox", "phi3", "mistral", "qwen2", "qwen3", "gemma3", "gptj", "phi", "stablelm", "opt",
+FULL_TP2 = ["gpt_neox", "phi3", "mistral", "qwen2", "olmo2", "cohere", "qwen3", "gemma3", "gptj", "phi", "stablelm", "opt",
             "meta_llama", "stack_rope_llama", "moe_llama"]
-FULL_TP4 = ["gpt_neox", "phi3", "gptj", "phi", "stablelm", "opt", "stack_rope_llama", "moe_llama"]
+FULL_TP4 = ["gpt_neox", "phi3", "olmo2", "cohere", "gptj", "phi", "stablelm", "opt", "stack_rope_llama", "moe_llama"]
 # One family per construct, every CI run (the rest: OASES_FX_EXTENDED=1).
 CI_FAMILIES = {
     "gpt_neox": "fused per-head qkv view (B,S,heads,3,hd), parallel residual",
     "phi3": "fused qkv cut by slicing",
     "qwen3": "per-head q/k norm, GQA",
+    "olmo2": "q/k RMSNorm over the full width (statistics all-reduced, norm weight sharded)",
     "gptj": "rotary with stack/flatten, parallel attention+MLP",
     "meta_llama": "complex rotary (view_as_complex, polar)",
     "moe_llama": "MoE: every expert's column -> row pair",
 }
 # Compile, but some block is declined (with its reason): still exact, replicated there.
-DECLINED_TP2 = ["falcon", "olmo2", "cohere"]
+DECLINED_TP2 = ["falcon"]
 
 
 def _grid(names, tp):
@@ -62,7 +63,7 @@ def test_zoo_tp4_every_block_sharded_and_exact(name, k):
     assert_matches(r)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "olmo2" else (pytest.mark.extended,))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=())
                                   for n in DECLINED_TP2])
 def test_declined_block_explains_itself_and_trains_exactly(name):
     """A block the rules cannot shard is declined with the reason, the op and the model's source
@@ -78,7 +79,7 @@ def test_declined_block_explains_itself_and_trains_exactly(name):
 
 
 def test_strict_raises_on_a_declined_block():
-    out = get_pool(2).run(tasks_zoo.compile_error, name="olmo2", strict=True)
+    out = get_pool(2).run(tasks_zoo.compile_error, name="falcon", strict=True)
     kind, msg = out[0]
     assert kind == "ShardingError" and "strict=True" in msg and "at node '" in msg, msg
-    assert get_pool(2).run(tasks_zoo.compile_error, name="olmo2", strict=False)[0] is None
+    assert get_pool(2).run(tasks_zoo.compile_error, name="falcon", strict=False)[0] is None
