@@ -227,6 +227,11 @@ class OasesModule(nn.Module):
                                                        else "embeddings, norms, LM head, loss)."))
         lines.append("Declined (not sharded):")
         lines.extend(f"  {name}: {why}" for name, why in m.declined) if m.declined else lines.append("  (none)")
+        an = m.analysis
+        if an is not None:  # oases_fx.analysis: once per trace, read by the planner and the passes
+            lines.append(f"Analysis ({len(an.regions)} TMP regions found at degree {an.tp}; batch dims "
+                         f"{an.batch_dims_method}):")
+            lines.extend(f"  {d}" for d in an.decisions if not d.decision.endswith("region found"))
         lines.append("Collectives inserted:")
         lines.extend(f"  {c}" for c in m.collectives)
         lines.append("Shape constants rewritten:")

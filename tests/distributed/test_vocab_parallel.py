@@ -50,6 +50,10 @@ def test_plain_gpt_tied_tp2_sub_batches_fine_recompute():
                         recompute="fine")[0]
     _check(r, 2, weights=("lm_head.weight", "transformer.wte.weight"))
     assert "split" in r["explain"] and "fine recompute" in r["explain"]
+    # The one analysis (oases_fx.analysis) says what it found: batch dims from this trace alone.
+    assert "Analysis (4 TMP regions found at degree 2" in r["explain"]
+    assert "batch dims propagated from the inputs (one trace)" in r["explain"]
+    assert "vocab-parallel: pattern found" in r["explain"] and "tied" in r["explain"]
 
 
 def test_plain_gpt_tp4():
@@ -69,6 +73,9 @@ def test_hf_llama_untied_tp2_labels_with_ignore_index():
     r = get_pool(2).run(tasks_vocab.compare_vocab_parallel, kind="hf_llama", cfg=cfg, batch=4, seq=8, k=2,
                         recompute="fine", ignored=3)[0]
     _check(r, 2, weights=("lm_head.weight", "model.embed_tokens.weight"))  # untied: two tables
+    # HF's masks (an expand of an arange to the batch) are found by propagation, not a second trace
+    assert "Analysis (2 TMP regions found at degree 2; batch dims propagated from the inputs (one trace))" \
+        in r["explain"]
 
 
 def test_log_softmax_nll_sum_untied_with_lm_head_bias():
