@@ -1,8 +1,8 @@
 """split_sub_batches (ACT): run the batch-parallel region as k sub-batch copies joined by split/cat.
 
 Kind: ACT. Preconditions: the sharding passes have run (TMP regions tagged); gm.meta["oases"]
-["batch_dims"] maps each traced node name to the dim that carries the batch (found by tracing the
-model at two batch sizes: the dims whose size moves with the batch). Invariant: values are those
+["batch_dims"] maps each traced node name to the dim that carries the batch (oases_fx.analysis:
+propagated from the inputs on the one trace; tracing again at batch B+1 only where that fails). Invariant: values are those
 of the unsplit graph up to the order of floating-point additions inside batch rows (none: every
 op in the region is row-wise), so only ops that mix batch rows (the loss, batch norm) see the
 whole batch, and the loss semantics are exact.
