@@ -96,8 +96,10 @@ def _cell(r) -> str:
 def _why(r) -> str:
     if "error" in r:
         return r["error"].split(". Fix")[0].replace("|", "/")[:160]
-    reasons = sorted({why.split(" at node ")[0].split(" from File")[0] for _, why in r["declined"]
-                      if "plan" not in why})
+    from oases_fx.passes.annotate_sharding import PLAN_DECISIONS
+
+    reasons = sorted({why.split(" at node ")[0].split(" from File")[0].split(". Fix")[0] for _, why in r["declined"]
+                      if why not in PLAN_DECISIONS})
     return "; ".join(reasons).replace("|", "/")[:200]
 
 
@@ -109,7 +111,7 @@ def markdown_table(by_tp: dict) -> str:
     for fam in zoo.FAMILIES:
         rs = [by_tp[tp][fam.name] for tp in tps]
         why = " / ".join(f"TP={tp}: {_why(r)}" for tp, r in zip(tps, rs) if _why(r))
-        lines.append(f"| {fam.name} | {fam.construct} | " + " | ".join(_cell(r) for r in rs) + f" | {why or '-'} |")
+        lines.append(f"| {fam.name} | {fam.construct.replace('|', '/')} | " + " | ".join(_cell(r) for r in rs) + f" | {why or '-'} |")
     return "\n".join(lines)
 
 

@@ -214,7 +214,7 @@ FAMILIES = [
                hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, multi_query=True,
                parallel_attn=True, new_decoder_architecture=False, alibi=False, bias=False,
                hidden_dropout=0.0, attention_dropout=0.0, ffn_hidden_size=INTER)), _L2),
-    Family("gpt_bigcode", "multi-query attention, fused c_attn split q | kv",
+    Family("gpt_bigcode", "multi-query attention, fused c_attn split q / kv",
            _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", **_common(
                n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER, n_positions=SEQ * 2, multi_query=True,
                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)), _L2),

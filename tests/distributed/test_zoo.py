@@ -11,6 +11,7 @@ CI runs one family per construct (CI_FAMILIES); the rest of the grid is `extende
 """
 import pytest
 
+from oases_fx.passes.annotate_sharding import PLAN_DECISIONS
 from tests import tasks_zoo, zoo
 from tests.conftest import get_pool
 from tests.distributed.test_equivalence import assert_matches
@@ -46,7 +47,7 @@ def _grid(names, tp):
 def _check_all_sharded(r, name, tp):
     assert len(r["regions"]) == r["num_blocks"], (
         f"{name} TP={tp}: {len(r['regions'])} of {r['num_blocks']} blocks sharded; declined: {r['declined']}")
-    assert not [d for d in r["declined"] if "plan" not in d[1]], r["declined"]
+    assert not [d for d in r["declined"] if d[1] not in PLAN_DECISIONS], r["declined"]
 
 
 @pytest.mark.parametrize("name,k", _grid(FULL_TP2, 2))
@@ -69,7 +70,7 @@ def test_declined_block_explains_itself_and_trains_exactly(name):
     """A block the rules cannot shard is declined with the reason, the op and the model's source
     line, shows in explain(), and the model still equals the reference (two SGD steps)."""
     r = get_pool(2).run(tasks_zoo.compare, name=name, k=1, steps=2)[0]
-    declined = [d for d in r["declined"] if "plan" not in d[1]]
+    declined = [d for d in r["declined"] if d[1] not in PLAN_DECISIONS]
     assert declined and len(r["regions"]) < r["num_blocks"]
     for block, why in declined:
         assert " at node '" in why and "(aten." in why, why  # the op
