@@ -146,6 +146,7 @@ class OasesModule(nn.Module):
 
     # --- calling ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        self._boundary.sync_handed_out()  # a dcp.load into state_dict() without load_state_dict (boundary.py)
         if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
             _loading.check_loaded(self)
         _inputs.check_inputs(self._param_signature(), args, kwargs, what=f"{type(self._model).__name__} call")
@@ -274,6 +275,7 @@ class OasesModule(nn.Module):
     # --- checkpoints ------------------------------------------------------------------------
     def full_state_dict(self) -> dict:
         """Unsharded tensors under the original model's state_dict keys (collective: call on all ranks)."""
+        self._boundary.sync_handed_out()
         return self._gather_full({k: t.detach() for k, t in self._boundary.local_state_dict().items()})
 
     def full_grads(self) -> dict:

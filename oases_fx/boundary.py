@@ -100,6 +100,7 @@ class Boundary:
         self._pending: list = []
         self._queued = False
         self.dp_enabled = False
+        self._handed_out: list = []  # (weakref to a Shard(dim) copy state_dict() returned, its version, entry)
         m = gm.meta["oases"]
         sharded, degree = m.get("sharded_params", {}), m.get("param_degree", {})
         self._sub_meshes = {}
@@ -299,9 +300,37 @@ class Boundary:
             if e.unequal and isinstance(v, DTensor) and not isinstance(v, nn.Parameter):
                 raise _unequal_error(key, e)
             if e.strided and isinstance(v, DTensor) and not isinstance(v, nn.Parameter):  # keep_vars=False
-                state_dict[key] = _compat.redistribute(v, v.device_mesh, e.contiguous)
+                c = _compat.redistribute(v, v.device_mesh, e.contiguous)
+                state_dict[key] = c
+                self._handed_out = [r for r in self._handed_out if r[0]() is not None]
+                self._handed_out.append((weakref.ref(c), _compat.local_of(c)._version, e))
+
+    @torch.no_grad()
+    def sync_handed_out(self) -> None:
+        """Write back what was loaded *in place* into the Shard(dim) copies state_dict() handed out.
+
+        For a plain module, ``dcp.load(model.state_dict())`` without a load_state_dict afterwards works:
+        the state dict shares the parameters' storage. A strided parameter's entry is a copy, so without
+        this the load would be silently lost for the fused q/k/v weights. Called by OasesModule.forward
+        (one empty-list test per step when nothing was handed out); ranks agree on what changed because
+        DCP loads on every rank."""
+        if not self._handed_out:
+            return
+        keep = []
+        for ref, version, e in self._handed_out:
+            c = ref()
+            if c is None:
+                continue
+            local = _compat.local_of(c)
+            if local._version != version:  # written in place since it was handed out (dcp.load)
+                back = _compat.redistribute(c, e.param.device_mesh, e.param.placements)
+                e.plain.copy_(_compat.local_of(back))
+                version = local._version
+            keep.append((ref, version, e))
+        self._handed_out = keep
 
     def _load_state_dict_pre_hook(self, module, state_dict, prefix, *args):
+        self._handed_out = []  # an explicit load_state_dict (set_state_dict) decides the values
         for name, e in self.by_name.items():
             v = state_dict.get(prefix + name)
             if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
@@ -373,9 +402,33 @@ def _entries_by_index(opt):
     return out
 
 
+_MOMENTS_OUT = weakref.WeakKeyDictionary()  # optimizer -> [(weakref to a Shard(dim) copy of a moment, version, entry, key)]
+
+
+@torch.no_grad()
+def _sync_moments(opt) -> None:
+    """As Boundary.sync_handed_out, for the optimizer state copies its state_dict() handed out (a
+    ``dcp.load`` into ``opt.state_dict()`` without ``opt.load_state_dict``): written back before the step."""
+    keep = []
+    for ref, version, e, k in _MOMENTS_OUT.get(opt, ()):
+        c = ref()
+        if c is None:
+            continue
+        local = _compat.local_of(c)
+        target = opt.state.get(e.param, {}).get(k)
+        if local._version != version and isinstance(target, DTensor):
+            back = _compat.redistribute(c, target.device_mesh, target.placements)
+            _compat.local_of(target).copy_(_compat.local_of(back))
+            version = local._version
+        keep.append((ref, version, e, k))
+    _MOMENTS_OUT[opt] = keep
+
+
 def _on_optimizer_step(opt, args, kwargs):
     """Once per optimizer (one dict lookup per step after that): an optimizer holding a strided DTensor
     parameter converts that parameter's state to/from Shard(dim) in state_dict / load_state_dict."""
+    if _MOMENTS_OUT.get(opt):
+        _sync_moments(opt)
     if opt in _CHECKED:
         return
     _CHECKED[opt] = True
@@ -393,10 +446,16 @@ def _optim_state_dict_post_hook(opt, state_dict):
             state[i] = {k: _compat.redistribute(v, v.device_mesh, e.contiguous)
                         if isinstance(v, DTensor) and tuple(v.placements) == tuple(e.param.placements) else v
                         for k, v in state[i].items()}
+            out = [r for r in _MOMENTS_OUT.get(opt, ()) if r[0]() is not None]
+            for k, v in state[i].items():
+                if isinstance(v, DTensor) and v is not opt.state[e.param].get(k):  # a copy was handed out
+                    out.append((weakref.ref(v), _compat.local_of(v)._version, e, k))
+            _MOMENTS_OUT[opt] = out
     return state_dict
 
 
 def _optim_load_state_dict_pre_hook(opt, state_dict):
+    _MOMENTS_OUT.pop(opt, None)  # an explicit load_state_dict decides the values
     state = state_dict["state"]
     for i, e in _entries_by_index(opt).items():
         if i in state:

@@ -149,7 +149,7 @@ def dcp_save(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, steps=2,
     return dict(params=full, moments=moments) if rank == 0 else None
 
 
-def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=True, degrees=None):
+def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=True, degrees=None, in_place=False):
     """A fresh model (compiled at TP=`tp`, or unsharded on every rank) and a fresh AdamW: get_state_dict,
     dcp.load, set_state_dict; returns the full params and moments loaded.
     """
@@ -162,10 +162,16 @@ def dcp_load(rank, world_size, *, kind, cfg, batch, seq, path, tp=None, sharded=
     else:
         model = ref
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if in_place:  # the plain-module idiom: load into the state dicts in place, no load_state_dict after
+        state = {"model": model.state_dict(), "optim": get_state_dict(model, opt)[1]}  # moments initialised
+        dcp.load(state, checkpoint_id=path)
+        opt.zero_grad(set_to_none=True)
+        opt.step()  # no gradients: changes nothing, but the step is where the moments are written back
+    else:
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     full = model.full_state_dict() if sharded else {k: v.detach().clone() for k, v in model.state_dict().items()}
     moments = _full_optim_state(model, opt)
     placements = {n: str(p.placements) for n, p in model.named_parameters()} if sharded else {}

@@ -90,6 +90,16 @@ def test_dcp_round_trip_tp2_and_unsharded(tmp_path):
     assert "_StridedShard" in got["placements"]["transformer.h.0.attn.c_attn.weight"]  # the fused q/k/v case ran
 
 
+def test_dcp_load_in_place_without_set_state_dict(tmp_path):
+    # dcp.load straight into model.state_dict() / opt.state_dict() (no load_state_dict after) works for a
+    # plain module because its state dict shares the parameters' storage; the fused q/k/v entries of a
+    # compiled model are Shard(dim) copies, so without the write-back this load was silently lost.
+    pool = get_pool(2)
+    kw = dict(kind="gpt", cfg=GPT, batch=4, seq=8)
+    saved = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "tp2"), **kw)[0]
+    _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), in_place=True, **kw)[0], saved)
+
+
 def test_dcp_reshards_tp2_to_tp4_and_back(tmp_path):
     pool = get_pool(4)
     kw = dict(kind="gpt", cfg=GPT, batch=4, seq=8)
