@@ -46,7 +46,9 @@ def _refuse_custom_functions(model, calls) -> None:
     would be replaced by autograd of the forward's ops, a silently wrong gradient. Refuse instead."""
     seen = {}
     for cls, where in calls:
-        if not cls.__module__.startswith("oases_fx."):
+        # torch.library.custom_op + register_autograd runs through a generated Function that export keeps
+        # whole (the custom op is one node, AOTAutograd applies its registered backward): not dropped
+        if not cls.__module__.startswith(("oases_fx.", "torch._library.")):
             seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", where)
     if seen:
         what = "; ".join(f"{name} (applied at {where})" for name, where in seen.items())

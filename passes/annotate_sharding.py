@@ -166,6 +166,7 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
         regions.append(RegionMatch(name=name, kind=kind, columns=cols, row=row, nodes=nodes, state=st))
         assigned |= sources | {row}
     declined.extend(_orphan_attention(gm, regions, declined, tried_rows, linear_set))
+    declined.extend(_orphan_weights(gm, regions, declined, linear_set))
     names = [r.name for r in regions]
     for r in regions:  # two blocks under one module path get an index to stay unique
         if names.count(r.name) > 1:
@@ -212,6 +213,54 @@ def _orphan_attention(gm, regions, declined, tried_rows, linears) -> list:
         seen.add(path)
         out.append((path, f"attention in no column -> row pair (no linear with a parameter weight found "
                           f"before and after it) at {describe(n)}"))
+    return out
+
+
+_WEIGHT_VIEWS = {torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
+                 torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._to_copy.default,
+                 torch.ops.aten.contiguous.default, torch.ops.aten.alias.default}
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default,
+            torch.ops.aten.einsum.default, torch.ops.aten.baddbmm.default, torch.ops.aten.addmm.default,
+            torch.ops.aten.addbmm.default}
+
+
+def _weight_param(a) -> Optional[fx.Node]:
+    """The get_attr parameter (>= 2-D) behind argument `a`, through a few view-like ops."""
+    for _ in range(4):
+        if not isinstance(a, fx.Node):
+            return None
+        if a.op == "get_attr":
+            v = a.meta.get("val")
+            return a if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
+        if a.op == "call_function" and a.target in _WEIGHT_VIEWS and a.args:
+            a = a.args[0]
+            continue
+        return None
+    return None
+
+
+def _orphan_weights(gm, regions, declined, linears) -> list:
+    """A >= 2-D parameter consumed by a matmul-like op the analysis does not know (a custom op such as
+    Hugging Face's grouped_mm for 3-D MoE experts, a bmm/einsum with a weight) outside every region:
+    that block runs replicated; said, never silent."""
+    in_region = {n for r in regions for n in r.nodes} | {c for r in regions for c in r.columns} | {r.row for r in regions}
+    named = [name for name, _ in declined]
+    out, seen = [], set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n in linears or n in in_region:
+            continue
+        custom = isinstance(n.target, torch._ops.OpOverload) and n.target.namespace not in ("aten", "prims")
+        if not (custom or n.target in _MATMULS):
+            continue
+        weights = [w for w in (_weight_param(a) for a in n.all_input_nodes) if w is not None]
+        if not weights:
+            continue
+        path = _module_path(n)
+        if path in seen or any(path == d or path.startswith(d + ".") for d in named):
+            continue
+        seen.add(path)
+        out.append((path, f"parameter {weights[0].target} feeds {n.target}, which no sharding rule covers "
+                          f"(not a column -> row pair of linears), at {describe(n)}; replicated"))
     return out
 
 

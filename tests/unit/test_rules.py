@@ -131,3 +131,40 @@ def test_op_without_rule_is_declined_not_an_error():
 def test_indivisible_heads_decline_the_region():
     _, regions, declined = _regions(_slices, tp=8)  # 4 heads over 8 ranks
     assert not regions and "not divisible by the TMP degree 8" in declined[0][1]
+
+
+class _BmmExperts(nn.Module):
+    """MoE experts as one 3-D parameter used by a bmm (as Hugging Face's grouped_mm experts): no
+    column -> row pair of linears, so no rule covers it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(2, H, 2 * H) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(2, 2 * H, H) * 0.1)
+
+    def forward(self, x):
+        h = torch.bmm(x.unsqueeze(0).expand(2, -1, -1), self.w_in).relu()
+        return torch.bmm(h, self.w_out).sum(0)
+
+
+def test_experts_of_3d_parameters_are_declined_not_silently_replicated():
+    gm = capture(_BmmExperts(), (torch.randn(6, H),), {}).gm
+    regions, declined = find_tmp_regions(gm, 2)
+    assert not regions
+    assert declined, "a weight-carrying matmul outside every region must be said"
+    name, why = declined[0]
+    assert "w_in" in why and "aten.bmm" in why and "no sharding rule" in why and ", line " in why, why
+
+
+def test_hf_mixtral_experts_custom_op_declined_and_traced():
+    # transformers' grouped_mm custom op (torch.library.custom_op + register_autograd) is kept whole by
+    # torch.export, so it is no dropped autograd.Function; its 3-D expert weights have no rule: declined.
+    from tests import zoo
+
+    m = zoo.build("mixtral")
+    idx = torch.randint(0, 64, (2, 8))
+    gm = capture(m, (), dict(input_ids=idx, labels=idx)).gm
+    regions, declined = find_tmp_regions(gm, 2)
+    experts = [why for _, why in declined if "experts" in why]
+    assert len(regions) == 2 and len(experts) == 2, (regions, declined)  # 2 attention sharded, 2 MoE said
+    assert all("grouped_mm" in why for why in experts), experts
