@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, tasks, results):
+def _worker(rank, world_size, port, tasks, results, timeout_s=300):
     import datetime
 
     import torch
@@ -31,7 +31,7 @@ def _worker(rank, world_size, port, tasks, results):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     import importlib
 
     while True:
@@ -54,13 +54,14 @@ class TaskFailed(Exception):
 
 
 class RankPool:
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, timeout_s: float = 300):
+        """`timeout_s`: the gloo process group's timeout (fault-injection pools use a short one)."""
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results, timeout_s), daemon=True)
                       for r in range(world_size)]
         for p in self.procs:
             p.start()

@@ -272,3 +272,22 @@ def fault_in_backend_pass(rank, world_size):
         return _err(lambda: m(idx, idx))
     finally:
         api.aot_passes = real
+
+
+def skip_backward(rank, world_size, *, skipping_rank=1):
+    """Step 1 on every rank; in step 2 `skipping_rank` runs the forward and skips backward() (as a rank
+    whose loop raised after the forward and went on). What the other rank's backward() raises, and
+    after how long (reported, not asserted): bounded by the process group's timeout."""
+    import time
+
+    idx = _batch()
+    model = oases_fx.compile(_gpt(), _mesh(world_size), example_inputs=(idx, idx), backend="aot_eager",
+                             verbose=False, plan="megatron")
+    _, loss = model(idx, idx)
+    loss.backward()
+    _, loss = model(idx, idx)
+    if rank == skipping_rank:
+        return None
+    t0 = time.perf_counter()
+    out = _err(lambda: loss.backward())
+    return out + (time.perf_counter() - t0,) if out else None

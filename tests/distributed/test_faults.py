@@ -26,3 +26,21 @@ def test_rank_failing_in_compile_stops_the_other(fresh_pool):
 def test_pass_error_inside_torch_compile_is_raised_as_itself(fresh_pool):
     for kind, msg in fresh_pool.run(T.fault_in_backend_pass):
         assert kind == "OasesError" and msg == "injected pass failure", (kind, msg)
+
+
+def test_rank_skipping_a_backward_stops_the_other_within_the_group_timeout():
+    # Rank 1 runs step 2's forward and skips backward(): rank 0's backward all-reduce has no partner.
+    # The documented bound is the TMP process group's timeout (here 10 s; 30 min by default, set it in
+    # init_process_group): rank 0 must get an error, not hang. The pool's task timeout bounds the test.
+    from tests.pool import RankPool
+
+    pool = RankPool(2, timeout_s=10)
+    try:
+        r0, r1 = pool.run(T.skip_backward, skipping_rank=1)
+    finally:
+        pool.close()
+    assert r1 is None
+    assert r0 is not None, "rank 0's backward returned although rank 1 never reached its all-reduce"
+    kind, msg, waited_s = r0
+    assert kind == "RuntimeError" and "Timed out" in msg, (kind, msg)
+    print(f"rank 0 raised after {waited_s:.1f} s: {msg}")
