@@ -149,12 +149,13 @@ class OasesModule(nn.Module):
         self._boundary.sync_handed_out()  # a dcp.load into state_dict() without load_state_dict (boundary.py)
         if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
             _loading.check_loaded(self)
-        _inputs.check_inputs(self._param_signature(), args, kwargs, what=f"{type(self._model).__name__} call")
         key = _input_key(args, kwargs, self.training)
         if self.__dict__.get("_conversion_epoch"):  # converted by .to(dtype)/.half(): compiled again (generation.py)
             key = (key, self.__dict__["_conversion_epoch"])
         prog = self._programs.get(key)
         if prog is None:
+            # dtype and device are part of the key: a program found was built for inputs already checked
+            _inputs.check_inputs(self._param_signature(), args, kwargs, what=f"{type(self._model).__name__} call")
             _say(self._cfg, f"new input shapes or train/eval mode {key}: tracing and compiling again")
             plan = _generation.plan_for_batch(  # a batch k does not divide: the largest k that does
                 self.plan, _generation.batch_size_of(args, kwargs), _degree_splits(self.plan),
