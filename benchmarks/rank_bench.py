@@ -78,11 +78,16 @@ class Case:
     warmup: int = 5
     dtype: str = "bf16"
     backend: str = "inductor"
+    boundary: bool = True
+    """oases only. False: the DTensor boundary's per-parameter gradient hooks are removed after
+    compile, so gradients stay on the compiled program's plain shards; the step-time difference
+    to boundary=True is what the boundary (oases_fx/boundary.py) costs per step."""
 
     def key(self) -> str:
         opt = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         return (f"{self.system} tp={self.tp} h={self.hidden} L={self.layers} b={self.batch} s={self.seq} "
-                f"k={self.k} rc={self.recompute} coll={self.collectives} {opt} {self.label}").strip()
+                f"k={self.k} rc={self.recompute} coll={self.collectives} {opt}"
+                + ("" if self.boundary else " no-boundary") + f" {self.label}").strip()
 
 
 class RankAttention(nn.Module):
@@ -214,6 +219,12 @@ def build(case: Case, device: torch.device):
         raise ValueError(f"unknown system {case.system!r}")
     wrap_s = time.perf_counter() - t0
     params = [p for p in module.parameters() if p.requires_grad]
+    if case.system == "oases" and not case.boundary:
+        for h in module._boundary._hooks:
+            h.remove()
+        params = [e.plain for e in module._boundary.entries.values() if e.plain.requires_grad]
+    elif not case.boundary:
+        raise ValueError(f"boundary=False is an oases_fx case: {case.key()}")
 
     def step(idx, targets):
         for p in params:  # as optimizer.zero_grad() does: the backward's grads are new tensors
@@ -485,6 +496,20 @@ def grid_final():
 GRIDS["final"] = grid_final
 
 
+def grid_boundary():
+    """The DTensor boundary's per-step cost (issue 12): the same compiled program with and without
+    the boundary's gradient hooks, side by side, beside torch.compile of the same per-rank work."""
+    cases = []
+    for h in (1024, 2048):
+        cases.append(Case(system="torch_compile", tp=2, hidden=h, layers=4))
+        cases += [Case(system="oases", tp=2, hidden=h, layers=4, k=k, collectives="fake", boundary=b)
+                  for k in (1, 2) for b in (True, False)]
+    return cases
+
+
+GRIDS["boundary"] = grid_boundary
+
+
 def grid_tiny():
     """CPU smoke test: tiny shapes, aot_eager, both systems, k=1/2, fake and skipped collectives."""
     kw = dict(hidden=64, layers=1, batch=4, seq=16, vocab=64, head_dim=16, steps=2, warmup=1,
@@ -574,7 +599,8 @@ def table(rows) -> str:
     def base_key(c, **over):
         d = dict(c, **over)
         return (d["system"], d["tp"], d["hidden"], d["layers"], d["batch"], d["seq"], d["k"], d["recompute"],
-                d["collectives"], json.dumps(d["options"], sort_keys=True), d["label"] if d["trace"] else "")
+                d["collectives"], json.dumps(d["options"], sort_keys=True), d["label"] if d["trace"] else "",
+                d.get("boundary", True))
 
     by = {base_key(r["case"]): r for r in rows if "step_ms" in r}
     lines = ["| system | tp | h | L | k | recompute | collectives | options | step ms | vs k=1 | vs torch.compile "
@@ -582,7 +608,8 @@ def table(rows) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["case"]
-        opts = ",".join(f"{k}={v}" for k, v in sorted(c["options"].items())) + (f" {c['label']}" if c["label"] else "")
+        opts = (",".join(f"{k}={v}" for k, v in sorted(c["options"].items())) + (f" {c['label']}" if c["label"] else "")
+                + ("" if c.get("boundary", True) else " no-boundary"))
         head = (f"| {c['system']} | {c['tp']} | {c['hidden']} | {c['layers']} | {c['k']} | {c['recompute']} | "
                 f"{c['collectives']} | {opts.strip() or '-'} |")
         if "error" in r:
@@ -590,7 +617,7 @@ def table(rows) -> str:
             continue
         k1 = by.get(base_key(c, k=1))
         ref = by.get(base_key(c, system="torch_compile", k=1, recompute="none", collectives="skip", options={},
-                              label="", trace=False))
+                              label="", trace=False, boundary=True))
         rel = lambda b: f"{100 * (r['step_ms'] / b['step_ms'] - 1):+.1f} %" if b and b is not r else "-"  # noqa: E731
         lines.append(head + f" {r['step_ms']:.2f} | {rel(k1)} | {rel(ref)} | {r['host_ms']:.2f} | "
                             f"{r['host_ms'] / r['step_ms']:.2f} | {r.get('peak_gib', float('nan')):.2f} | "

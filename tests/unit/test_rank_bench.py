@@ -18,8 +18,10 @@ TINY = dict(hidden=64, layers=1, batch=4, seq=16, vocab=64, head_dim=16, steps=2
 
 def test_driver_runs_oases_on_the_fake_group(tmp_path):
     """The driver in its own process (the fake group is process-wide), one oases case at k=2 with
-    the collectives kept: the path with the most parts."""
-    cases = [Case(system="oases", k=2, collectives="fake", **TINY)]
+    the collectives kept: the path with the most parts; and the same case without the DTensor
+    boundary's gradient hooks (the boundary-cost comparison, issue 12)."""
+    cases = [Case(system="oases", k=2, collectives="fake", **TINY),
+             Case(system="oases", k=2, collectives="fake", boundary=False, **TINY)]
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps([rank_bench.asdict(c) for c in cases]))
     out = tmp_path / "out"
@@ -29,12 +31,16 @@ def test_driver_runs_oases_on_the_fake_group(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["case"]["system"] for r in rows] == ["oases"]
+    assert [r["case"]["system"] for r in rows] == ["oases", "oases"]
+    assert [r["key"].endswith("no-boundary") for r in rows] == [False, True]
     for r in rows:
         assert "error" not in r, r
         assert r["step_ms"] > 0 and r["host_ms"] > 0 and r["compile_s"] > 0
         assert math.isfinite(r["loss"])
-    assert (out / "table.md").read_text().count("\n| oases ") == 1
+    md = (out / "table.md").read_text()
+    assert md.count("\n| oases ") == 2 and md.count("no-boundary") == 1
+    # with and without the boundary the program and the batch are the same: the same loss
+    assert rows[0]["loss"] == rows[1]["loss"]
 
 
 def test_torch_compile_reference_in_process():
