@@ -207,16 +207,55 @@ def recording_autograd_functions(calls: list):
     return patched()
 
 
+FORCE_REDISTRIBUTE_FALLBACK = False
+"""Tests set this to exercise :func:`redistribute`'s fallback on a torch whose DTensor has no gap."""
+
+
 def redistribute(dt, mesh, placements):
     """dt.redistribute(mesh, placements); where this torch cannot redistribute between the two layouts
-    (_StridedShard <-> Shard in older releases), gather the full tensor and slice this rank's part
-    locally (distribute_tensor with src_data_rank=None: no scatter). Checkpoint time only."""
-    try:
-        return dt.redistribute(mesh, placements)
-    except (NotImplementedError, RuntimeError, AssertionError):
-        from torch.distributed.tensor import distribute_tensor
+    (_StridedShard <-> Shard: older releases raise NotImplementedError, torch 2.11 a ValueError
+    "unable to be interpreted into a corresponding shard_order"), gather the full tensor ourselves
+    and slice this rank's part locally (distribute_tensor with src_data_rank=None: no scatter).
+    Checkpoint time only."""
+    if not FORCE_REDISTRIBUTE_FALLBACK:
+        try:
+            return dt.redistribute(mesh, placements)
+        except (NotImplementedError, RuntimeError, AssertionError, ValueError):
+            pass
+    from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(dt.full_tensor(), mesh, placements, src_data_rank=None)
+    return distribute_tensor(_full_tensor(dt), mesh, placements, src_data_rank=None)
+
+
+def _full_tensor(dt) -> torch.Tensor:
+    """The unsharded tensor of a DTensor laid out as oases_fx lays out parameters (boundary.py),
+    without DTensor's redistribute (which is what failed). Every sharded mesh dim splits the same
+    tensor dim; with coordinates (c, s, ...) over the sharded mesh dims a rank holds global chunk
+    g = c*d + s ... of each of k equal pieces, concatenated (k = the first placement's
+    split_factor for _StridedShard, else 1: plain Shard). All-gathers innermost first put the
+    ranks' blocks in g order; the pieces are then put back together."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = dt.device_mesh
+    sharded = [(m, p) for m, p in enumerate(dt.placements) if not isinstance(p, Replicate)]
+    if any(not (isinstance(p, Shard) or is_strided_shard(p)) for _, p in sharded) or len({p.dim for _, p in sharded}) > 1:
+        raise NotImplementedError(f"cannot gather a DTensor placed {tuple(dt.placements)}")
+    t = dt._local_tensor.contiguous()
+    if not sharded:
+        return t
+    dim = sharded[0][1].dim
+    k = int(getattr(sharded[0][1], "split_factor", 1)) if is_strided_shard(sharded[0][1]) else 1
+    for m, _ in reversed(sharded):
+        group = mesh.get_group(m)
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        t = torch.cat(parts, dim=dim)
+    blocks = torch.chunk(t, t.shape[dim] // dt._local_tensor.shape[dim], dim=dim)  # L_0 .. L_{N-1}
+    if k == 1:
+        return t
+    pieces = [torch.chunk(blk, k, dim=dim) for blk in blocks]
+    return torch.cat([pieces[g][j] for j in range(k) for g in range(len(blocks))], dim=dim)
 
 
 def dynamo_wrapper_exceptions() -> tuple:

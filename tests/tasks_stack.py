@@ -205,3 +205,12 @@ def unequal_pieces(rank, world_size, *, batch=2, seq=8):
         out["error"] = str(e)
     out.update(params=m.full_state_dict(), ref_params=ref.state_dict(), explain=m.explain())
     return out if rank == 0 else None
+
+
+def set_redistribute_fallback(rank, world_size, *, on: bool):
+    """Force (or stop forcing) oases_fx._compat.redistribute's own gather: the path torch 2.11 takes,
+    where DTensor cannot redistribute _StridedShard to Shard (ValueError in its shard-order check)."""
+    from oases_fx import _compat
+
+    _compat.FORCE_REDISTRIBUTE_FALLBACK = on
+    return on

@@ -100,6 +100,25 @@ def test_dcp_load_in_place_without_set_state_dict(tmp_path):
     _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), in_place=True, **kw)[0], saved)
 
 
+def test_dcp_round_trip_with_our_own_gather_as_on_torch_2_11(tmp_path):
+    # torch 2.11's DTensor cannot redistribute the fused q/k/v's _StridedShard to Shard (ValueError,
+    # seen on the GPU machines): state_dict() then builds the DCP copy with oases_fx's own gather.
+    # Forced here, the checkpoint must round-trip exactly as with DTensor's redistribute.
+    pool = get_pool(2)
+    kw = dict(kind="gpt", cfg=GPT, batch=4, seq=8)
+    pool.run(tasks_stack.set_redistribute_fallback, on=True)
+    try:
+        saved = pool.run(tasks_stack.dcp_save, path=str(tmp_path / "tp2"), **kw)[0]
+        _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), **kw)[0], saved)
+        _assert_equal_state(pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), sharded=False, **kw)[0],
+                            saved)
+        got = pool.run(tasks_stack.dcp_load, path=str(tmp_path / "tp2"), in_place=True, **kw)[0]
+        _assert_equal_state(got, saved)
+        assert "_StridedShard" in got["placements"]["transformer.h.0.attn.c_attn.weight"]
+    finally:
+        pool.run(tasks_stack.set_redistribute_fallback, on=False)
+
+
 def test_dcp_reshards_tp2_to_tp4_and_back(tmp_path):
     pool = get_pool(4)
     kw = dict(kind="gpt", cfg=GPT, batch=4, seq=8)
