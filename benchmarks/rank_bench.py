@@ -190,6 +190,8 @@ def _no_cross_rank_checks():
 def build(case: Case, device: torch.device):
     """(step function, module, seconds spent in oases_fx.compile / torch.compile wrapping)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
+    if not case.boundary and case.system != "oases":
+        raise ValueError(f"boundary=False is an oases_fx case: {case.key()}")
     cfg = gpt_config(case)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -223,8 +225,6 @@ def build(case: Case, device: torch.device):
         for h in module._boundary._hooks:
             h.remove()
         params = [e.plain for e in module._boundary.entries.values() if e.plain.requires_grad]
-    elif not case.boundary:
-        raise ValueError(f"boundary=False is an oases_fx case: {case.key()}")
 
     def step(idx, targets):
         for p in params:  # as optimizer.zero_grad() does: the backward's grads are new tensors

@@ -241,7 +241,8 @@ def _full_tensor(dt) -> torch.Tensor:
     sharded = [(m, p) for m, p in enumerate(dt.placements) if not isinstance(p, Replicate)]
     if any(not (isinstance(p, Shard) or is_strided_shard(p)) for _, p in sharded) or len({p.dim for _, p in sharded}) > 1:
         raise NotImplementedError(f"cannot gather a DTensor placed {tuple(dt.placements)}")
-    t = dt._local_tensor.contiguous()
+    local = local_of(dt)
+    t = local.contiguous()
     if not sharded:
         return t
     dim = sharded[0][1].dim
@@ -251,9 +252,9 @@ def _full_tensor(dt) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, t, group=group)
         t = torch.cat(parts, dim=dim)
-    blocks = torch.chunk(t, t.shape[dim] // dt._local_tensor.shape[dim], dim=dim)  # L_0 .. L_{N-1}
     if k == 1:
         return t
+    blocks = torch.chunk(t, t.shape[dim] // local.shape[dim], dim=dim)  # L_0 .. L_{N-1}
     pieces = [torch.chunk(blk, k, dim=dim) for blk in blocks]
     return torch.cat([pieces[g][j] for j in range(k) for g in range(len(blocks))], dim=dim)
 
