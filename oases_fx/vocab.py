@@ -102,7 +102,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax = exp / sum_exp.unsqueeze(-1)
         ctx.save_for_backward(softmax, local_t, owned, ignored, count)
         ctx.reduction, ctx.in_dtype = reduction, logits.dtype
-        return loss.to(out_dtype)
+        # Not loss.to(out_dtype) when the dtype already matches: that returns an alias of an
+        # intermediate, and torch 2.11's compiled autograd.Function then hands backward a zero
+        # gradient (every gradient from the loss lost; tests/unit/test_vocab_parallel.py checks it).
+        return loss if loss.dtype == out_dtype else loss.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
