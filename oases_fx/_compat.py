@@ -178,9 +178,27 @@ def unflatten_mesh_dim(mesh, dim: int, sizes, names):
 
 
 # --- capture: custom autograd.Functions (oases_fx.tracing) ------------------------------------------
+def _call_signature(args, kwargs):
+    """The arguments of one Function.apply as data: tensors (fake ones under export) become
+    ("tensor", shape as ints, dtype, requires_grad), anything else stays itself."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            shape = []
+            for d in a.shape:
+                try:
+                    shape.append(int(d))
+                except Exception:  # a symbolic size: its example value
+                    shape.append(int(getattr(getattr(d, "node", None), "hint", None) or 2))
+            return ("tensor", tuple(shape), a.dtype, bool(a.requires_grad))
+        return a
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
 def recording_autograd_functions(calls: list):
     """Context manager: every torch.autograd.Function subclass applied inside it is appended to
-    `calls` as (class, caller's "file:line") and then runs as usual. torch.export non-strict (2.11,
+    `calls` as (class, caller's "file:line", (args, kwargs) with tensors as
+    ("tensor", shape, dtype, requires_grad)) and then runs as usual. torch.export non-strict (2.11,
     2.13) traces only such a Function's forward and keeps no trace of its backward, so capture
     must know one ran. Patches the public classmethod Function.apply for the duration."""
     import contextlib
@@ -193,7 +211,7 @@ def recording_autograd_functions(calls: list):
 
     def apply(cls, *args, **kwargs):
         f = sys._getframe(1)
-        calls.append((cls, f"{f.f_code.co_filename}:{f.f_lineno}"))
+        calls.append((cls, f"{f.f_code.co_filename}:{f.f_lineno}", _call_signature(args, kwargs)))
         return original.__func__(cls, *args, **kwargs)
 
     @contextlib.contextmanager

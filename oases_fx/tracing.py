@@ -41,24 +41,130 @@ def _hf_no_cache(model):
             cfg.use_cache = old
 
 
-def _refuse_custom_functions(model, calls) -> None:
-    """torch.export (non-strict) traces a custom autograd.Function's forward only: its backward
-    would be replaced by autograd of the forward's ops, a silently wrong gradient. Refuse instead."""
-    seen = {}
-    for cls, where in calls:
+_CHECK_MAX_NUMEL = 1 << 16
+"""A custom Function is checked on inputs of at most this many elements each (larger ones are
+narrowed to 2 along every dim but the last, the same for every input, so broadcasting holds)."""
+
+
+class _PlainCtx:
+    """What a Function's forward may touch on its ctx, for running that forward outside autograd.Function."""
+
+    def __init__(self, needs):
+        self.needs_input_grad = needs
+        self.saved_tensors = ()
+        self.materialize_grads = True
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_dirty(self, *tensors):
+        raise RuntimeError("its forward modifies an input in place (ctx.mark_dirty)")
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        self.materialize_grads = value
+
+
+def _backward_matches_forward(cls, signature):
+    """(None, what was checked) if cls's own backward equals autograd of its forward's ops on random
+    float64 inputs of the recorded shapes; (reason, None) if not. What torch.export (non-strict)
+    keeps of a Function is its forward's ops, so this is exactly the question "is the traced
+    gradient the model's gradient"."""
+    args, kwargs = signature
+    metas = [a for a in list(args) + list(kwargs.values()) if isinstance(a, tuple) and a[:1] == ("tensor",)]
+    if any(not m[2].is_floating_point and m[3] for m in metas):
+        return "a non-floating input requires grad", None
+    if not any(m[3] for m in metas):
+        return None, "no input of it requires grad: its backward never runs"
+    shrink = any(torch.Size(m[1]).numel() > _CHECK_MAX_NUMEL for m in metas)
+    gen = torch.Generator().manual_seed(0)
+
+    def build(a):
+        if not (isinstance(a, tuple) and a[:1] == ("tensor",)):
+            return a
+        _, shape, dtype, rg = a
+        if shrink:
+            shape = tuple(min(d, 2) for d in shape[:-1]) + tuple(shape[-1:])
+        if dtype.is_floating_point:
+            return torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(rg)
+        return torch.zeros(shape, dtype=dtype)
+
+    def run(use_own_backward):
+        a = tuple(build(x) for x in args)
+        kw = {k: build(v) for k, v in kwargs.items()}
+        leaves = [t for t in list(a) + list(kw.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+        with torch.enable_grad():
+            if use_own_backward:
+                out = cls.apply(*a, **kw)
+            else:
+                needs = tuple(isinstance(t, torch.Tensor) and t.requires_grad for t in a)
+                if cls.setup_context is torch.autograd.Function.setup_context:  # forward(ctx, *args)
+                    out = cls.forward(_PlainCtx(needs), *a, **kw)
+                else:  # forward(*args) + setup_context(ctx, inputs, output)
+                    out = cls.forward(*a, **kw)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
+        if not outs:
+            return leaves, []
+        cot = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype) for o in outs]
+        return leaves, torch.autograd.grad(outs, leaves, cot, allow_unused=True)
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # the check draws nothing from the user's RNG streams
+            gen.manual_seed(0)
+            leaves, own = run(True)
+            gen.manual_seed(0)
+            _, derived = run(False)
+    except Exception as e:
+        return f"checking it failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
+    worst = 0.0
+    for t, g1, g2 in zip(leaves, own, derived):
+        g1 = torch.zeros_like(t) if g1 is None else g1
+        g2 = torch.zeros_like(t) if g2 is None else g2
+        scale = max(g1.abs().max().item(), g2.abs().max().item(), 1e-30)
+        worst = max(worst, (g1 - g2).abs().max().item() / scale)
+    shapes = ", ".join(str(tuple(t.shape)) for t in leaves)
+    if worst > 1e-6:
+        return (f"its backward differs from autograd of its forward by {worst:.3g} (relative to the largest "
+                f"gradient entry; float64 inputs of shape {shapes})"), None
+    return None, f"backward equal to autograd of its forward to {worst:.1e} (float64 inputs of shape {shapes})"
+
+
+def _check_custom_functions(model, calls) -> list:
+    """torch.export (non-strict) traces a custom autograd.Function's forward only: its backward is
+    replaced by autograd of the forward's ops. That is exact when the two agree (a Function
+    written for memory or speed, as Bloom's GeLUFunction), and a silently wrong gradient when they
+    do not (a straight-through estimator, a gradient clip or reversal). Each Function is checked
+    numerically at its traced shapes: one that agrees is kept (returned as explain() notes), one
+    that does not is refused with the difference."""
+    seen, notes, bad = {}, [], []
+    for cls, where, signature in calls:
         # torch.library.custom_op + register_autograd runs through a generated Function that export keeps
         # whole (the custom op is one node, AOTAutograd applies its registered backward): not dropped
-        if not cls.__module__.startswith(("oases_fx.", "torch._library.")):
-            seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", where)
-    if seen:
-        what = "; ".join(f"{name} (applied at {where})" for name, where in seen.items())
+        if cls.__module__.startswith(("oases_fx.", "torch._library.")):
+            continue
+        key = (cls, where)
+        if key in seen:
+            continue
+        seen[key] = True
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        reason, checked = _backward_matches_forward(cls, signature)
+        if reason is None:
+            notes.append(f"custom autograd.Function {name} (applied at {where}) traced through its forward: {checked}")
+        else:
+            bad.append(f"{name} (applied at {where}): {reason}")
+    if bad:
         raise OasesError(
-            f"{type(model).__name__} applies a custom torch.autograd.Function: {what}. torch.export (non-strict) "
-            "traces only its forward, so its backward would be silently replaced by autograd of the forward's "
-            "ops and the gradients would be wrong. Fix: write the op with differentiable torch ops (its "
-            "backward is then derived exactly), or register it as a custom op with its own backward "
-            "(torch.library.custom_op + register_autograd), which torch.export keeps whole."
+            f"{type(model).__name__} applies a custom torch.autograd.Function whose backward is not autograd of "
+            f"its forward: {'; '.join(bad)}. torch.export (non-strict) traces only its forward, so its backward "
+            "would be silently replaced by autograd of the forward's ops and the gradients would be wrong. Fix: "
+            "write the op with differentiable torch ops (its backward is then derived exactly), or register it "
+            "as a custom op with its own backward (torch.library.custom_op + register_autograd), which "
+            "torch.export keeps whole."
         )
+    return notes
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
@@ -87,7 +193,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
                 "forward traceable for the given example_inputs (no data-dependent Python control flow "
                 "on tensor values), see the full error above."
             ) from e
-    _refuse_custom_functions(model, functions)
+    notes.extend(_check_custom_functions(model, functions))
     gm = ep.module()
     graph = gm.graph
     removed = 0

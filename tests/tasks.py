@@ -376,6 +376,51 @@ def error_custom_function(rank, world_size):
     return dict(error=_error_of(model, x), grad_ratio=(eager.norm() / traced_like.norm()).item())
 
 
+class _TanhGelu(torch.autograd.Function):
+    """A custom Function whose backward IS autograd of its forward (a hand-written tanh-GELU
+    derivative, as Bloom's GeLUFunction): capture keeps it, traced through its forward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1 + torch.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        t = torch.tanh(0.7978845608 * (x + 0.044715 * x ** 3))
+        return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.7978845608 * (1 + 3 * 0.044715 * x * x))
+
+
+class _GeluFunctionMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(_TanhGelu.apply(self.fc1(x))).pow(2).mean()
+
+
+def custom_function_kept(rank, world_size, *, k):
+    """compile() of an MLP whose activation is a custom Function with a correct backward: the
+    block must be sharded, and loss and every gradient must equal the eager model's (which runs
+    the Function's own backward)."""
+    torch.manual_seed(0)
+    ref, x = _GeluFunctionMLP(), torch.randn(4, 4, 16)
+    model = copy.deepcopy(ref)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    m = oases_fx.compile(model, mesh, example_inputs=(x,), backend="aot_eager", verbose=False, plan="megatron",
+                         num_sub_batches=k)
+    loss = m(x)
+    loss.backward()
+    r_loss = ref(x)
+    r_loss.backward()
+    return dict(loss=loss.detach(), ref_loss=r_loss.detach(), grads=m.full_grads(),
+                ref_grads={n: p.grad for n, p in ref.named_parameters()}, explain=m.explain(),
+                regions=[r.name for r in m.graphs.gm.meta.get("oases", {}).get("regions", [])])
+
+
 class _FloatMLP(torch.nn.Module):
     def __init__(self):
         super().__init__()
