@@ -284,3 +284,11 @@ def dynamo_wrapper_exceptions() -> tuple:
 
     names = ("BackendCompilerFailed", "TorchRuntimeError", "InternalTorchDynamoError")
     return tuple(getattr(exc, n) for n in names if hasattr(exc, n))
+
+
+def autocast_dtype(device_type: str):
+    """The dtype torch.autocast uses on this device type now (torch.get_autocast_dtype, 2.4+)."""
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except Exception:
+        return torch.bfloat16 if device_type == "cpu" else torch.float16

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from oases_fx import agreement
+from oases_fx import _compat, agreement
 from oases_fx import analysis as _analysis
 from oases_fx import released as _released
 from oases_fx import backend as _backend
@@ -146,6 +146,8 @@ class OasesModule(nn.Module):
 
     # --- calling ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if torch.is_autocast_enabled(self._mesh.device_type):
+            _refuse_autocast(self._mesh.device_type)
         self._boundary.sync_handed_out()  # a dcp.load into state_dict() without load_state_dict (boundary.py)
         if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
             _loading.check_loaded(self)
@@ -331,6 +333,17 @@ class OasesModule(nn.Module):
         the first backward outside reduces the accumulated gradient."""
         return self._boundary.no_sync()
 
+
+
+def _refuse_autocast(device_type: str) -> None:
+    dtype = _compat.autocast_dtype(device_type)
+    raise InputError(
+        f"the compiled model was called under torch.autocast({device_type!r}, dtype={dtype}). oases_fx compiles "
+        "the model's own dtypes and does not apply autocast inside the compiled program, so this step would "
+        "silently run in the parameters' dtype instead of mixed precision. Fix: cast the model before "
+        f"compile (model.to({dtype}) then oases_fx.compile(...)), and call it outside torch.autocast; or keep "
+        "float32 and call it outside torch.autocast."
+    )
 
 
 def _input_key(args, kwargs, training):

@@ -421,6 +421,25 @@ def custom_function_kept(rank, world_size, *, k):
                 regions=[r.name for r in m.graphs.gm.meta.get("oases", {}).get("regions", [])])
 
 
+def error_under_autocast(rank, world_size):
+    """A call of the compiled model under torch.autocast: the error, and whether the eager model
+    really runs in bfloat16 there (so the error guards a real difference), and whether a call
+    outside autocast afterwards still runs."""
+    torch.manual_seed(0)
+    model, x = _FloatMLP(), torch.randn(2, 4, 16)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_dtype = model.fc1(x).dtype
+    m = oases_fx.compile(model, mesh, example_inputs=(x,), backend="eager", verbose=False, plan="megatron")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x)
+        err = None
+    except Exception as e:
+        err = (type(e).__name__, str(e))
+    return dict(error=err, eager_dtype=str(eager_dtype), after=float(m(x)))
+
+
 class _FloatMLP(torch.nn.Module):
     def __init__(self):
         super().__init__()

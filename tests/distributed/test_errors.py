@@ -79,6 +79,17 @@ def test_custom_autograd_function_is_refused_with_its_name_and_line():
     assert "tests/tasks.py:" in msg and "Fix" in msg  # the line that applies it
 
 
+def test_call_under_autocast_is_an_error_not_a_silent_float32_step():
+    # Eager layers under autocast run in bfloat16; the compiled program would ignore it and train in
+    # float32 with nothing said. It is an InputError naming autocast and the fix (cast before compile).
+    for r in get_pool(2).run(tasks.error_under_autocast):
+        assert r["eager_dtype"] == "torch.bfloat16"
+        kind, msg = r["error"]
+        assert kind == "InputError" and "torch.autocast('cpu', dtype=torch.bfloat16)" in msg and "Fix" in msg
+        assert "model.to(torch.bfloat16)" in msg
+        assert r["after"] == r["after"]  # a call outside autocast afterwards runs (a number, not NaN)
+
+
 def test_float64_input_at_compile_names_dtype_and_fix():
     kind, msg = _both(get_pool(2).run(tasks.error_bad_input, case="compile_float64"))
     assert kind == "InputError" and "torch.float64" in msg and "torch.float32" in msg and "Fix" in msg
