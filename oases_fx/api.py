@@ -188,6 +188,15 @@ class OasesModule(nn.Module):
             cached = self.__dict__["_param_sig"] = (epoch, _inputs.ParamSignature.of(self))
         return cached[1]
 
+    def __deepcopy__(self, memo):
+        raise OasesError(
+            "copy.deepcopy of a compiled OasesModule is not supported: it holds process groups, compiled "
+            "programs and this rank's shards (torch raised 'cannot pickle ProcessGroup'). Fix: for an EMA or "
+            "a frozen teacher, copy the parameters instead (ema = {n: p.detach().clone() for n, p in "
+            "model.named_parameters()}: DTensors on the same mesh, updated with torch._foreach_lerp_ or "
+            "p.lerp_), or deepcopy the model before oases_fx.compile and compile the copy too."
+        )
+
     def generate(self, *args, **kwargs):  # Hugging Face generate(), bucketed, no KV cache: oases_fx.generation
         return _generation.generate(self, *args, **kwargs)
 

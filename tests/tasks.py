@@ -421,6 +421,26 @@ def custom_function_kept(rank, world_size, *, k):
                 regions=[r.name for r in m.graphs.gm.meta.get("oases", {}).get("regions", [])])
 
 
+def error_deepcopy(rank, world_size):
+    """copy.deepcopy of the compiled model (the EMA idiom): the error, and that an EMA kept as
+    copies of the DTensor parameters (the fix the message names) follows an update."""
+    torch.manual_seed(0)
+    model, x = _FloatMLP(), torch.randn(2, 4, 16)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    m = oases_fx.compile(model, mesh, example_inputs=(x,), backend="eager", verbose=False, plan="megatron")
+    try:
+        copy.deepcopy(m)
+        err = None
+    except Exception as e:
+        err = (type(e).__name__, str(e))
+    ema = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            ema[n].lerp_(p + 1.0, 0.5)
+    moved = all(torch.allclose(ema[n].full_tensor(), p.full_tensor() + 0.5) for n, p in m.named_parameters())
+    return dict(error=err, ema_ok=moved)
+
+
 def error_under_autocast(rank, world_size):
     """A call of the compiled model under torch.autocast: the error, and whether the eager model
     really runs in bfloat16 there (so the error guards a real difference), and whether a call

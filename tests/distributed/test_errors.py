@@ -79,6 +79,13 @@ def test_custom_autograd_function_is_refused_with_its_name_and_line():
     assert "tests/tasks.py:" in msg and "Fix" in msg  # the line that applies it
 
 
+def test_deepcopy_of_the_compiled_model_is_a_clear_error_with_a_working_fix():
+    for r in get_pool(2).run(tasks.error_deepcopy):
+        kind, msg = r["error"]
+        assert kind == "OasesError" and "deepcopy" in msg and "Fix" in msg and "named_parameters" in msg
+        assert r["ema_ok"], "the EMA the message suggests (DTensor copies, lerp_) must work"
+
+
 def test_call_under_autocast_is_an_error_not_a_silent_float32_step():
     # Eager layers under autocast run in bfloat16; the compiled program would ignore it and train in
     # float32 with nothing said. It is an InputError naming autocast and the fix (cast before compile).
