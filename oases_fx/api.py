@@ -139,10 +139,9 @@ class OasesModule(nn.Module):
         self.__dict__["_programs"] = {example_key: program}
         self.plan = plan
         # parameters: DTensors on the "tp" axis sharing the compiled program's plain shards (oases_fx.boundary)
+        # and, on a "dp" axis, torch's DDP over those shards (its reducer averages the gradients over "dp")
         self.__dict__["_boundary"] = _boundary_mod.Boundary(self, program.gm, mesh, info)
         self._hooks = []
-        if info.dp_group is not None:
-            self._install_dp_grad_averaging()
 
     # --- calling ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -174,7 +173,7 @@ class OasesModule(nn.Module):
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
         try:
-            return prog.compiled(*args, **kwargs)
+            return self._boundary.call(prog.compiled, args, kwargs)  # through DDP on a "dp" axis
         except Exception as e:  # the step's own error, not torch.compile's wrapper around it
             inner = agreement.innermost_cause(e)
             if inner is e:
@@ -333,14 +332,14 @@ class OasesModule(nn.Module):
             t.copy_(src)
 
     # --- data parallel ----------------------------------------------------------------------
-    def _install_dp_grad_averaging(self):
-        """dp axis: gradients averaged over "dp" at the end of each backward, bucketed (oases_fx.boundary)."""
-        self._boundary.dp_enabled = True
-
     def no_sync(self):
-        """Context manager (as DDP's): backward passes inside accumulate gradients without the dp all-reduce;
-        the first backward outside reduces the accumulated gradient."""
+        """DDP's no_sync (oases_fx.boundary): backward passes whose forward runs inside accumulate gradients
+        without the dp all-reduce; the first backward outside reduces the accumulated gradient."""
         return self._boundary.no_sync()
+
+    def register_comm_hook(self, state, hook) -> None:
+        """DDP's register_comm_hook for the dp all-reduce (e.g. ddp_comm_hooks.default_hooks.bf16_compress_hook)."""
+        self._boundary.register_comm_hook(state, hook)
 
 
 

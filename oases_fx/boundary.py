@@ -23,19 +23,29 @@ Placements, per parameter (``gm.meta["oases"]``: ``sharded_params``, ``param_deg
   (Shard(dim), Shard(dim)) -- (c, s) holds chunk c*d + s, its tp rank --, fused pieces the strided
   equivalents; one mesh for all, because clip_grad_norm_ stacks the per-parameter norms
 
-Gradients: autograd accumulates into the plain parameter's ``.grad`` (one compiled backward node
-produces them all); a post-accumulate-grad hook on the plain parameter moves that tensor into the
-DTensor's ``.grad`` -- wrapped without copy when the DTensor has no gradient (zero_grad(set_to_none=True),
-the default), added in place when it has one (accumulation, zero_grad(set_to_none=False)) -- and sets the
-plain ``.grad`` to None, so nothing is ever accumulated twice. Per step and parameter this is one Python
-hook and either one DTensor wrapper (DTensor's internal constructor with the parameter's cached spec) or
-the same in-place add autograd itself would have done.
+Gradients: the DTensor's ``.grad`` is the user's gradient; the plain parameter's ``.grad`` is autograd's
+(and DDP's) working buffer, set only while a backward runs, on the same storage. Two steps per backward,
+none per parameter hook:
 
-Data parallelism ("dp" axis): after the accumulation, the hook queues the gradient; one callback at the
-end of the backward (torch's engine, as DDP's reducer) flattens the queued gradients into buckets of
-``BUCKET_BYTES``, starts one all-reduce per bucket (all asynchronous, then waited in order), divides by
-dp and copies back. ``module.no_sync()`` skips it (accumulation without traffic); the next synchronised
-backward reduces the accumulated gradient (exact: what was reduced before is identical on every dp rank).
+* start (a pre-hook on the grad_fn of each program output, registered per forward): each plain ``.grad``
+  becomes the DTensor gradient's local tensor, or None where the user cleared it (zero_grad), so autograd
+  accumulates into the user's gradient in place (micro-batches without zero_grad add up);
+* end (one engine callback, queued to run after DDP's own finalize callback): each plain ``.grad`` is wrapped
+  as the DTensor's ``.grad`` without copy where it is a new tensor (DTensor's internal constructor with the
+  parameter's cached spec), and the plain ``.grad`` is set to None (nothing held twice between steps).
+
+Data parallelism ("dp" axis): torch's DistributedDataParallel over the plain parameters and the dp process
+group runs the compiled program (``call``), so DDP's C++ reducer buckets the gradients (25 MB, its default),
+starts each bucket's all-reduce as soon as the bucket's last gradient is accumulated, averages over dp and
+writes the averages back into the plain ``.grad`` (the DTensor gradients' storage) in its finalize callback;
+``module.no_sync()`` is DDP's no_sync (the forward must run inside it, as with DDP): no dp traffic, and the
+next synchronised backward reduces the accumulated gradient (which lives in the same buffer), once.
+``register_comm_hook`` is DDP's (compression, counting). Dynamo's DDPOptimizer, which would split a graph
+compiled inside DDP's forward at bucket boundaries, is switched off for the program's calls
+(``_compat.no_ddp_graph_split``): the compiled program stays one graph for oases_fx's schedule. The
+compiled backward is one autograd node that returns every gradient at once, so the buckets' all-reduces
+start together when it ends (overlapping each other and the host's remaining work, not the backward's
+compute): what DDP itself does with torch.compile when DDPOptimizer is off.
 
 State dicts and DCP: DCP describes a rank's data as one rectangular chunk per tensor, which the strided
 layout is not. So ``state_dict()`` returns, for a strided parameter, a Shard(dim) DTensor (a copy made
@@ -47,20 +57,14 @@ registers the same two conversions on that optimizer's ``state_dict`` / ``load_s
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from oases_fx import _compat
 from oases_fx.errors import OasesError
-
-BUCKET_BYTES = 25 * 2**20
-"""dp gradient bucket size (DDP's default bucket_cap_mb=25)."""
-
 
 class _Shell(nn.Module):
     """One submodule path of the original model; holds its DTensor parameters and plain buffers."""
@@ -91,15 +95,12 @@ def _contiguous_stride(shape):
 
 class Boundary:
     """Registers DTensor parameters (and the plain buffers) on `module`, mirroring the traced
-    GraphModule's names; owns the gradient hooks and the dp reduction."""
+    GraphModule's names; owns the gradient hand-over and (on a "dp" axis) torch's DDP over the plain shards."""
 
     def __init__(self, module: nn.Module, gm, mesh, info):
         self.info = info
         self.mesh = tp_mesh(mesh)
-        self.sync = True
-        self._pending: list = []
-        self._queued = False
-        self.dp_enabled = False
+        self._armed = None  # id of the backward (graph task) whose start was handled; None between backwards
         self._handed_out: list = []  # (weakref to a Shard(dim) copy state_dict() returned, its version, entry)
         m = gm.meta["oases"]
         sharded, degree = m.get("sharded_params", {}), m.get("param_degree", {})
@@ -121,8 +122,10 @@ class Boundary:
         for name, b in self.buffers.items():
             _shell(module, name).register_buffer(name.rpartition(".")[2], b, persistent=name in persistent)
         self.keys = list(module.state_dict(keep_vars=True))
-        self._hooks = [e.plain.register_post_accumulate_grad_hook(self._grad_hook(e))
-                       for e in self.entries.values() if e.plain.requires_grad]
+        self._pairs = [(e.plain, e.param) for e in self.entries.values() if e.plain.requires_grad]
+        self._grads_on = True
+        self._hooks = [_GradHandover(self)]  # .remove() switches the gradient hand-over off (benchmarks)
+        self._ddp = self._make_ddp() if info.dp_group is not None and self._pairs else None
         if any(e.strided or e.unequal for e in self.entries.values()):
             module.register_state_dict_post_hook(lambda *a: self._state_dict_post_hook(*a))  # functions, not methods
             module.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict_pre_hook(*a))
@@ -198,56 +201,65 @@ class Boundary:
             self._sub_meshes[d] = _compat.unflatten_mesh_dim(self.mesh, 0, (n, d), (f"tp_rep{d}", f"tp_shard{d}"))
         return self._sub_meshes[d]
 
-    # --- gradients ----------------------------------------------------------------------------
-    def _grad_hook(self, e: _Entry):
-        param = e.param
+    # --- calling the program; gradients -------------------------------------------------------
+    def _make_ddp(self):
+        return _compat.data_parallel(_PlainParams([p for p, _ in self._pairs]), self.info.dp_group)
 
-        def hook(plain):
+    def call(self, program, args, kwargs):
+        """Run the compiled program (through DDP on a "dp" axis) and arm the start of its backward."""
+        if self._ddp is not None:
+            with _compat.no_ddp_graph_split():
+                out = self._ddp(program, args, kwargs)
+        else:
+            out = program(*args, **kwargs)
+        if self._grads_on and torch.is_grad_enabled():
+            for t in _tensors(out):
+                if t.grad_fn is not None:
+                    t.grad_fn.register_prehook(self._backward_start)
+        return out
+
+    def _backward_start(self, grad_outputs):
+        """Before any gradient of this backward is accumulated: the plain .grad is the user's gradient."""
+        task = _compat.current_backward_id()
+        if task == self._armed:
+            return None
+        self._armed = task
+        local_of = _compat.local_of
+        for plain, param in self._pairs:
+            cur = param.grad
+            plain.grad = None if cur is None else local_of(cur)
+        # DDP queues its finalize (the averages written back) when its last bucket is ready, later in this
+        # backward: callbacks run in order, so the hand-over queues itself again from the engine's callback
+        _compat.queue_backward_callback(self._after_ddp if self._ddp is not None else self._backward_end)
+        return None
+
+    def _after_ddp(self):
+        _compat.queue_backward_callback(self._backward_end)
+
+    def _backward_end(self):
+        """After the backward (and DDP's finalize): the DTensors' .grad read the plain gradients, no copy."""
+        self._armed = None
+        local_of, wrap = _compat.local_of, _compat.dtensor_with_spec
+        for plain, param in self._pairs:
             g = plain.grad
+            if g is None:
+                continue
             plain.grad = None
             cur = param.grad
-            if cur is None:
-                param.grad = cur = _compat.dtensor_with_spec(g, param._spec)
-            else:
-                _compat.local_of(cur).add_(g)
-            if self.dp_enabled and self.sync:
-                self._pending.append(_compat.local_of(cur))
-                if not self._queued:
-                    self._queued = True
-                    _compat.queue_backward_callback(self._reduce_dp)
+            if cur is None or local_of(cur) is not g:  # new, or accumulated out of place (create_graph=True)
+                param.grad = wrap(g, param._spec)
 
-        return hook
-
-    def _reduce_dp(self):
-        """End of backward: average the queued gradients over the dp axis, bucketed."""
-        pending, self._pending, self._queued = self._pending, [], False
-        group, dp = self.info.dp_group, self.info.dp
-        buckets, cur, size = [], [], 0
-        for t in pending:
-            if cur and (t.dtype != cur[0].dtype or size + t.numel() * t.element_size() > BUCKET_BYTES):
-                buckets.append(cur)
-                cur, size = [], 0
-            cur.append(t)
-            size += t.numel() * t.element_size()
-        if cur:
-            buckets.append(cur)
-        flats = [torch.cat([t.reshape(-1) for t in b]) for b in buckets]
-        works = [dist.all_reduce(f, group=group, async_op=True) for f in flats]
-        for b, f, w in zip(buckets, flats, works):
-            w.wait()
-            f.div_(dp)
-            off = 0
-            for t in b:
-                t.copy_(f[off:off + t.numel()].view_as(t))
-                off += t.numel()
-
-    @contextlib.contextmanager
     def no_sync(self):
-        was, self.sync = self.sync, False
-        try:
-            yield
-        finally:
-            self.sync = was
+        """DDP's no_sync on a "dp" axis (no dp all-reduce in backward passes whose forward runs inside);
+        nothing to skip without one."""
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+
+    def register_comm_hook(self, state, hook) -> None:
+        """DDP's register_comm_hook (torch.distributed.algorithms.ddp_comm_hooks): how each dp bucket is
+        reduced. Only with a "dp" axis; call before the first backward."""
+        if self._ddp is None:
+            raise OasesError("register_comm_hook: this model has no 'dp' mesh axis (no data-parallel reduction)")
+        self._ddp.register_comm_hook(state, hook)
 
     # --- .to(dtype) / .half() after compile (OasesModule._apply) -----------------------------------
     @torch.no_grad()
@@ -268,6 +280,8 @@ class Boundary:
             if nb is not b:
                 self.buffers[name] = nb
                 _shell(module, name)._buffers[name.rpartition(".")[2]] = nb
+        if self._ddp is not None:  # DDP's buckets are built for the old dtype / device
+            self._ddp = self._make_ddp()
 
     # --- plain views for oases_fx's own code -----------------------------------------------------
     def local_state_dict(self) -> dict:
@@ -335,6 +349,40 @@ class Boundary:
             v = state_dict.get(prefix + name)
             if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
                 state_dict[prefix + name] = _compat.redistribute(v, e.param.device_mesh, e.param.placements)
+
+
+class _PlainParams(nn.Module):
+    """What DDP wraps: the compiled program's plain shards (deduplicated), and a forward that runs the
+    program it is given (DDP's forward prepares its reducer around it)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+    def forward(self, program, args, kwargs):
+        return program(*args, **kwargs)
+
+
+class _GradHandover:
+    """Stands where the per-parameter hook handles were (``Boundary._hooks``): ``remove()`` switches the
+    gradient hand-over off, so gradients stay on the plain parameters (benchmarks/rank_bench.py,
+    boundary=False)."""
+
+    def __init__(self, boundary):
+        self._boundary = weakref.ref(boundary)
+
+    def remove(self):
+        b = self._boundary()
+        if b is not None:
+            b._grads_on = False
+
+
+def _tensors(out):
+    """The tensors of a program's output (a tensor, tuple/list/dict, or a Hugging Face ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    vals = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for v in vals for t in _tensors(v)]
 
 
 def _unequal_error(key, e, what=""):

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 import oases_fx
 from tests.tasks import _call, build_model
@@ -41,12 +41,20 @@ def _compile(kind, model, mesh, idx, tgt, degrees=None, n_layer=None, **kw):
     return oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=tgt), verbose=False, **kw)
 
 
+def _full(v) -> torch.Tensor:
+    """The full tensor of a DTensor through oases_fx's own redistribute: DTensor's, or where this torch cannot
+    (torch 2.11: the fused q/k/v moments' _StridedShard; v.full_tensor() raises there) oases_fx's gather."""
+    from oases_fx import _compat
+
+    return _compat.local_of(_compat.redistribute(v, v.device_mesh, (Replicate(),) * v.device_mesh.ndim)).clone()
+
+
 def _full_optim_state(model, opt) -> dict:
     """{fqn: {state key: full tensor}} of an optimizer over `model`'s parameters (DTensors gathered)."""
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for p, st in opt.state.items():
-        out[names[id(p)]] = {k: (v.full_tensor() if isinstance(v, DTensor) else v.clone()) for k, v in st.items()}
+        out[names[id(p)]] = {k: (_full(v) if isinstance(v, DTensor) else v.clone()) for k, v in st.items()}
     return out
 
 
@@ -59,6 +67,17 @@ def _replica_spread(model, info) -> float:
         dist.all_gather(others, loc, group=info.tp_group)
         if all(pl.is_replicate() for pl in p.placements):
             worst = max(worst, max((o - loc).abs().max().item() for o in others))
+    return worst
+
+
+def _dp_spread(model, info) -> float:
+    """Largest difference of any parameter's local tensor across the dp ranks (0.0 = identical replicas)."""
+    worst = 0.0
+    for _, p in model.named_parameters():
+        loc = p.to_local().detach().contiguous()
+        others = [torch.empty_like(loc) for _ in range(info.dp)]
+        dist.all_gather(others, loc, group=info.dp_group)
+        worst = max(worst, max((o - loc).abs().max().item() for o in others))
     return worst
 
 
@@ -100,6 +119,7 @@ def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_s
     dist.all_gather(all_norms, norms)
     info = m._info
     spread = _replica_spread(m, info)
+    dp_spread = _dp_spread(m, info) if info.dp_group is not None else None
     full = m.full_state_dict()
     moments = _full_optim_state(m, opt)
     kinds = sorted({type(p).__name__ for p in m.parameters()})
@@ -107,8 +127,68 @@ def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_s
         return None
     return dict(norms=torch.stack(all_norms), ref_norms=torch.stack(ref_norms), params=full,
                 ref_params=ref.state_dict(), moments=moments, ref_moments=_full_optim_state(ref, ref_opt),
-                spread=spread, param_types=kinds, retrace=retrace, ref_grads_none=all(p.grad is None for p in ref.parameters()),
+                spread=spread, dp_spread=dp_spread, param_types=kinds, retrace=retrace, ref_grads_none=all(p.grad is None for p in ref.parameters()),
                 grads_none=all(p.grad is None for p in m.parameters()))
+
+
+def dp_traffic(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, split_guard=True):
+    """dp2 x tp2: count the dp all-reduces (DDP buckets, through a counting comm hook that then does DDP's
+    own all-reduce) per micro-batch, `accum` micro-batches per step, all but the last under no_sync; and
+    how far the gradients differ across the dp ranks after each micro-batch (different data: only an
+    averaged gradient is identical). DDP's bucket cap is lowered so that Dynamo's DDPOptimizer, were it
+    on, would split the program into several graphs (`split_guard=False` leaves it on: the test's
+    check of one graph must then fail)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from oases_fx import _compat
+
+    mesh = _mesh(world_size, (2, 2))
+    dp_rank = mesh.get_local_rank("dp")
+    ref = build_model("gpt", cfg)
+    idx, tgt = _batch(cfg, batch * 2 * accum * steps, seq)
+    idx, tgt = idx.view(steps, accum, 2, batch, seq), tgt.view(steps, accum, 2, batch, seq)
+    m = _compile("gpt", ref, mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank])
+    calls = []
+
+    def counting(state, bucket):
+        calls.append(bucket.buffer().numel())
+        return allreduce_hook(state, bucket)
+
+    m.register_comm_hook(m._info.dp_group, counting)
+    m._boundary._ddp.bucket_bytes_cap = 1024  # DDPOptimizer's split size (the reducer's buckets are built already)
+    if not split_guard:
+        saved, _compat.no_ddp_graph_split = _compat.no_ddp_graph_split, _null
+    try:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        counts, spreads = [], []
+        for s in range(steps):
+            for a in range(accum):
+                before = len(calls)
+                with (m.no_sync() if a < accum - 1 else _null()):
+                    _, loss = m(idx[s, a, dp_rank], tgt[s, a, dp_rank])
+                    (loss / accum).backward()
+                counts.append(len(calls) - before)
+                spreads.append(_dp_grad_spread(m))
+            opt.step()
+            opt.zero_grad()
+    finally:
+        if not split_guard:
+            _compat.no_ddp_graph_split = saved
+    out = dict(counts=counts, spreads=spreads, forward_graphs=len(m.graphs.aot.forward),
+               backward_graphs=len(m.graphs.aot.backward), num_params=sum(1 for _ in m.parameters()),
+               bucket_numels=calls)
+    return out if rank == 0 else None
+
+
+def _dp_grad_spread(model) -> float:
+    info = model._info
+    worst = 0.0
+    for p in model.parameters():
+        loc = p.grad.to_local().contiguous()
+        others = [torch.empty_like(loc) for _ in range(info.dp)]
+        dist.all_gather(others, loc, group=info.dp_group)
+        worst = max(worst, max((o - loc).abs().max().item() for o in others))
+    return worst
 
 
 class _null:

@@ -29,6 +29,8 @@ def _check_training(r, steps):
     torch.testing.assert_close(norms[0], r["ref_norms"], atol=0, rtol=1e-5)
     assert r["param_types"] == ["DTensor"], r["param_types"]
     assert r["spread"] == 0.0, f"replicated parameters differ across tp ranks by {r['spread']}"
+    # dp replicas: DDP's all-reduce hands every dp rank the same average, then the same AdamW step
+    assert r["dp_spread"] in (None, 0.0), f"parameters differ across dp ranks by {r['dp_spread']}"
     assert list(r["params"]) == list(r["ref_params"])
     for name, ref in r["ref_params"].items():
         torch.testing.assert_close(r["params"][name], ref, atol=ATOL * steps, rtol=RTOL,
@@ -65,6 +67,29 @@ def test_dp2_tp2_accumulation_no_sync_matches_unsharded():
     r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=2, seq=8, steps=2, accum=2,
                         mesh_shape=(2, 2), foreach=False, fused=True)[0]
     _check_training(r, steps=2)
+
+
+def test_dp2_tp2_adamw_clip_several_steps_matches_unsharded_and_replicas_agree():
+    # one micro-batch per step (every backward synchronised), 4 steps: DDP's average each step, clip on the
+    # DTensor gradients, AdamW; dp and tp replicas bit-identical (checked in _check_training)
+    r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=2, seq=8, steps=4,
+                        mesh_shape=(2, 2))[0]
+    assert r["dp_spread"] == 0.0
+    _check_training(r, steps=4)
+
+
+def test_dp2_tp2_no_sync_sends_nothing_and_the_last_micro_batch_syncs():
+    # a counting DDP comm hook (then DDP's own all-reduce) sees every dp bucket reduced: none under no_sync,
+    # at least one on the last micro-batch of each step; the dp ranks' gradients (different data) differ
+    # until that micro-batch and are identical after it (an average). DDP's bucket cap is lowered to 1 KiB,
+    # so Dynamo's DDPOptimizer, were it on, would split the program: it must stay one forward and one
+    # backward graph.
+    r = get_pool(4).run(tasks_stack.dp_traffic, cfg=GPT, batch=2, seq=8, accum=3, steps=2)[0]
+    assert r["counts"][0:2] == [0, 0] and r["counts"][3:5] == [0, 0], r["counts"]
+    assert r["counts"][2] >= 1 and r["counts"][5] >= 1, r["counts"]
+    assert all(s > 1e-4 for i, s in enumerate(r["spreads"]) if i % 3 != 2), r["spreads"]
+    assert r["spreads"][2] == 0.0 and r["spreads"][5] == 0.0, r["spreads"]
+    assert (r["forward_graphs"], r["backward_graphs"]) == (1, 1), r
 
 
 def _assert_equal_state(got, want):
