@@ -85,8 +85,10 @@ def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
                 raise AssertionError(f"{w.target}: dim {dim} of {tuple(full.shape)} not divisible by {d}")
             _set_attr(gm, w.target, shard_tensor(full.detach(), dim, rank % d, d, rec.pieces))
             sharded[w.target] = (dim, rec.pieces, tuple(full.shape))
-        _slice_replicated_heads(gm, region, rank % d, d, batch_dims, rewrites)
+        head_slices = _slice_replicated_heads(gm, region, rank % d, d, batch_dims, rewrites)
         for n in region.nodes:
+            if n in head_slices:
+                continue  # already this rank's heads
             p = st.placement.get(n)
             bdim = batch_dims.get(n.name) if n_chunks > 1 else None
             if n.target in VIEW_OPS or n.target is aten.expand.default:
@@ -132,8 +134,9 @@ def _slice_replicated_heads(gm, region, rank: int, d: int, batch_dims: dict, rew
     (propagation's local_slices) is sliced on its heads dim to the heads this rank's q heads read --
     a rank-dependent constant (every rank compiles its own graph). d=1: nothing to slice."""
     st = region.state
+    out = set()
     if d == 1:
-        return
+        return out
     for node, i, dim, q_heads, heads in st.local_slices:
         a = node.args[i]
         start, end = kv_slice_bounds(rank, d, q_heads, heads)
@@ -146,7 +149,9 @@ def _slice_replicated_heads(gm, region, rank: int, d: int, batch_dims: dict, rew
             batch_dims[s.name] = batch_dims[a.name]
         node.args = node.args[:i] + (s,) + node.args[i + 1:]
         region.nodes.insert(region.nodes.index(node), s)
+        out.add(s)
         rewrites.append(f"{node.name}: arg {i} ({a.name}, {heads} heads, replicated) sliced to heads [{start}:{end}]")
+    return out
 
 
 def _is_param(gm, fqn):
