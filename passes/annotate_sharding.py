@@ -156,9 +156,16 @@ def _trial_kv(sources: set, row: fx.Node, order: dict, tp: int, like: Optional[S
         options = ([(narrow, False)] if narrow else []) + [(frozenset(), True)]
         for replicated, replicate_qkv in options:
             try:
-                return _trial(sources, row, order, tp, replicated, replicate_qkv)
+                st, nodes = _trial(sources, row, order, tp, replicated, replicate_qkv)
             except (Incompatible, UnknownOp, ShardingError):
                 continue
+            # only for what it is for: an attention reading fewer key/value heads than tp (otherwise the
+            # first failure stands, e.g. overlapping slices of a fused projection)
+            narrow_heads = [q_heads * widths[c] // max(widths.values()) for c in replicated
+                            for _, _, _, q_heads, _ in st.local_slices[:1]]  # kv repeated before the attention
+            seen = [heads for _, _, _, _, heads in st.local_slices] + narrow_heads
+            if any(h % tp for h in seen):
+                return st, nodes
         raise first
 
 
