@@ -5,7 +5,9 @@ against the model's number of blocks) and the compiled model equal to the unshar
 Tolerances: as tests/distributed/test_equivalence.py (sharding only reorders fp32 additions in
 the row-parallel contraction and the all-reduce; contractions here are <= 64 terms of O(1)
 values, so the reordering error is ~1e-6; atol=2e-5, rtol=1e-4 leaves headroom and still fails
-on a wrong shard, a missing or doubled all-reduce or a bias counted twice).
+on a wrong shard, a missing or doubled all-reduce or a bias counted twice). Key/value projections
+replicated (kv heads < tp): their weight gradient is the all-reduce of per-rank partial sums over
+the ranks' own query heads, the same kind of reordering (<= 4 terms); a missing sum is off by O(1).
 
 CI runs one family per construct (CI_FAMILIES); the rest of the grid is `extended`.
 """
