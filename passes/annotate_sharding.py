@@ -137,6 +137,23 @@ def _trial(sources: set, row: fx.Node, order: dict, tp: int, replicated: frozens
     return st, nodes
 
 
+def _piece_sizes(columns) -> list:
+    """The sizes a fused column's output is split into (split_with_sizes, a few views away), each list."""
+    out, stack, seen = [], [(c, 0) for c in columns], set()
+    while stack:
+        n, depth = stack.pop()
+        if n in seen or depth > 3:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "call_function" and u.target is torch.ops.aten.split_with_sizes.default:
+                out.append([int(v) for v in u.args[1]])
+            elif u.op == "call_function" and u.target in (torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default,
+                                                           torch.ops.aten.reshape.default):
+                stack.append((u, depth + 1))
+    return out
+
+
 def _is_sharded(p) -> bool:
     return (p is not None and not isinstance(p, tuple)) or (isinstance(p, tuple) and any(v is not None for v in p))
 
@@ -163,6 +180,9 @@ def _trial_kv(sources: set, row: fx.Node, order: dict, tp: int, like: Optional[S
             # first failure stands, e.g. overlapping slices of a fused projection)
             narrow_heads = [q_heads * widths[c] // max(widths.values()) for c in replicated
                             for _, _, _, q_heads, _ in st.local_slices[:1]]  # kv repeated before the attention
+            if replicate_qkv:  # a fused q/k/v cut into unequal pieces (q wider): its kv heads
+                narrow_heads += [q_heads * p // max(sizes) for sizes in _piece_sizes(sources)
+                                 for p in sizes for _, _, _, q_heads, _ in st.local_slices[:1]]
             seen = [heads for _, _, _, _, heads in st.local_slices] + narrow_heads
             if any(h % tp for h in seen):
                 return st, nodes
