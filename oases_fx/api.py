@@ -60,6 +60,13 @@ def _check_divisible(model: nn.Module, tp: int) -> None:
     ]
     for attr, what in names:
         v = getattr(cfg, attr, None)
+        if attr == "num_key_value_heads" and isinstance(v, int) and v % tp and tp % v == 0:
+            continue  # fewer kv heads than tp, dividing it: the kv projection is replicated (Megatron)
+        if attr == "num_key_value_heads" and isinstance(v, int) and v % tp:
+            raise ShardingError(
+                f"{type(model).__name__}: key/value heads ({attr}={v}) neither divisible by nor dividing the TMP "
+                f"degree {tp}: each rank's query heads would need parts of several key/value heads. Fix: use a "
+                f"'tp' mesh axis whose size divides {v} or is a multiple of it.")
         if isinstance(v, int) and v % tp:
             raise ShardingError(
                 f"{type(model).__name__}: {what} ({attr}={v}) is not divisible by the TMP degree {tp}. "

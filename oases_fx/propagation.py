@@ -130,6 +130,14 @@ class ShardState:
     partial_reductions: list = field(default_factory=list)  # mean/sum over the sharded dim: all-reduced
     param_inputs: dict = field(default_factory=dict)  # input Node (a parameter, maybe cast) -> its get_attr,
     # sharded because it meets a sharded tensor pointwise (a q/k norm weight over the full width)
+    replicated_columns: frozenset = frozenset()  # column linears kept whole on every rank (kv heads < tp)
+    replicate_qkv: bool = False  # every column replicated (a fused q/k/v with kv heads < tp): the
+    # attention op slices q, k and v to this rank's heads
+    local_slices: list = field(default_factory=list)  # (attention node, arg index, heads dim, q heads,
+    # heads of that arg): a replicated operand the shard pass slices to the heads this rank's q needs
+    replicated_path: set = field(default_factory=set)  # region nodes computing a replicated operand of
+    # local_slices: each rank back-propagates only its heads through them, so every gradient-carrying
+    # input (x, the kv weight and bias, a k-norm weight) enters through f (gradient summed over TMP)
 
     def of(self, arg) -> Placement:
         if isinstance(arg, fx.Node):
@@ -239,6 +247,10 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
             return
         raise AssertionError(node)
 
+    if tgt in SDPA_OPS and st.replicate_qkv and all(p is None for p in pls):
+        _attention(node, st)
+        return
+
     if all(p is None for p in pls):
         # Nothing sharded flows in. Ops that make tuples still need a tuple placement.
         v = node.meta.get("val")
@@ -341,16 +353,7 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
         st.placement[node] = d - 1 if sdim < d else d
         return
     if tgt in SDPA_OPS:
-        q, k, v = node.args[:3]
-        dq = st.of(q)
-        if dq is None or [st.of(k), st.of(v)] != [dq, dq] or dq >= ndim(q) - 2:
-            raise Incompatible("attention whose q, k, v are not split alike on a batch or heads dim")
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and st.of(mask) != dq:
-            md = dq - (ndim(q) - ndim(mask))
-            if st.of(mask) is not None or (md >= 0 and val(mask).shape[md] != 1):
-                raise Incompatible("attention mask with the full split dim (it would need slicing per rank)")
-        st.placement[node] = dq
+        _attention(node, st)
         return
     if tgt in (aten.bmm.default, aten.matmul.default):
         a, b = node.args[:2]
@@ -410,6 +413,70 @@ def propagate_node(node: fx.Node, st: ShardState) -> None:
         st.placement[node] = None
         return
     raise UnknownOp(f"{tgt} has no sharding rule")
+
+
+def check_kv_heads(q_heads: int, kv_heads: int, tp: int, where: str = "") -> None:
+    """Raise Incompatible unless q_heads shard over tp and every rank's q heads share whole kv heads:
+    kv_heads divisible by tp (each rank its block of kv heads) or dividing it (ranks share a kv head)."""
+    if q_heads % tp:
+        raise Incompatible(f"{q_heads} attention heads are not divisible by the TMP degree {tp}{where}")
+    if kv_heads == q_heads:
+        return
+    if q_heads % kv_heads or (kv_heads % tp and tp % kv_heads):
+        raise Incompatible(
+            f"{kv_heads} key/value heads for {q_heads} query heads at TMP degree {tp}: the key/value heads must "
+            f"divide or be divisible by the TMP degree{where}")
+
+
+def kv_slice_bounds(rank: int, tp: int, q_heads: int, heads: int) -> tuple:
+    """(start, end) of the heads of a replicated attention operand with `heads` heads (q_heads: the
+    query's) that rank `rank` of `tp` needs: its block of q heads, or the kv heads they are grouped on
+    (grouped-query attention: rank r's q heads all read kv head (r * heads) // tp when heads < tp)."""
+    if heads == q_heads:
+        hl = q_heads // tp
+        return rank * hl, (rank + 1) * hl
+    if heads % tp == 0:
+        hl = heads // tp
+        return rank * hl, (rank + 1) * hl
+    assert tp % heads == 0, (rank, tp, q_heads, heads)
+    h = (rank * heads) // tp
+    return h, h + 1
+
+
+def _attention(node, st) -> None:
+    """SDPA: q, k, v split alike on a batch or heads dim; or, with key/value projections kept
+    replicated (kv heads < tp), q sharded on its heads dim (or replicated too: a fused q/k/v) and the
+    replicated operands sliced by the shard pass to the heads this rank's q heads read (local_slices)."""
+    q, k, v = node.args[:3]
+    dq = st.of(q)
+    replicated = st.replicated_columns or st.replicate_qkv
+    heads_dim = ndim(q) - 3
+    if dq is None and st.replicate_qkv and st.placement.get(q) is None and heads_dim >= 0:
+        dq = heads_dim
+        check_kv_heads(int(val(q).shape[dq]), int(val(q).shape[dq]), st.tp)
+        st.local_slices.append((node, 0, dq, int(val(q).shape[dq]), int(val(q).shape[dq])))
+    if dq is None or dq >= ndim(q) - 2:
+        raise Incompatible("attention whose q, k, v are not split alike on a batch or heads dim")
+    q_heads = int(val(q).shape[dq])
+    for i, t in ((1, k), (2, v)):
+        p = st.of(t)
+        if p == dq:
+            continue
+        if p is None and replicated and st.placement.get(t) is None and dq == heads_dim:
+            heads = int(val(t).shape[dq])
+            if heads not in (1, q_heads) and not node.kwargs.get("enable_gqa", False):  # 1: broadcast
+                raise Incompatible(f"attention with {heads} key/value heads for {q_heads} query heads "
+                                   "without enable_gqa")
+            check_kv_heads(q_heads, heads, st.tp)
+            st.local_slices.append((node, i, dq, q_heads, heads))
+            continue
+        raise Incompatible("attention whose q, k, v are not split alike on a batch or heads dim")
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node) and st.of(mask) != dq:
+        md = dq - (ndim(q) - ndim(mask))
+        if st.of(mask) is not None or (md >= 0 and val(mask).shape[md] != 1):
+            raise Incompatible("attention mask with the full split dim (it would need slicing per rank)")
+    st.placement[node] = dq
 
 
 def slice_bounds(node) -> tuple:

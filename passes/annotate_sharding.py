@@ -79,10 +79,16 @@ def _sources(row: fx.Node, linears: set) -> set:
     return found
 
 
-def _trial(sources: set, row: fx.Node, order: dict, tp: int):
-    """Propagate column shards from `sources` to `row`; return (state, region nodes) or raise."""
-    st = ShardState(tp=tp)
+def _trial(sources: set, row: fx.Node, order: dict, tp: int, replicated: frozenset = frozenset(),
+           replicate_qkv: bool = False):
+    """Propagate column shards from `sources` to `row`; return (state, region nodes) or raise.
+    `replicated`: columns kept whole on every rank (key/value projections with fewer heads than tp);
+    `replicate_qkv`: every column kept whole (a fused q/k/v with kv heads < tp)."""
+    st = ShardState(tp=tp, replicated_columns=frozenset(sources) if replicate_qkv else frozenset(replicated),
+                    replicate_qkv=replicate_qkv)
     for c in sources:
+        if c in st.replicated_columns:
+            continue
         _, w, bias, layout = linear_parts(c)
         st.weight_dim[w] = 0 if layout == "oi" else 1
         if isinstance(bias, fx.Node):
@@ -117,7 +123,70 @@ def _trial(sources: set, row: fx.Node, order: dict, tp: int):
     for n in escaped:
         if st.placement.get(n) is not None:
             raise Incompatible(f"a sharded tensor is used outside the region, at {describe(n)}")
+    if st.replicated_columns:
+        if not st.local_slices:
+            raise Incompatible("the replicated key/value projection reaches no attention op")
+        in_nodes = set(nodes)
+        stack = [node.args[i] for node, i, *_ in st.local_slices]
+        while stack:  # the replicated operands' producers inside the region
+            n = stack.pop()
+            if n in st.replicated_path or n not in in_nodes or _is_sharded(st.placement.get(n)):
+                continue
+            st.replicated_path.add(n)
+            stack.extend(n.all_input_nodes)
     return st, nodes
+
+
+def _piece_sizes(columns) -> list:
+    """The sizes a fused column's output is split into (split_with_sizes, a few views away), each list."""
+    out, stack, seen = [], [(c, 0) for c in columns], set()
+    while stack:
+        n, depth = stack.pop()
+        if n in seen or depth > 3:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "call_function" and u.target is torch.ops.aten.split_with_sizes.default:
+                out.append([int(v) for v in u.args[1]])
+            elif u.op == "call_function" and u.target in (torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default,
+                                                           torch.ops.aten.reshape.default):
+                stack.append((u, depth + 1))
+    return out
+
+
+def _is_sharded(p) -> bool:
+    return (p is not None and not isinstance(p, tuple)) or (isinstance(p, tuple) and any(v is not None for v in p))
+
+
+def _trial_kv(sources: set, row: fx.Node, order: dict, tp: int, like: Optional[ShardState] = None):
+    """_trial, and where it fails in an attention block whose key/value heads do not split over tp,
+    Megatron's answer: the narrower (key/value) columns replicated on every rank (gradients summed
+    over TMP), then -- a fused q/k/v -- every column replicated; the first error if neither works.
+    `like`: the options of an earlier trial (the same decision at another degree)."""
+    if like is not None:
+        return _trial(sources, row, order, tp, like.replicated_columns, like.replicate_qkv)
+    try:
+        return _trial(sources, row, order, tp)
+    except (Incompatible, UnknownOp, ShardingError) as first:
+        widths = {c: int(c.meta["val"].shape[-1]) for c in sources}
+        narrow = frozenset(c for c in sources if widths[c] < max(widths.values()))
+        options = ([(narrow, False)] if narrow else []) + [(frozenset(), True)]
+        for replicated, replicate_qkv in options:
+            try:
+                st, nodes = _trial(sources, row, order, tp, replicated, replicate_qkv)
+            except (Incompatible, UnknownOp, ShardingError):
+                continue
+            # only for what it is for: an attention reading fewer key/value heads than tp (otherwise the
+            # first failure stands, e.g. overlapping slices of a fused projection)
+            narrow_heads = [q_heads * widths[c] // max(widths.values()) for c in replicated
+                            for _, _, _, q_heads, _ in st.local_slices[:1]]  # kv repeated before the attention
+            if replicate_qkv:  # a fused q/k/v cut into unequal pieces (q wider): its kv heads
+                narrow_heads += [q_heads * p // max(sizes) for sizes in _piece_sizes(sources)
+                                 for p in sizes for _, _, _, q_heads, _ in st.local_slices[:1]]
+            seen = [heads for _, _, _, _, heads in st.local_slices] + narrow_heads
+            if any(h % tp for h in seen):
+                return st, nodes
+        raise first
 
 
 def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None):
@@ -148,7 +217,7 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
             declined.append((name, f"weight {_fqn(shared[0])} is used by several ops (tied)"))
             continue
         try:
-            st, nodes = _trial(sources, row, order, degrees.get(name, tp))
+            st, nodes = _trial_kv(sources, row, order, degrees.get(name, tp))
         except Incompatible as e:
             declined.append((name, str(e)))
             continue
@@ -172,7 +241,7 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
         if names.count(r.name) > 1:
             r.name = f"{r.name}.{r.kind}"
             if degrees.get(r.name, tp) != r.state.tp:  # checked at the wrong degree under the short name
-                r.state, r.nodes = _trial(set(r.columns), r.row, order, degrees.get(r.name, tp))
+                r.state, r.nodes = _trial_kv(set(r.columns), r.row, order, degrees.get(r.name, tp), r.state)
     return regions, declined
 
 
@@ -270,7 +339,13 @@ def _summary(r: RegionMatch) -> str:
         rec = meta.get(w)
         return f"{w.target} {rec.placement}" + (f" interleaved {list(rec.pieces)}" if rec.pieces else "")
 
-    return f"column {', '.join(desc(c) for c in r.columns)} -> row {desc(r.row)}"
+    out = f"column {', '.join(desc(c) for c in r.columns)} -> row {desc(r.row)}"
+    st = r.state
+    if st is not None and st.replicated_columns:
+        what = ("q/k/v projection replicated (fused, kv heads < tp): attention sliced to this rank's heads"
+                if st.replicate_qkv else "key/value projection replicated (kv heads < tp)")
+        out += f"; {what}, its weight gradient summed over TMP"
+    return out
 
 
 def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModule:
@@ -304,8 +379,15 @@ def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModu
             role = "column" if n in r.columns else "row" if n is r.row else None
             meta.update(n, region=r.name, role=role,
                         placement=None if isinstance(p, tuple) else ("R" if p is None else f"S({p})"))
+        for n in st.replicated_path:
+            meta.update(n, placement="R")
         for c in r.columns:
             _, w, bias, _ = linear_parts(c)
+            if c in st.replicated_columns:  # key/value heads < tp: whole on every rank, gradient summed
+                meta.update(w, region=r.name, role="column", placement="R")
+                if isinstance(bias, fx.Node):
+                    meta.update(bias, region=r.name, role="column", placement="R")
+                continue
             pieces = tuple(st.pieces[c]) if c in st.pieces else None
             meta.update(w, region=r.name, role="column", placement=f"S({st.weight_dim[w]})", pieces=pieces)
             if isinstance(bias, fx.Node):

@@ -108,6 +108,12 @@ def insert_collectives_pass(gm: fx.GraphModule, *, group_name: str, skip: bool =
             parts = linear_parts(n)
             weight_like = {parts[1], parts[2], weight_arg(n)} if parts else set()  # weight_arg: w.T
             weight_like |= set(st.param_inputs) | set(st.param_inputs.values())  # sharded norm weights
+            if n in st.replicated_path:
+                # a replicated key/value projection (kv heads < tp) and what follows it up to the slice
+                # for this rank's heads: each rank's gradient there is partial (its own q heads only), so
+                # every gradient-carrying input -- x, the kv weight and bias, a k-norm weight -- enters
+                # through f and its gradient is summed over TMP
+                sharded_out, weight_like = True, set()
             for a in n.all_input_nodes:
                 if a in in_region:
                     continue

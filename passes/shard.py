@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from oases_fx import meta
 from oases_fx.errors import ShardingError, describe
-from oases_fx.propagation import VIEW_OPS, local_shape, slice_bounds
+from oases_fx.propagation import VIEW_OPS, kv_slice_bounds, local_shape, slice_bounds
 
 aten = torch.ops.aten
 
@@ -85,7 +85,10 @@ def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
                 raise AssertionError(f"{w.target}: dim {dim} of {tuple(full.shape)} not divisible by {d}")
             _set_attr(gm, w.target, shard_tensor(full.detach(), dim, rank % d, d, rec.pieces))
             sharded[w.target] = (dim, rec.pieces, tuple(full.shape))
+        head_slices = _slice_replicated_heads(gm, region, rank % d, d, batch_dims, rewrites)
         for n in region.nodes:
+            if n in head_slices:
+                continue  # already this rank's heads
             p = st.placement.get(n)
             bdim = batch_dims.get(n.name) if n_chunks > 1 else None
             if n.target in VIEW_OPS or n.target is aten.expand.default:
@@ -124,6 +127,31 @@ def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _slice_replicated_heads(gm, region, rank: int, d: int, batch_dims: dict, rewrites: list) -> None:
+    """Key/value projections kept replicated (kv heads < tp): each replicated operand of an attention op
+    (propagation's local_slices) is sliced on its heads dim to the heads this rank's q heads read --
+    a rank-dependent constant (every rank compiles its own graph). d=1: nothing to slice."""
+    st = region.state
+    out = set()
+    if d == 1:
+        return out
+    for node, i, dim, q_heads, heads in st.local_slices:
+        a = node.args[i]
+        start, end = kv_slice_bounds(rank, d, q_heads, heads)
+        with gm.graph.inserting_before(node):
+            s = gm.graph.call_function(aten.slice.Tensor, (a, dim, start, end))
+        s.meta["val"] = a.meta.get("val")  # the traced full shape, as every node of a region keeps
+        meta.update(s, region=region.name, placement=f"S({dim})")
+        st.placement[s] = dim
+        if a.name in batch_dims:
+            batch_dims[s.name] = batch_dims[a.name]
+        node.args = node.args[:i] + (s,) + node.args[i + 1:]
+        region.nodes.insert(region.nodes.index(node), s)
+        out.add(s)
+        rewrites.append(f"{node.name}: arg {i} ({a.name}, {heads} heads, replicated) sliced to heads [{start}:{end}]")
+    return out
 
 
 def _is_param(gm, fqn):

@@ -255,6 +255,11 @@ FAMILIES = [
     Family("olmoe", "MoE, q/k norm over the full width",
            _hf("OlmoeForCausalLM", "OlmoeConfig", **_std(num_key_value_heads=HEADS, num_experts=4,
                                                          num_experts_per_tok=2)), _L2),
+    # 6 heads, 3 kv heads: at TP=2 neither divides the other (a named error, not a zoo family to shard)
+    Family("qwen2_kv3", "GQA with 3 kv heads (refused at TP=2: kv heads neither divide nor are divisible by tp)",
+           _hf("Qwen2ForCausalLM", "Qwen2Config", **_common(
+               hidden_size=48, num_hidden_layers=LAYERS, num_attention_heads=6, num_key_value_heads=3,
+               intermediate_size=INTER, max_position_embeddings=SEQ * 2)), _L2),
     Family("meta_llama", "Meta reference Llama: complex rotary (view_as_complex, polar), GQA",
            lambda: MetaLlama(n_kv_heads=2, rotary="complex"), _L2, hf=False),
     Family("stack_rope_llama", "rotary with stack/flatten of rotated pairs, MHA",
