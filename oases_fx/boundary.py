@@ -123,6 +123,9 @@ class Boundary:
             _shell(module, name).register_buffer(name.rpartition(".")[2], b, persistent=name in persistent)
         self.keys = list(module.state_dict(keep_vars=True))
         self._pairs = [(e.plain, e.param) for e in self.entries.values() if e.plain.requires_grad]
+        # frozen at compile time: the program computes no gradient for them (and may have left out the
+        # collectives such a gradient needs), so unfreezing one after compile is an error, not a no-op
+        self._frozen = [(name, e.param) for name, e in self.by_name.items() if not e.plain.requires_grad]
         self._grads_on = True
         self._hooks = [_GradHandover(self)]  # .remove() switches the gradient hand-over off (benchmarks)
         self._ddp = self._make_ddp() if info.dp_group is not None and self._pairs else None
@@ -207,6 +210,18 @@ class Boundary:
 
     def call(self, program, args, kwargs):
         """Run the compiled program (through DDP on a "dp" axis) and arm the start of its backward."""
+        if self._frozen:
+            unfrozen = [name for name, p in self._frozen if p.requires_grad]
+            if unfrozen:
+                from oases_fx.errors import InputError
+
+                raise InputError(
+                    f"{len(unfrozen)} parameter(s) were frozen (requires_grad=False) when the model was compiled "
+                    f"and require grad now: {', '.join(unfrozen[:5])}{' ...' if len(unfrozen) > 5 else ''}. The "
+                    "compiled program computes no gradient for them, so they would silently never train. Fix: "
+                    "set requires_grad on the model before oases_fx.compile (freezing after compile works: their "
+                    "gradients are dropped)."
+                )
         if self._ddp is not None:
             with _compat.no_ddp_graph_split():
                 out = self._ddp(program, args, kwargs)
@@ -245,6 +260,8 @@ class Boundary:
             if g is None:
                 continue
             plain.grad = None
+            if not param.requires_grad:  # frozen after compile: no gradient, as for the eager model
+                continue
             cur = param.grad
             if cur is None or local_of(cur) is not g:  # new, or accumulated out of place (create_graph=True)
                 param.grad = wrap(g, param._spec)

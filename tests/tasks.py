@@ -517,3 +517,39 @@ def auto_plan_compare(rank, world_size, *, cfg, batch, seq, device=None, **compi
                            lambda model, **kw: original(model, **{"constants": constants, **kw})):
         return compare_with_reference(rank, world_size, kind="gpt", cfg=cfg, batch=batch, seq=seq,
                                       compile_kwargs=dict(plan="auto", profile="analytical", **compile_kwargs))
+
+
+def freeze_after_compile(rank, world_size, *, case):
+    """HF Llama, k=2: "freeze" sets the embedding's requires_grad=False on the compiled model's
+    parameters after compile (and on the reference), then AdamW + clip_grad_norm_ for 3 steps:
+    the gathered parameters and the last loss against the reference. "unfreeze" compiles with the
+    embedding frozen and unfreezes it after: the error of the next call."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    ref = build_model("hf_llama", cfg)
+    if case == "unfreeze":
+        ref.model.embed_tokens.weight.requires_grad_(False)
+    model = copy.deepcopy(ref)
+    idx = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(5))
+    m = oases_fx.compile(model, mesh, example_kwargs=dict(input_ids=idx, labels=idx), backend="aot_eager",
+                         verbose=False, plan="megatron", num_sub_batches=2)
+    for mm in (m, ref):
+        dict(mm.named_parameters())["model.embed_tokens.weight"].requires_grad_(case == "unfreeze")
+    if case == "unfreeze":
+        try:
+            m(input_ids=idx, labels=idx)
+        except Exception as e:
+            return dict(error=(type(e).__name__, str(e)))
+        return dict(error=None)
+    opts = [torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-2) for mm in (m, ref)]
+    for step in range(3):
+        ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(step))
+        norms = []
+        for mm, opt in zip((m, ref), opts):
+            opt.zero_grad()
+            mm(input_ids=ids, labels=ids).loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(mm.parameters(), 0.5)))
+            opt.step()
+    full = m.full_state_dict()
+    return dict(params=full, ref_params=ref.state_dict(), norms=norms,
+                frozen_grad=dict(m.named_parameters())["model.embed_tokens.weight"].grad)
