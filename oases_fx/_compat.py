@@ -266,3 +266,23 @@ def dynamo_wrapper_exceptions() -> tuple:
 
     names = ("BackendCompilerFailed", "TorchRuntimeError", "InternalTorchDynamoError")
     return tuple(getattr(exc, n) for n in names if hasattr(exc, n))
+
+
+# --- bounded waiting: the failure channel (oases_fx.watchdog) ---------------------------------------
+def default_store():
+    """The default process group's c10d store (private: distributed_c10d._get_default_store, in
+    2.11 and 2.13), or None where there is none (no process group, a fake one)."""
+    import torch.distributed as dist
+
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def dist_backend_error() -> tuple:
+    """torch.distributed.DistBackendError (what NCCL and some gloo paths raise), as a tuple for isinstance."""
+    import torch.distributed as dist
+
+    cls = getattr(dist, "DistBackendError", None)
+    return (cls,) if cls is not None else ()

@@ -26,9 +26,10 @@ from oases_fx import boundary as _boundary_mod
 from oases_fx import generation as _generation
 from oases_fx import inputs as _inputs
 from oases_fx import loading as _loading
+from oases_fx import watchdog as _watchdog
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
-from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info, with_region_groups
+from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, group_timeout, mesh_info, with_region_groups
 from oases_fx.meta import graph_meta
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
@@ -137,6 +138,11 @@ class OasesModule(nn.Module):
         self.__dict__["_info"] = info
         self.__dict__["_cfg"] = cfg
         self.__dict__["_programs"] = {example_key: program}
+        # where this rank's failures go and its timeouts are explained (oases_fx.watchdog)
+        self.__dict__["_faults"] = _watchdog.current() or _watchdog.FaultChannel(
+            prefix="oases_fx/faults/unscoped", peers=tuple(int(r) for r in mesh.mesh.flatten()),
+            collective_timeout_s=cfg.collective_timeout_s)
+        self.__dict__["_calls"] = 0
         self.plan = plan
         # parameters: DTensors on the "tp" axis sharing the compiled program's plain shards (oases_fx.boundary)
         self.__dict__["_boundary"] = _boundary_mod.Boundary(self, program.gm, mesh, info)
@@ -171,10 +177,16 @@ class OasesModule(nn.Module):
             agreement.check_batch(self._mesh, self._info, args, kwargs,
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
+        self.__dict__["_calls"] += 1
         try:
             return prog.compiled(*args, **kwargs)
         except Exception as e:  # the step's own error, not torch.compile's wrapper around it
             inner = agreement.innermost_cause(e)
+            where = f"forward of call {self._calls} ({'train' if self.training else 'eval'} mode)"
+            failed = _watchdog.collective_failure_in(inner)
+            if failed is not None:  # waited for a peer: name it, say the bound
+                raise self._faults.timed_out(failed, where) from failed
+            self._faults.report(inner, where)  # a peer waiting in this step's collectives reads it
             if inner is e:
                 raise
             raise inner from None
@@ -569,7 +581,7 @@ def compile(
     _batch_size(flat)
     meta_init = _loading.prepare_meta_model(model, args, kwargs, device)  # built under torch.device("meta")
     _inputs.check_inputs(_inputs.ParamSignature.of(model), args, kwargs, what="compile(example_inputs=...)")
-    info = mesh_info(mesh)
+    info = mesh_info(mesh, collective_timeout_s=cfg.collective_timeout_s)  # own TMP groups if a bound is set
     if _is_search(plan):
         _check_divisible(model, info.tp)
 
@@ -598,11 +610,18 @@ def compile(
         _say(cfg, f"planning: {'measuring the device' if cfg.profile == 'measure' else 'analytical cost model'} "
                   f"for k in {ks}, recompute in {rcs}, {len(regions)} regions")
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        return plan_model(traced.gm, regions, tp=info.tp, batch=batch, seq_len=int(seq), group=info.tp_group,
-                          measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
-                          k_choices=ks, recompute_choices=rcs,
-                          degrees={"full": (info.tp,), "all": None}.get(cfg.planner_degrees, cfg.planner_degrees),
-                          vocab_parallel_choices=cfg.planner_vocab_parallel)
+        channel = _watchdog.current()
+        if channel is not None:  # a collective timing out in here is explained as the planner's
+            channel.phase = "planner's collectives (plan='auto': profiling and search)"
+        with group_timeout(cfg.collective_timeout_s):  # the profile's subgroups get the bound too
+            got = plan_model(traced.gm, regions, tp=info.tp, batch=batch, seq_len=int(seq), group=info.tp_group,
+                             measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
+                             k_choices=ks, recompute_choices=rcs,
+                             degrees={"full": (info.tp,), "all": None}.get(cfg.planner_degrees, cfg.planner_degrees),
+                             vocab_parallel_choices=cfg.planner_vocab_parallel)
+        if channel is not None:
+            channel.phase = "oases_fx.compile() collectives (agreement checks, plan)"
+        return got
 
     explicit = not _is_search(plan)
     plan = _resolve_plan(plan, find_regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute,
@@ -614,7 +633,8 @@ def compile(
                             detail="The plan depends on the model, the example input shapes and the options. ")
     splits = _degree_splits(plan)
     check_batch_splits(_batch_size(flat), plan.num_sub_batches, splits)
-    info = with_region_groups(info, mesh, [d for _, d, _ in splits])
+    with group_timeout(cfg.collective_timeout_s):
+        info = with_region_groups(info, mesh, [d for _, d, _ in splits])
     _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} regions sharded "
               f"over tp={info.tp}" + (f" ({len(splits)} of them at a lower degree: "
                                       + ", ".join(f"{name} d={d}" for name, d, _ in splits) + ")" if splits else "")

@@ -44,3 +44,63 @@ def test_rank_skipping_a_backward_stops_the_other_within_the_group_timeout():
     kind, msg, waited_s = r0
     assert kind == "RuntimeError" and "Timed out" in msg, (kind, msg)
     print(f"rank 0 raised after {waited_s:.1f} s: {msg}")
+
+
+# --- the bound of CompileConfig.collective_timeout_s (oases_fx.watchdog) --------------------------
+BOUND_S = 10.0  # short, for the test; long enough that step 1's compile on a loaded 2-core machine fits
+
+
+def _run_fresh(task, **kw):
+    """Run `task` in a fresh 2-rank pool whose default group's timeout (120 s) is far above the bound,
+    so an error within the bound can only come from oases_fx's own groups."""
+    from tests.pool import RankPool
+
+    pool = RankPool(2, timeout_s=120)
+    try:
+        return pool.run(task, timeout_s=BOUND_S, **kw)
+    finally:
+        pool.close()
+
+
+def test_rank_failing_in_a_forward_stops_the_other_with_its_error():
+    r0, r1 = _run_fresh(T.fault_in_forward, failing_rank=1)
+    assert r1 is not None and r1[:2] == ("ValueError", "injected user error on rank 1"), r1  # innermost cause
+    assert r0 is not None, "rank 0's forward returned although rank 1 never reached its all-reduce"
+    kind, msg, waited = r0
+    assert kind == "OasesError", (kind, msg)
+    assert "rank 1 failed in the forward of call 2" in msg and "injected user error on rank 1" in msg, msg
+    assert "forward of call 2" in msg and "collective_timeout_s" in msg and f"{BOUND_S:g} s" in msg, msg
+    print(f"rank 0 raised after {waited:.1f} s (bound {BOUND_S} s): {msg}")
+
+
+def test_rank_skipping_a_backward_gets_the_bound_not_a_30_minute_wait():
+    # Rank 1 runs step 2's forward and skips backward(): rank 0's backward all-reduce has no partner.
+    # The default group's timeout is 120 s: an error from within the 10 s bound is oases_fx's group.
+    r0, r1 = _run_fresh(T.skip_backward_bounded, skipping_rank=1)
+    assert r1 is None
+    assert r0 is not None, "rank 0's backward returned although rank 1 never reached its all-reduce"
+    kind, msg, waited = r0
+    # Not an OasesError: the error leaves the compiled backward inside torch's autograd engine, where
+    # oases_fx has no frame to translate it (see README, "Failures"); the bound is what is checked.
+    assert kind == "RuntimeError" and f"Timed out waiting {int(BOUND_S * 1000)}ms" in msg, (kind, msg)
+    print(f"rank 0 raised after {waited:.1f} s (bound {BOUND_S} s): {msg}")
+
+
+def test_rank_failing_in_a_backward_leaves_the_other_waiting_at_most_the_bound():
+    r0, r1 = _run_fresh(T.fault_in_backward, failing_rank=1)
+    assert r1 is not None and r1[:2] == ("ValueError", "injected backward error on rank 1"), r1
+    assert r0 is not None, "rank 0's backward returned although rank 1 never reached its all-reduce"
+    kind, msg, waited = r0
+    assert kind == "RuntimeError" and f"Timed out waiting {int(BOUND_S * 1000)}ms" in msg, (kind, msg)
+    print(f"rank 0 raised after {waited:.1f} s (bound {BOUND_S} s): {msg}")
+
+
+def test_rank_failing_in_the_planner_stops_the_other_with_its_error():
+    r0, r1 = _run_fresh(T.fault_in_planner, failing_rank=1)
+    assert r1 is not None and r1[:2] == ("RuntimeError", "injected planner fault on rank 1"), r1
+    assert r0 is not None, "rank 0's compile returned although rank 1 failed in the planner"
+    kind, msg, waited = r0
+    assert kind == "OasesError", (kind, msg)
+    assert "rank 1 failed in the planner's collectives" in msg and "injected planner fault on rank 1" in msg, msg
+    assert "collective_timeout_s" in msg, msg
+    print(f"rank 0 raised after {waited:.1f} s (bound {BOUND_S} s): {msg}")
