@@ -143,6 +143,7 @@ class OasesModule(nn.Module):
             prefix="oases_fx/faults/unscoped", peers=tuple(int(r) for r in mesh.mesh.flatten()),
             collective_timeout_s=cfg.collective_timeout_s)
         self.__dict__["_calls"] = 0
+        self.__dict__["_steps"] = _watchdog.StepTracker(self._faults)  # whose backward ran (oases_fx.watchdog)
         self.plan = plan
         # parameters: DTensors on the "tp" axis sharing the compiled program's plain shards (oases_fx.boundary)
         self.__dict__["_boundary"] = _boundary_mod.Boundary(self, program.gm, mesh, info)
@@ -152,6 +153,8 @@ class OasesModule(nn.Module):
 
     # --- calling ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        self.__dict__["_calls"] += 1
+        self._steps.before_forward(self._calls)  # this rank's last backward raised: its peers may wait in it
         self._boundary.sync_handed_out()  # a dcp.load into state_dict() without load_state_dict (boundary.py)
         if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
             _loading.check_loaded(self)
@@ -177,9 +180,8 @@ class OasesModule(nn.Module):
             agreement.check_batch(self._mesh, self._info, args, kwargs,
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
-        self.__dict__["_calls"] += 1
         try:
-            return prog.compiled(*args, **kwargs)
+            out = prog.compiled(*args, **kwargs)
         except Exception as e:  # the step's own error, not torch.compile's wrapper around it
             inner = agreement.innermost_cause(e)
             where = f"forward of call {self._calls} ({'train' if self.training else 'eval'} mode)"
@@ -190,6 +192,7 @@ class OasesModule(nn.Module):
             if inner is e:
                 raise
             raise inner from None
+        return self._steps.mark(out, self._calls)  # one identity autograd node: see when its backward runs
 
     def _param_signature(self):  # dtype/device of the parameters, again after .to(): oases_fx.inputs
         epoch = self.__dict__.get("_conversion_epoch")

@@ -146,3 +146,151 @@ _CURRENT: list = []  # the channel of the compile() running now (set by agreemen
 
 def current() -> Optional[FaultChannel]:
     return _CURRENT[-1] if _CURRENT else None
+
+
+# --- backward: which call's backward this rank owes, runs or finished ------------------------------
+import logging
+import threading
+import time
+import weakref
+
+import torch
+import torch.utils._pytree as pytree
+
+log = logging.getLogger("oases_fx")
+
+
+class _BackwardMarker(torch.autograd.Function):
+    """Identity on a call's outputs; its backward runs first in that call's backward pass and
+    queues a callback that runs only if the whole backward pass succeeds."""
+
+    @staticmethod
+    def forward(ctx, tracker, call, *xs):
+        ctx.set_materialize_grads(False)
+        ctx.tracker, ctx.call = tracker, call
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.tracker._started(ctx.call)
+        return (None, None) + grads
+
+
+class StepTracker:
+    """Per OasesModule: the state of the last training call's backward on this rank, read before
+    the next forward (a backward that started and raised, one that never ran) and by the watchdog
+    thread (a backward that waits long while a peer reported a failure). Per step: one identity
+    autograd node on the outputs and a callback at the end of backward; no store access."""
+
+    def __init__(self, channel: FaultChannel):
+        self.channel = channel
+        self.call: Optional[int] = None
+        self.state = "idle"  # "owed" (outputs need grad, no backward yet), "started", "idle"
+        self.started_at = 0.0
+        self.said: set = set()
+
+    def mark(self, out, call: int):
+        """`out` with its grad-requiring tensors passed through the marker (unchanged otherwise)."""
+        if not torch.is_grad_enabled():
+            return out
+        try:
+            flat, spec = pytree.tree_flatten(out)
+            idx = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not idx:
+                return out
+            marked = _BackwardMarker.apply(self, call, *[flat[i] for i in idx])
+            for i, t in zip(idx, marked):
+                flat[i] = t
+            out = pytree.tree_unflatten(flat, spec)
+        except Exception as e:  # an output structure pytree cannot rebuild: no tracking, said once
+            if "mark" not in self.said:
+                self.said.add("mark")
+                log.warning("oases_fx: cannot track backward() of this model's outputs (%s: %s); a rank whose "
+                            "backward fails is then seen by its peers only when their collectives time out",
+                            type(e).__name__, e)
+            return out
+        self.call, self.state = call, "owed"
+        return out
+
+    def _started(self, call: int) -> None:
+        self.call, self.state, self.started_at = call, "started", time.monotonic()
+        _compat.queue_backward_callback(lambda: self._done(call))
+        _Watchdog.watch(self)
+
+    def _done(self, call: int) -> None:
+        if self.call == call:
+            self.state = "idle"
+
+    def before_forward(self, call: int) -> None:
+        """Raise if this rank's previous backward raised (its peers may wait in it; this forward's
+        collectives would pair with theirs); warn once if it never ran."""
+        prev, state = self.call, self.state
+        self.state = "idle"
+        if state == "started":
+            where = f"backward of call {prev}"
+            err = OasesError(
+                f"rank {dist.get_rank() if dist.is_initialized() else 0}: the {where} raised on this rank (its error "
+                f"reached the caller of backward()), and now call {call} starts. The TMP ranks are out of step: the "
+                "other ranks may be waiting in that backward's collectives, and this call's collectives would pair "
+                "with theirs (wrong values or a hang). Fix: stop every rank after a failed step (or restart them "
+                "together); do not continue the loop on one rank.")
+            self.channel.report(err, where)
+            raise err
+        if state == "owed" and "owed" not in self.said:
+            self.said.add("owed")
+            log.warning("oases_fx: call %d starts although call %d's outputs required grad and no backward() ran on "
+                        "this rank. If the other TMP ranks run call %d's backward, their collectives pair with this "
+                        "call's (wrong values or a hang). Fix: call backward() on every rank, or run forwards that "
+                        "no backward follows under torch.no_grad() or model.eval(). (Said once.)", call, prev, prev)
+
+
+class _Watchdog:
+    """One daemon thread per process: while a backward of some OasesModule has run for more than
+    POLL_S, it reads the peers' failure notes every POLL_S and logs once per call when a peer failed
+    (or when the bound passed with no note). It cannot stop the wait (gloo cannot be interrupted):
+    the backward still raises torch's own timeout error within the bound, after this line."""
+
+    POLL_S = 1.0
+    _lock = threading.Lock()
+    _thread: Optional[threading.Thread] = None
+    _watched: "weakref.WeakSet" = weakref.WeakSet()
+
+    @classmethod
+    def watch(cls, tracker: StepTracker) -> None:
+        cls._watched.add(tracker)
+        if cls._thread is None:
+            with cls._lock:
+                if cls._thread is None:
+                    cls._thread = threading.Thread(target=cls._run, name="oases_fx-watchdog", daemon=True)
+                    cls._thread.start()
+
+    @classmethod
+    def _run(cls) -> None:
+        while True:
+            time.sleep(cls.POLL_S)
+            for t in list(cls._watched):
+                try:
+                    cls._check(t)
+                except Exception:  # a store gone at exit: nothing to say
+                    pass
+
+    @classmethod
+    def _check(cls, t: StepTracker) -> None:
+        if t.state != "started" or time.monotonic() - t.started_at < cls.POLL_S:
+            return
+        call, waited = t.call, time.monotonic() - t.started_at
+        failed = t.channel.peer_failures()
+        me = dist.get_rank() if dist.is_initialized() else 0
+        bound = t.channel.collective_timeout_s
+        if failed and ("peer", call) not in t.said:
+            t.said.add(("peer", call))
+            told = "; ".join(f"rank {r} failed in the {n['where']}: {n['error']}" for r, n in sorted(failed.items()))
+            log.error("oases_fx: rank %d is waiting in the backward of call %d (%.1f s so far) for a TMP collective "
+                      "that will not complete: %s. This rank's backward raises torch's timeout error when the wait "
+                      "ends; %s.", me, call, waited, told, describe_bound(bound))
+        elif not failed and bound is not None and waited > 0.8 * bound and ("none", call) not in t.said:
+            t.said.add(("none", call))
+            log.error("oases_fx: rank %d's backward of call %d has waited %.1f s of the %g s bound and no TMP peer "
+                      "reported an error: a rank may have skipped a backward() or a step, or died. This rank's "
+                      "backward raises torch's timeout error when the wait ends; %s.", me, call, waited, bound,
+                      describe_bound(bound))

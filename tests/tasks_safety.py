@@ -336,30 +336,61 @@ def fault_in_forward(rank, world_size, *, failing_rank=1, timeout_s=10.0):
     return _timed(lambda: model(idx, idx))
 
 
-def fault_in_backward(rank, world_size, *, failing_rank=1, timeout_s=10.0):
+class _Logged:
+    """Context manager collecting the "oases_fx" logger's records (the watchdog thread's lines)."""
+
+    def __enter__(self):
+        import logging
+
+        self.lines, self.logger = [], logging.getLogger("oases_fx")
+        self.handler = logging.Handler()
+        self.handler.emit = lambda rec: self.lines.append(rec.getMessage())
+        self.logger.addHandler(self.handler)
+        return self.lines
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+def fault_in_backward(rank, world_size, *, failing_rank=1, timeout_s=10.0, keep_running=True):
     """Step 1 on every rank; in step 2's backward `failing_rank` raises (a tensor hook: a user error
-    inside backward on that rank only). What each rank's backward raises (type, message, seconds)."""
+    inside backward on that rank only), and with `keep_running` goes on to step 3's forward as a
+    loop that caught the error would. Per rank: (what backward raised, what step 3's forward raised
+    or None, the oases_fx log lines)."""
+    import time
+
     model, idx = _compiled(world_size, timeout_s)
     _, loss = model(idx, idx)
     loss.backward()
     _, loss = model(idx, idx)
-    if rank == failing_rank:
+    if rank == failing_rank:  # on the final norm's shard: early in backward, before the blocks' all-reduces
         def hook(grad):
             raise ValueError(f"injected backward error on rank {rank}")
-        loss.register_hook(hook)
-    return _timed(lambda: loss.backward())
+        shards = model._boundary.local_tensors()
+        shards[next(n for n in shards if "ln_f" in n)].register_hook(hook)
+    with _Logged() as lines:
+        got = _timed(lambda: loss.backward())
+        nxt = _timed(lambda: model(idx, idx)) if rank == failing_rank and keep_running else None
+        if rank != failing_rank:
+            time.sleep(1.5)  # past the watchdog thread's next poll
+    return got, nxt, list(lines)
 
 
 def skip_backward_bounded(rank, world_size, *, skipping_rank=1, timeout_s=10.0):
     """skip_backward with collective_timeout_s: `skipping_rank` runs step 2's forward and skips its
-    backward(); what the other rank's backward raises, and when."""
+    backward(); what the other rank's backward raises, when, and the oases_fx log lines."""
+    import time
+
     model, idx = _compiled(world_size, timeout_s)
     _, loss = model(idx, idx)
     loss.backward()
     _, loss = model(idx, idx)
     if rank == skipping_rank:
         return None
-    return _timed(lambda: loss.backward())
+    with _Logged() as lines:
+        got = _timed(lambda: loss.backward())
+        time.sleep(1.5)  # past the watchdog thread's next poll
+    return got + (list(lines),) if got else None
 
 
 def fault_in_planner(rank, world_size, *, failing_rank=1, timeout_s=10.0):
