@@ -339,3 +339,23 @@ class no_ddp_graph_split:
 def current_backward_id() -> int:
     """An id of the backward pass (autograd graph task) now running, -1 outside one (private in 2.11, 2.13)."""
     return torch._C._current_graph_task_id()
+
+
+# --- bounded waiting: the failure channel (oases_fx.watchdog) ---------------------------------------
+def default_store():
+    """The default process group's c10d store (private: distributed_c10d._get_default_store, in
+    2.11 and 2.13), or None where there is none (no process group, a fake one)."""
+    import torch.distributed as dist
+
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def dist_backend_error() -> tuple:
+    """torch.distributed.DistBackendError (what NCCL and some gloo paths raise), as a tuple for isinstance."""
+    import torch.distributed as dist
+
+    cls = getattr(dist, "DistBackendError", None)
+    return (cls,) if cls is not None else ()

@@ -322,18 +322,38 @@ def errors_shared(compile_fn):
     (ok, or its error), so a rank that raises inside compile() makes the others raise an OasesError
     naming it at once, instead of leaving them blocked in the first collective of the model until
     the process group's timeout (gloo's and NCCL's default: 30 minutes). A rank failing before the
-    agreement check is seen by the others in that check's gather. Not covered: a rank failing
-    while the others are inside the planner's own collectives (those wait for the timeout)."""
+    agreement check is seen by the others in that check's gather. A rank failing while the others
+    are inside the planner's own collectives also leaves its error in the c10d store
+    (oases_fx.watchdog): they wait at most the bound (CompileConfig.collective_timeout_s, else the
+    groups' timeout), then raise an OasesError naming it and its error."""
     import functools
+
+    from oases_fx import watchdog
 
     @functools.wraps(compile_fn)
     def wrapper(model, mesh, *args, **kwargs):
         try:
+            ranks = [int(r) for r in mesh.mesh.flatten()]
+        except Exception:
+            ranks = []
+        channel = watchdog.FaultChannel.for_ranks(ranks, kwargs.get("collective_timeout_s"))
+        watchdog._CURRENT.append(channel)
+        try:
             out = compile_fn(model, mesh, *args, **kwargs)
         except Exception as e:
+            inner = innermost_cause(e)
+            failed = watchdog.collective_failure_in(inner)
+            if failed is not None:  # waited for a peer: name it if it said why
+                err = channel.timed_out(failed)
+                if channel.peer_failures():  # that peer is in (or on its way to) its own gather below: meet it
+                    _world_gather(mesh, dict(failed=f"OasesError: {str(err)[:500]}"))
+                raise err from failed
             if not getattr(e, "_oases_shared", False):
+                channel.report(inner)  # for peers waiting in a planner collective (read when theirs times out)
                 _world_gather(mesh, dict(failed=f"{type(e).__name__}: {str(e)[:500]}"))
             raise
+        finally:
+            watchdog._CURRENT.remove(channel)
         records = _world_gather(mesh, dict(ok=True))
         if records is not None:
             _raise_if_peer_failed(records, where="after this rank finished compiling")

@@ -26,9 +26,10 @@ from oases_fx import boundary as _boundary_mod
 from oases_fx import generation as _generation
 from oases_fx import inputs as _inputs
 from oases_fx import loading as _loading
+from oases_fx import watchdog as _watchdog
 from oases_fx.config import CompileConfig
 from oases_fx.errors import InputError, OasesError, ShardingError
-from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, mesh_info, with_region_groups
+from oases_fx.mesh import MeshInfo, check_same_on_all_ranks, group_timeout, mesh_info, with_region_groups
 from oases_fx.meta import graph_meta
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
@@ -144,6 +145,12 @@ class OasesModule(nn.Module):
         self.__dict__["_info"] = info
         self.__dict__["_cfg"] = cfg
         self.__dict__["_programs"] = {example_key: program}
+        # where this rank's failures go and its timeouts are explained (oases_fx.watchdog)
+        self.__dict__["_faults"] = _watchdog.current() or _watchdog.FaultChannel(
+            prefix="oases_fx/faults/unscoped", peers=tuple(int(r) for r in mesh.mesh.flatten()),
+            collective_timeout_s=cfg.collective_timeout_s)
+        self.__dict__["_calls"] = 0
+        self.__dict__["_steps"] = _watchdog.StepTracker(self._faults)  # whose backward ran (oases_fx.watchdog)
         self.plan = plan
         # parameters: DTensors on the "tp" axis sharing the compiled program's plain shards (oases_fx.boundary)
         # and, on a "dp" axis, torch's DDP over those shards (its reducer averages the gradients over "dp")
@@ -154,6 +161,8 @@ class OasesModule(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.is_autocast_enabled(self._mesh.device_type):
             _refuse_autocast(self._mesh.device_type)
+        self.__dict__["_calls"] += 1
+        self._steps.before_forward(self._calls)  # this rank's last backward raised: its peers may wait in it
         self._boundary.sync_handed_out()  # a dcp.load into state_dict() without load_state_dict (boundary.py)
         if self.__dict__.get("_load_guard") is not None:  # compiled from the meta device (oases_fx.loading)
             _loading.check_loaded(self)
@@ -180,12 +189,18 @@ class OasesModule(nn.Module):
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
         try:
-            return self._boundary.call(prog.compiled, args, kwargs)  # through DDP on a "dp" axis
+            out = self._boundary.call(prog.compiled, args, kwargs)  # through DDP on a "dp" axis
         except Exception as e:  # the step's own error, not torch.compile's wrapper around it
             inner = agreement.innermost_cause(e)
+            where = f"forward of call {self._calls} ({'train' if self.training else 'eval'} mode)"
+            failed = _watchdog.collective_failure_in(inner)
+            if failed is not None:  # waited for a peer: name it, say the bound
+                raise self._faults.timed_out(failed, where) from failed
+            self._faults.report(inner, where)  # a peer waiting in this step's collectives reads it
             if inner is e:
                 raise
             raise inner from None
+        return self._steps.mark(out, self._calls)  # one identity autograd node: see when its backward runs
 
     def _param_signature(self):  # dtype/device of the parameters, again after .to(): oases_fx.inputs
         epoch = self.__dict__.get("_conversion_epoch")
@@ -597,7 +612,7 @@ def compile(
     _batch_size(flat)
     meta_init = _loading.prepare_meta_model(model, args, kwargs, device)  # built under torch.device("meta")
     _inputs.check_inputs(_inputs.ParamSignature.of(model), args, kwargs, what="compile(example_inputs=...)")
-    info = mesh_info(mesh)
+    info = mesh_info(mesh, collective_timeout_s=cfg.collective_timeout_s)  # own TMP groups if a bound is set
     if _is_search(plan):
         _check_divisible(model, info.tp)
 
@@ -626,11 +641,18 @@ def compile(
         _say(cfg, f"planning: {'measuring the device' if cfg.profile == 'measure' else 'analytical cost model'} "
                   f"for k in {ks}, recompute in {rcs}, {len(regions)} regions")
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        return plan_model(traced.gm, regions, tp=info.tp, batch=batch, seq_len=int(seq), group=info.tp_group,
-                          measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
-                          k_choices=ks, recompute_choices=rcs,
-                          degrees={"full": (info.tp,), "all": None}.get(cfg.planner_degrees, cfg.planner_degrees),
-                          vocab_parallel_choices=cfg.planner_vocab_parallel)
+        channel = _watchdog.current()
+        if channel is not None:  # a collective timing out in here is explained as the planner's
+            channel.phase = "planner's collectives (plan='auto': profiling and search)"
+        with group_timeout(cfg.collective_timeout_s):  # the profile's subgroups get the bound too
+            got = plan_model(traced.gm, regions, tp=info.tp, batch=batch, seq_len=int(seq), group=info.tp_group,
+                             measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
+                             k_choices=ks, recompute_choices=rcs,
+                             degrees={"full": (info.tp,), "all": None}.get(cfg.planner_degrees, cfg.planner_degrees),
+                             vocab_parallel_choices=cfg.planner_vocab_parallel)
+        if channel is not None:
+            channel.phase = "oases_fx.compile() collectives (agreement checks, plan)"
+        return got
 
     explicit = not _is_search(plan)
     plan = _resolve_plan(plan, find_regions, tp=info.tp, num_sub_batches=num_sub_batches, recompute=recompute,
@@ -642,7 +664,8 @@ def compile(
                             detail="The plan depends on the model, the example input shapes and the options. ")
     splits = _degree_splits(plan)
     check_batch_splits(_batch_size(flat), plan.num_sub_batches, splits)
-    info = with_region_groups(info, mesh, [d for _, d, _ in splits])
+    with group_timeout(cfg.collective_timeout_s):
+        info = with_region_groups(info, mesh, [d for _, d, _ in splits])
     _say(cfg, f"plan {plan.digest()}: {sum(r.shard for r in plan.regions)} regions sharded "
               f"over tp={info.tp}" + (f" ({len(splits)} of them at a lower degree: "
                                       + ", ".join(f"{name} d={d}" for name, d, _ in splits) + ")" if splits else "")

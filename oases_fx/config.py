@@ -50,6 +50,15 @@ class CompileConfig:
     runs without; explain() and a logged warning say which and why. As with reduce-overhead, the
     outputs (gradients too) live in the graphs' memory: set gradients to None between steps
     (optimizer.zero_grad()) and clone an output kept past the next call."""
+    collective_timeout_s: object = None
+    """The bound on waiting in a TMP collective (oases_fx.watchdog). None (default): oases_fx's
+    collectives run on the mesh's groups and wait as long as their timeout (init_process_group(
+    timeout=...); torch's default 30 min for gloo, 10 min for NCCL). A number of seconds: compile()
+    creates oases_fx's own TMP groups (same ranks) with that timeout, for the compiled program's and
+    the planner's collectives. Either way a rank whose collective times out raises an OasesError
+    naming the peer that failed (and its error) or saying none reported (a skipped backward or
+    step). Make it longer than the slowest step and than compilation (a rank may compile while its
+    peer waits in the first collective: Inductor can take minutes)."""
 
     def __post_init__(self):
         if self.profile not in ("measure", "analytical"):
@@ -63,6 +72,11 @@ class CompileConfig:
             raise ValueError(f"planner_vocab_parallel={self.planner_vocab_parallel!r}: expected a tuple of bools")
         if self.check_inputs not in ("first", "every", "off"):
             raise ValueError(f"check_inputs={self.check_inputs!r}: expected 'first', 'every' or 'off'")
+        if self.collective_timeout_s is not None and not (
+                isinstance(self.collective_timeout_s, (int, float)) and not isinstance(self.collective_timeout_s, bool)
+                and self.collective_timeout_s > 0):
+            raise ValueError(f"collective_timeout_s={self.collective_timeout_s!r}: expected None or a positive number "
+                             "of seconds")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
         if self.cudagraphs and self.backend != "inductor":

@@ -50,8 +50,12 @@ class DegreeGroups:
     """Registered name of the cross group (batch gather, weight-gradient sum)."""
 
 
-def mesh_info(mesh) -> MeshInfo:
-    """Validate the mesh and pull out what the passes need; clear errors for what they do not support."""
+def mesh_info(mesh, *, collective_timeout_s: Optional[float] = None) -> MeshInfo:
+    """Validate the mesh and pull out what the passes need; clear errors for what they do not support.
+
+    With `collective_timeout_s`, the TMP group is oases_fx's own (:func:`own_tmp_group`: the same
+    ranks, that timeout), so the compiled program's and the planner's collectives wait at most that
+    long (oases_fx.watchdog); else the mesh's own "tp" group (and its timeout)."""
     names = tuple(mesh.mesh_dim_names or ())
     if "tp" not in names:
         raise OasesError(
@@ -66,6 +70,8 @@ def mesh_info(mesh) -> MeshInfo:
             "into 'dp' or build the mesh with mesh_dim_names=('dp', 'tp')."
         )
     tp_group = mesh.get_group("tp")
+    if collective_timeout_s is not None and _is_real(tp_group):
+        tp_group = own_tmp_group(mesh, collective_timeout_s)
     dp_group = mesh.get_group("dp") if "dp" in names else None
     return MeshInfo(
         tp=mesh.size(names.index("tp")),
@@ -78,17 +84,60 @@ def mesh_info(mesh) -> MeshInfo:
     )
 
 
-_GROUP_CACHE: dict = {}  # (default group, tuple of global ranks) -> ProcessGroup
+_GROUP_CACHE: dict = {}  # (default group, tuple of global ranks, timeout s) -> ProcessGroup
+_GROUP_TIMEOUT_S: list = [None]  # the timeout of the groups cached_new_group makes now (group_timeout)
 
 
-def cached_new_group(ranks: tuple):
-    """dist.new_group, once per rank set and default process group (every rank calls this in the
-    same order, so the cache stays consistent across ranks). Shared by the planner's profile and
-    the compiled program, so a rank set gets one communicator."""
-    key = (id(dist.group.WORLD), ranks)
+def cached_new_group(ranks: tuple, timeout_s: Optional[float] = None):
+    """dist.new_group, once per rank set, timeout and default process group (every rank calls this
+    in the same order, so the cache stays consistent across ranks). Shared by the planner's profile
+    and the compiled program, so a rank set gets one communicator. `timeout_s` None: the one
+    :func:`group_timeout` sets (oases_fx.compile's collective_timeout_s), else the default group's."""
+    import datetime
+
+    timeout_s = _GROUP_TIMEOUT_S[-1] if timeout_s is None else timeout_s
+    key = (id(dist.group.WORLD), ranks, timeout_s)
     if key not in _GROUP_CACHE:
-        _GROUP_CACHE[key] = dist.new_group(list(ranks))
+        _GROUP_CACHE[key] = dist.new_group(
+            list(ranks), timeout=None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s)))
     return _GROUP_CACHE[key]
+
+
+class group_timeout:
+    """Context manager: groups made by cached_new_group inside it (region subgroups, the planner's
+    profiling subgroups) get `timeout_s` (None: the default group's)."""
+
+    def __init__(self, timeout_s: Optional[float]):
+        self.timeout_s = timeout_s
+
+    def __enter__(self):
+        _GROUP_TIMEOUT_S.append(self.timeout_s)
+
+    def __exit__(self, *exc):
+        _GROUP_TIMEOUT_S.pop()
+
+
+def _is_real(group) -> bool:
+    try:
+        return dist.is_initialized() and dist.get_backend(group) != "fake"
+    except Exception:
+        return False
+
+
+def own_tmp_group(mesh, timeout_s: float):
+    """oases_fx's own group of this rank's TMP ranks with timeout `timeout_s`. Collective over the
+    world: every rank creates the group of every TMP group of the mesh, in mesh order."""
+    me, mine = dist.get_rank(), None
+    for ranks in _tmp_groups(mesh):
+        if list(ranks) != sorted(ranks):
+            raise OasesError(f"the mesh's TMP group {ranks} is not in increasing rank order; oases_fx's own groups "
+                             "(collective_timeout_s) need it. Fix: build the mesh with init_device_mesh, or leave "
+                             "collective_timeout_s=None and set the timeout in init_process_group.")
+        g = cached_new_group(tuple(ranks), timeout_s)
+        if me in ranks:
+            mine = g
+    assert mine is not None, f"rank {me} is in no TMP group of the mesh {mesh}"
+    return mine
 
 
 def _tmp_groups(mesh) -> list:

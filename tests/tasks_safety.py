@@ -39,6 +39,10 @@ def _err(fn):
     try:
         fn()
     except Exception as e:
+        import os
+        if os.environ.get("OASES_FX_TASK_TRACEBACK"):
+            import traceback
+            traceback.print_exc()
         return type(e).__name__, str(e)
     return None
 
@@ -291,3 +295,120 @@ def skip_backward(rank, world_size, *, skipping_rank=1):
     t0 = time.perf_counter()
     out = _err(lambda: loss.backward())
     return out + (time.perf_counter() - t0,) if out else None
+
+
+# --- 6. bounded waiting in steps and in the planner (CompileConfig.collective_timeout_s) ----------
+
+def _timed(fn):
+    """(error type, message, seconds until it raised) or None."""
+    import time
+
+    t0 = time.perf_counter()
+    got = _err(fn)
+    return got + (time.perf_counter() - t0,) if got else None
+
+
+def _compiled(world_size, timeout_s, **kw):
+    idx = _batch()
+    opts = dict(backend="aot_eager", verbose=False, plan="megatron", collective_timeout_s=timeout_s)
+    opts.update(kw)
+    return oases_fx.compile(_gpt(), _mesh(world_size), example_inputs=(idx, idx), **opts), idx
+
+
+def fault_in_forward(rank, world_size, *, failing_rank=1, timeout_s=10.0):
+    """Step 1 on every rank; in step 2's forward `failing_rank` raises a user error inside the
+    compiled call (wrapped as torch.compile wraps a traced op's error: TorchRuntimeError from
+    ValueError). What each rank's forward raises (type, message, seconds)."""
+    import torch._dynamo.exc as exc
+
+    model, idx = _compiled(world_size, timeout_s)
+    _, loss = model(idx, idx)
+    loss.backward()
+    if rank == failing_rank:
+        prog = next(iter(model._programs.values()))
+
+        def broken(*a, **kw):
+            try:
+                raise ValueError(f"injected user error on rank {rank}")
+            except ValueError as e:
+                raise exc.TorchRuntimeError("dynamo's wrapper") from e
+        prog.compiled = broken
+    return _timed(lambda: model(idx, idx))
+
+
+class _Logged:
+    """Context manager collecting the "oases_fx" logger's records (the watchdog thread's lines)."""
+
+    def __enter__(self):
+        import logging
+
+        self.lines, self.logger = [], logging.getLogger("oases_fx")
+        self.handler = logging.Handler()
+        self.handler.emit = lambda rec: self.lines.append(rec.getMessage())
+        self.logger.addHandler(self.handler)
+        return self.lines
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+def fault_in_backward(rank, world_size, *, failing_rank=1, timeout_s=10.0, keep_running=True):
+    """Step 1 on every rank; in step 2's backward `failing_rank` raises (a tensor hook: a user error
+    inside backward on that rank only), and with `keep_running` goes on to step 3's forward as a
+    loop that caught the error would. Per rank: (what backward raised, what step 3's forward raised
+    or None, the oases_fx log lines)."""
+    import time
+
+    model, idx = _compiled(world_size, timeout_s)
+    _, loss = model(idx, idx)
+    loss.backward()
+    _, loss = model(idx, idx)
+    if rank == failing_rank:  # on the final norm's shard: early in backward, before the blocks' all-reduces
+        def hook(grad):
+            raise ValueError(f"injected backward error on rank {rank}")
+        shards = model._boundary.local_tensors()
+        shards[next(n for n in shards if "ln_f" in n)].register_hook(hook)
+    with _Logged() as lines:
+        got = _timed(lambda: loss.backward())
+        nxt = _timed(lambda: model(idx, idx)) if rank == failing_rank and keep_running else None
+        if rank != failing_rank:
+            time.sleep(1.5)  # past the watchdog thread's next poll
+    return got, nxt, list(lines)
+
+
+def skip_backward_bounded(rank, world_size, *, skipping_rank=1, timeout_s=10.0):
+    """skip_backward with collective_timeout_s: `skipping_rank` runs step 2's forward and skips its
+    backward(); what the other rank's backward raises, when, and the oases_fx log lines."""
+    import time
+
+    model, idx = _compiled(world_size, timeout_s)
+    _, loss = model(idx, idx)
+    loss.backward()
+    _, loss = model(idx, idx)
+    if rank == skipping_rank:
+        return None
+    with _Logged() as lines:
+        got = _timed(lambda: loss.backward())
+        time.sleep(1.5)  # past the watchdog thread's next poll
+    return got + (list(lines),) if got else None
+
+
+def fault_in_planner(rank, world_size, *, failing_rank=1, timeout_s=10.0):
+    """plan="auto" with a measured profile: `failing_rank` raises inside the planner before its first
+    collective while the other waits in it. What each rank's compile() raises (type, message, seconds)."""
+    import oases_fx.planner.profile as profile
+
+    real = profile.profile_key
+
+    def broken(*a, **kw):
+        raise RuntimeError(f"injected planner fault on rank {rank}")
+
+    if rank == failing_rank:
+        profile.profile_key = broken
+    try:
+        idx = _batch()
+        return _timed(lambda: oases_fx.compile(_gpt(), _mesh(world_size), example_inputs=(idx, idx), backend="aot_eager",
+                                               verbose=False, plan="auto", profile="measure",
+                                               collective_timeout_s=timeout_s))
+    finally:
+        profile.profile_key = real

@@ -44,3 +44,71 @@ def test_rank_skipping_a_backward_stops_the_other_within_the_group_timeout():
     kind, msg, waited_s = r0
     assert kind == "RuntimeError" and "Timed out" in msg, (kind, msg)
     print(f"rank 0 raised after {waited_s:.1f} s: {msg}")
+
+
+# --- the bound of CompileConfig.collective_timeout_s (oases_fx.watchdog) --------------------------
+BOUND_S = 10.0  # short, for the test; long enough that step 1's compile on a loaded 2-core machine fits
+
+
+def _run_fresh(task, **kw):
+    """Run `task` in a fresh 2-rank pool whose default group's timeout (120 s) is far above the bound,
+    so an error within the bound can only come from oases_fx's own groups."""
+    from tests.pool import RankPool
+
+    pool = RankPool(2, timeout_s=120)
+    try:
+        return pool.run(task, timeout_s=BOUND_S, **kw)
+    finally:
+        pool.close()
+
+
+def test_rank_failing_in_a_forward_stops_the_other_with_its_error():
+    r0, r1 = _run_fresh(T.fault_in_forward, failing_rank=1)
+    assert r1 is not None and r1[:2] == ("ValueError", "injected user error on rank 1"), r1  # innermost cause
+    assert r0 is not None, "rank 0's forward returned although rank 1 never reached its all-reduce"
+    kind, msg, waited = r0
+    assert kind == "OasesError", (kind, msg)
+    assert "rank 1 failed in the forward of call 2" in msg and "injected user error on rank 1" in msg, msg
+    assert "forward of call 2" in msg and "collective_timeout_s" in msg and f"{BOUND_S:g} s" in msg, msg
+    print(f"rank 0 raised after {waited:.1f} s (bound {BOUND_S} s): {msg}")
+
+
+def test_rank_skipping_a_backward_gets_the_bound_not_a_30_minute_wait():
+    # Rank 1 runs step 2's forward and skips backward(): rank 0's backward all-reduce has no partner.
+    # The default group's timeout is 120 s: an error from within the 10 s bound is oases_fx's group.
+    r0, r1 = _run_fresh(T.skip_backward_bounded, skipping_rank=1)
+    assert r1 is None
+    assert r0 is not None, "rank 0's backward returned although rank 1 never reached its all-reduce"
+    kind, msg, waited, lines = r0
+    # Not an OasesError: the error leaves the compiled backward inside torch's autograd engine, where
+    # oases_fx has no frame to translate it (README, "Failures"); the bound is what is checked, and the
+    # watchdog thread's log line is the explanation.
+    assert kind == "RuntimeError" and f"Timed out waiting {int(BOUND_S * 1000)}ms" in msg, (kind, msg)
+    said = [ln for ln in lines if "backward of call 2" in ln and "no TMP peer reported an error" in ln]
+    assert said and "skipped a backward()" in said[0] and "collective_timeout_s" in said[0], lines
+    print(f"rank 0 raised after {waited:.1f} s (bound {BOUND_S} s): {msg}\n  logged: {said[0]}")
+
+
+def test_rank_failing_in_a_backward_is_named_and_stopped_at_its_next_call():
+    r0, r1 = _run_fresh(T.fault_in_backward, failing_rank=1)
+    (kind1, msg1, _), nxt1, _ = r1
+    assert (kind1, msg1) == ("ValueError", "injected backward error on rank 1")  # its own error, unwrapped
+    # its loop went on: the next call refuses to run collectives that would pair with rank 0's backward
+    assert nxt1 is not None and nxt1[0] == "OasesError" and "backward of call 2 raised on this rank" in nxt1[1], nxt1
+    # The hook fires on a gradient the compiled backward hands out after its all-reduces: rank 0's
+    # backward completed; what matters is that rank 1's next call stops instead of pairing its
+    # collectives with rank 0's next ones.
+    got0, _, _ = r0
+    assert got0 is None, got0
+    print(f"rank 1's next call raised: {nxt1[1]}")
+
+
+def test_rank_failing_in_the_planner_stops_the_other_with_its_error():
+    r0, r1 = _run_fresh(T.fault_in_planner, failing_rank=1)
+    assert r1 is not None and r1[:2] == ("RuntimeError", "injected planner fault on rank 1"), r1
+    assert r0 is not None, "rank 0's compile returned although rank 1 failed in the planner"
+    kind, msg, waited = r0
+    assert kind == "OasesError", (kind, msg)
+    assert "rank 1 failed in the planner's collectives" in msg and "injected planner fault on rank 1" in msg, msg
+    assert "collective_timeout_s" in msg, msg
+    print(f"rank 0 raised after {waited:.1f} s (bound {BOUND_S} s): {msg}")
