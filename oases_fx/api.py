@@ -151,6 +151,7 @@ class OasesModule(nn.Module):
             collective_timeout_s=cfg.collective_timeout_s)
         self.__dict__["_calls"] = 0
         self.__dict__["_steps"] = _watchdog.StepTracker(self._faults)  # whose backward ran (oases_fx.watchdog)
+        program.aot.on_backward_failure = self._backward_failure  # a backward's timeout named (backend.py)
         self.plan = plan
         # parameters: DTensors on the "tp" axis sharing the compiled program's plain shards (oases_fx.boundary)
         # and, on a "dp" axis, torch's DDP over those shards (its reducer averages the gradients over "dp")
@@ -181,6 +182,7 @@ class OasesModule(nn.Module):
                 prog = _build_program(self._model, self._info, plan, self._cfg, args, kwargs, self.training,
                                       bind_to=self)
             self._programs[key] = prog
+            prog.aot.on_backward_failure = self._backward_failure
         if not prog.called and self._cfg.backend != "eager":
             _say(self._cfg, f"compiling with {self._cfg.backend} on this first call (forward now, backward at "
                             "the first backward())")
@@ -201,6 +203,14 @@ class OasesModule(nn.Module):
                 raise
             raise inner from None
         return self._steps.mark(out, self._calls)  # one identity autograd node: see when its backward runs
+
+    def _backward_failure(self, e):
+        """A compiled backward raised `e`: the OasesError naming the peer it waited for, if it is a
+        collective that timed out or lost its peer (oases_fx.watchdog), else None (raised as itself)."""
+        failed = _watchdog.collective_failure_in(e)
+        if failed is None:
+            return None
+        return self._faults.timed_out(failed, f"backward of call {self._calls}")
 
     def _param_signature(self):  # dtype/device of the parameters, again after .to(): oases_fx.inputs
         epoch = self.__dict__.get("_conversion_epoch")

@@ -11,7 +11,7 @@ import bisect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -169,6 +169,41 @@ class CompiledGraphs:
     backward: list = field(default_factory=list)
     records: list = field(default_factory=list)
     cudagraphs: list = field(default_factory=list)  # CudagraphRecord per compiled graph (cudagraphs=True)
+    on_backward_failure: Optional[Callable] = None
+    """exception -> the OasesError to raise instead, or None: set by the OasesModule (oases_fx.watchdog
+    names the peer a timed-out collective of the backward waited for)."""
+
+
+class _GuardedBackward:
+    """The compiled backward graph, boxed as AOTAutograd calls it, whose exceptions pass through
+    ``keep.on_backward_failure``: a collective of the backward that timed out is raised as the
+    OasesError naming the peer and the bound, not gloo's raw timeout from inside autograd. Every
+    other attribute is the compiled graph's (Inductor's post-compile steps read and set them)."""
+
+    def __init__(self, inner, keep):
+        # in the instance's __dict__: torch wraps the compiled backward (dynamo's disable) with
+        # functools.wraps, which copies __dict__, not class attributes
+        self.__dict__.update(_inner=inner, _keep=keep, _boxed_call=True)
+
+    def __call__(self, args):
+        try:
+            return self._inner(args)
+        except Exception as e:
+            handler = self._keep.on_backward_failure
+            err = handler(e) if handler is not None else None
+            if err is None:
+                raise
+            raise err from e
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_inner"], name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["_inner"], name, value)
+
+
+def _guard_backward(compiled, keep):
+    return _GuardedBackward(compiled, keep) if getattr(compiled, "_boxed_call", False) else compiled
 
 
 def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False, keep: CompiledGraphs,
@@ -192,7 +227,7 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
             return _compat.make_boxed_func(apply(gm, False).forward)
 
         def bw(gm, example_inputs):
-            return _compat.make_boxed_func(apply(gm, True).forward)
+            return _guard_backward(_compat.make_boxed_func(apply(gm, True).forward), keep)
 
         return _compat.aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition)
 
@@ -217,7 +252,7 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
                 out = inner(gm, example_inputs, **kwargs)
         if cudagraphs:
             record_cudagraphs(out, kwargs, "backward" if is_backward else "forward", keep, on_entry=on_entry)
-        return out
+        return _guard_backward(out, keep) if is_backward else out
 
     def inductor_backend(gm, example_inputs):
         # No AOTAutograd cache: a hit returns compiled forward/backward code without calling our

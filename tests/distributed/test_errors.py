@@ -21,10 +21,12 @@ def test_heads_not_divisible_by_tp():
     assert kind == "ShardingError" and "attention heads" in msg and "n_head=3" in msg and "Fix" in msg
 
 
-def test_kv_heads_not_divisible_by_tp():
-    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_kv_head=1, n_embd=32)
+def test_kv_heads_neither_dividing_nor_a_multiple_of_tp():
+    # kv heads < tp are replicated (MQA/GQA, tests/distributed/test_zoo.py); 3 kv heads at TP=2 can be
+    # neither split evenly nor replicated evenly (tp % kv != 0): a named error with the fix.
+    cfg = dict(vocab_size=64, block_size=16, n_layer=1, n_head=6, n_kv_head=3, n_embd=48)
     kind, msg = _both(get_pool(2).run(tasks.expect_error, kind="hf_llama", cfg=cfg, batch=2, seq=8))
-    assert kind == "ShardingError" and "key/value heads" in msg and "num_key_value_heads=1" in msg
+    assert kind == "ShardingError" and "key/value heads" in msg and "num_key_value_heads=3" in msg and "Fix" in msg
 
 
 def test_hidden_not_divisible_by_tp():
