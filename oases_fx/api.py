@@ -34,7 +34,7 @@ from oases_fx.meta import graph_meta
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
 from oases_fx.passes.annotate_sharding import annotate_sharding_pass
-from oases_fx.passes.insert_collectives import insert_collectives_pass
+from oases_fx.passes.insert_collectives import insert_collectives_pass, merge_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
 from oases_fx.passes.split_sub_batches import check_batch_splits, split_sub_batches_pass
 from oases_fx.passes.recompute_policy import recompute_policy_pass
@@ -443,6 +443,7 @@ def torch_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, grad_inputs, ba
         G("insert_collectives", functools.partial(insert_collectives_pass, group_name=info.tp_group_name,
                                                   skip=cfg.skip_collectives, grad_inputs=grad_inputs,
                                                   subgroups=info.subgroups)),
+        G("merge_collectives", merge_collectives_pass),  # parallel residual: one g, one f per layer
         G("vocab_parallel", functools.partial(vocab_parallel_pass, enabled=plan.vocab_parallel, rank=info.tp_rank,
                                               tp=info.tp, group_name=info.tp_group_name, skip=cfg.skip_collectives)),
         G("split_sub_batches", functools.partial(split_sub_batches_pass, num_sub_batches=plan.num_sub_batches,
