@@ -152,7 +152,31 @@ def dtensor_with_spec(local: torch.Tensor, spec):
     own internal constructor (what from_local ends in), used per step for gradients."""
     from torch.distributed.tensor import DTensor
 
+    if _DTENSOR_NEW_IS_NATIVE:  # DTensor.__new__ is torch's C++ constructor (2.11, 2.13): skip __init__'s
+        return DTensor.__new__(DTensor, local, spec, requires_grad=False)  # two no-op Python wrappers (2.6x)
     return DTensor(local, spec, requires_grad=False)
+
+
+def _dtensor_new_is_native() -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.__new__ is getattr(torch.Tensor, "_dtensor__new__", None)
+    except Exception:  # noqa: BLE001 - no distributed build
+        return False
+
+
+_DTENSOR_NEW_IS_NATIVE = _dtensor_new_is_native()
+
+
+def drop_export_call_hooks(gm) -> int:
+    """Remove the forward (pre-)hooks torch.export's ep.module() installs (its input-constraint check and
+    nn.Module-input bookkeeping): they run eagerly on every call, outside the compiled program. oases_fx
+    checks its inputs itself (oases_fx.inputs, oases_fx.agreement). Returns how many were removed."""
+    n = len(gm._forward_pre_hooks) + len(gm._forward_hooks)
+    gm._forward_pre_hooks.clear()
+    gm._forward_hooks.clear()
+    return n
 
 
 def local_of(dt) -> torch.Tensor:

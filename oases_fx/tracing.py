@@ -195,6 +195,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
             ) from e
     notes.extend(_check_custom_functions(model, functions))
     gm = ep.module()
+    _compat.drop_export_call_hooks(gm)  # per-call input checks in Python, outside the compiled program
     graph = gm.graph
     removed = 0
     for n in list(graph.nodes):

@@ -64,7 +64,7 @@ class TinyLM(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-TINY = {c: zoo.Family(f"tiny_{c}", c, (lambda c=c: TinyLM(c)), zoo.LAYERS * 2, hf=False)
+TINY = {f"tiny_{c}": zoo.Family(f"tiny_{c}", c, (lambda c=c: TinyLM(c)), zoo.LAYERS * 2, hf=False)
         for c in ("scaled", "product", "sequential")}
 
 
