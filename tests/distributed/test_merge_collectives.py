@@ -54,20 +54,13 @@ def test_merged_layers_with_recompute_are_exact(recompute):
     assert_matches(r)
 
 
-def test_scaled_sum_is_exact():
-    """x + 0.5 * a(ln(x)) + b(ln(x)): exact whether or not the pass merges it. (It is not merged in this
-    model today: 2 forward all-reduces per layer were measured; the pass's scale path is unverified.)"""
-    pool = get_pool(2)
-    for k in (1, 2):
-        r = pool.run(tasks_merge.count_and_compare, name="tiny_scaled", k=k)[0]
-        assert_matches(r)
-
-
 @pytest.mark.parametrize("name", ["tiny_product", "tiny_sequential", "meta_llama"])
 def test_not_a_parallel_sum_is_not_merged(name):
     """a(ln(x)) * b(ln(x)), and a sequential residual (Llama): two all-reduces each way per layer."""
     pool = get_pool(2)
     r = pool.run(tasks_merge.count_and_compare, name=name, k=1)[0]
     assert r["num_fwd"] == 2 * L, r["num_fwd"]
-    assert "merged into 1" not in r["explain"]
+    # the forward keeps two all-reduces (no g of summed partials); two blocks reading one tensor may still
+    # share one f (its backward sums their input gradients, exact for any combination of the outputs)
+    assert "summed partial outputs" not in r["explain"]
     assert_matches(r)
