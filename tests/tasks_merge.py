@@ -34,7 +34,7 @@ class _Layer(nn.Module):
         super().__init__()
         self.combine = combine
         self.ln = nn.LayerNorm(zoo.HIDDEN)
-        self.ln2 = nn.LayerNorm(zoo.HIDDEN)
+        self.ln2 = nn.LayerNorm(zoo.HIDDEN) if combine == "sequential" else None  # no unused parameter
         self.a, self.b = _MLP(), _MLP()
 
     def forward(self, x):
