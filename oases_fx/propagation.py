@@ -204,9 +204,29 @@ def linear_parts(node):
     return node.args[xi], w, bias, layout
 
 
+# Op -> rule(node, st): sets st.placement[node] (and any bookkeeping) or raises Incompatible /
+# UnknownOp. Consulted before the built-in rules, so a module can add ops (oases_fx.moe's expert
+# matmuls) without touching this file: ``@register_rule(op, ...)``.
+RULES: dict = {}
+
+
+def register_rule(*targets):
+    def deco(fn):
+        for t in targets:
+            if t in RULES and RULES[t] is not fn:
+                raise ValueError(f"a sharding rule for {t} is already registered ({RULES[t].__qualname__})")
+            RULES[t] = fn
+        return fn
+    return deco
+
+
 def propagate_node(node: fx.Node, st: ShardState) -> None:
     """Compute node's placement from its inputs' placements (in st), or raise."""
     if node.op != "call_function":
+        return
+    rule = RULES.get(node.target)
+    if rule is not None:
+        rule(node, st)
         return
     tp = st.tp
     args = _tensor_args(node)
