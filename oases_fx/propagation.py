@@ -168,9 +168,19 @@ def _is_2d_transpose(node) -> bool:
     return True
 
 
+# target -> parts(node) for linear-like ops defined outside this file (oases_fx.moe: grouped expert
+# matmuls over 3-D weights): (activation, weight get_attr, bias, layout, the weight as passed) or None.
+# linear_parts and weight_arg consult it, so every pass sees those ops as linears.
+LINEAR_LIKE: dict = {}
+
+
 def weight_arg(node):
     """The weight argument of a linear-like node as it appears in the graph (a get_attr, or its
     transpose for `x @ w.T`), or None."""
+    hook = LINEAR_LIKE.get(node.target) if node.op == "call_function" else None
+    if hook is not None:
+        parts = hook(node)
+        return parts[4] if parts else None
     spec = LINEAR_OPS.get(node.target) if node.op == "call_function" else None
     return node.args[spec[1]] if spec is not None and len(node.args) > spec[1] else None
 
@@ -180,7 +190,9 @@ def linear_parts(node):
     passed through f over the cross group by insert_collectives), else None."""
     spec = LINEAR_OPS.get(node.target) if node.op == "call_function" else None
     if spec is None:
-        return None
+        hook = LINEAR_LIKE.get(node.target) if node.op == "call_function" else None
+        parts = hook(node) if hook is not None else None
+        return parts[:4] if parts else None
     xi, wi, layout = spec
     if len(node.args) <= wi:
         return None

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from oases_fx import meta
+from oases_fx import meta, moe
 from oases_fx.errors import ShardingError, describe
 from oases_fx.propagation import (
     SDPA_OPS, SOFTMAX_OPS, Incompatible, ShardState, UnknownOp, linear_parts, propagate_node,
@@ -38,6 +38,7 @@ class RegionMatch:
     kind: str  # "attention" | "mlp"
     columns: list  # column linear nodes
     row: fx.Node
+    blocks: int = 1  # blocks it counts for coverage(): one per expert for 3-D experts (oases_fx.moe)
     nodes: list = field(default_factory=list)  # every node of the region (columns .. row), graph order
     state: Optional[ShardState] = None
     summary: str = ""  # what was sharded, for explain() (later passes may copy or erase the nodes)
@@ -45,6 +46,10 @@ class RegionMatch:
 
     def weights(self) -> list:
         return [linear_parts(n)[1] for n in self.columns + [self.row]]
+
+
+# weight layout (propagation.linear_parts) -> (column dim, row dim) of the weight parameter
+_COL_ROW_DIMS = {"oi": (0, 1), "io": (1, 0), **moe.EXPERT_LAYOUTS}
 
 
 def _fqn(node: fx.Node) -> str:
@@ -90,11 +95,11 @@ def _trial(sources: set, row: fx.Node, order: dict, tp: int, replicated: frozens
         if c in st.replicated_columns:
             continue
         _, w, bias, layout = linear_parts(c)
-        st.weight_dim[w] = 0 if layout == "oi" else 1
+        st.weight_dim[w] = _COL_ROW_DIMS[layout][0]
         if isinstance(bias, fx.Node):
             st.bias_dim[bias] = 0
     _, w_row, _, layout = linear_parts(row)
-    st.weight_dim[w_row] = 1 if layout == "oi" else 0
+    st.weight_dim[w_row] = _COL_ROW_DIMS[layout][1]
     # Forward cone of the sources, up to the row.
     cone, stack = set(), list(sources)
     while stack:
@@ -194,6 +199,7 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
     `degrees` (region name -> TMP degree d) checks a region's divisibility against its own d
     instead of tp."""
     degrees = degrees or {}
+    moe.register()  # grouped expert matmuls (3-D expert parameters) are linear-like
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     linears = [n for n in gm.graph.nodes if linear_parts(n) is not None]
     linear_set = set(linears)
@@ -232,7 +238,8 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
             continue
         kind = "attention" if any(n.target in SDPA_OPS or n.target in SOFTMAX_OPS for n in nodes) else "mlp"
         cols = sorted(sources, key=order.__getitem__)
-        regions.append(RegionMatch(name=name, kind=kind, columns=cols, row=row, nodes=nodes, state=st))
+        regions.append(RegionMatch(name=name, kind=kind, columns=cols, row=row, nodes=nodes, state=st,
+                                   blocks=moe.num_experts(row)))
         assigned |= sources | {row}
     declined.extend(_orphan_attention(gm, regions, declined, tried_rows, linear_set))
     declined.extend(_orphan_weights(gm, regions, declined, linear_set))
@@ -402,7 +409,24 @@ def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModu
     gm_meta["regions"] = chosen
     gm_meta["all_regions"] = regions
     gm_meta["declined"] = declined
+    gm_meta["declined_blocks"] = _declined_blocks(gm, declined)
     return gm
+
+
+def _declined_blocks(gm, declined) -> dict:
+    """Declined name -> blocks it counts, where more than one: the experts of the 3-D expert
+    parameters under it (one block per expert, as a sharded MoE region counts)."""
+    owners = {}
+    for n in gm.graph.nodes:
+        parts = moe.expert_matmul_parts(n)
+        if parts is not None:
+            owners[str(parts[1].target).rsplit(".", 1)[0]] = int(parts[1].meta["val"].shape[0])
+    out = {}
+    for name, _ in declined:
+        e = sum(v for o, v in owners.items() if o == name or o.startswith(name + "."))
+        if e > 1:
+            out[name] = e
+    return out
 
 
 PLAN_DECISIONS = ("replicated by the plan", "not in the plan: replicated")
@@ -410,10 +434,12 @@ PLAN_DECISIONS = ("replicated by the plan", "not in the plan: replicated")
 
 def coverage(gm_meta) -> tuple:
     """(blocks sharded, blocks found, [(name, reason)] declined by the analysis, not by the plan).
-    A block the plan chose to replicate counts as found, not as declined."""
+    A block the plan chose to replicate counts as found, not as declined. An MoE region of 3-D
+    experts counts one block per expert (RegionMatch.blocks, declined_blocks)."""
     declined = [(n, why) for n, why in gm_meta.get("declined", []) if why not in PLAN_DECISIONS]
-    found = len(gm_meta.get("all_regions", [])) + len(declined)
-    return len(gm_meta.get("regions", [])), found, declined
+    counts = gm_meta.get("declined_blocks", None) or {}
+    found = sum(r.blocks for r in gm_meta.get("all_regions", [])) + sum(counts.get(n, 1) for n, _ in declined)
+    return sum(r.blocks for r in gm_meta.get("regions", [])), found, declined
 
 
 def coverage_message(gm_meta, top: int = 3) -> str:

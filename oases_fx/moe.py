@@ -1,0 +1,172 @@
+"""Mixture-of-experts with 3-D expert parameters (Hugging Face's ``@use_experts_implementation``
+experts: Mixtral, OLMoE, Qwen-MoE, ...): every expert's FFN sharded Megatron-style, the routing replicated.
+
+HF keeps all experts of a layer in two parameters, ``gate_up_proj`` (E, 2*I, H) and ``down_proj``
+(E, H, I) (``is_transposed=True`` families: (E, H, 2*I) and (E, I, H)), and its default
+``experts_implementation="grouped_mm"`` sorts the routed (token, expert) pairs by expert and runs
+
+    h_S2I = grouped_mm(x_SH, gate_up_proj.transpose(-2, -1), offs)     # column: out dim sharded
+    a_SI  = act(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]                 # gate and up: 2 pieces
+    y_SH  = grouped_mm(a_SI, down_proj.transpose(-2, -1), offs)        # row: contracted dim sharded
+
+(S: routed pairs, E experts, offs: the cumulative count of pairs per expert). The grouped matmul is
+``torch.ops.transformers.grouped_mm_fallback`` (any device when traced in a dtype other than bf16,
+which is what torch.export does for fp32) or ``aten._grouped_mm`` (``torch.nn.functional.grouped_mm``:
+bf16 under compile, CUDA SM80+ or CPU with torch > 2.8); both take (input (S, K), weight (E, K, N),
+offs) and return (S, N). This module makes both linear-like for the analysis
+(``propagation.LINEAR_LIKE``) with a sharding rule (``propagation.register_rule``): a weight sharded on
+its out dim is a column (output sharded on its last dim, per piece: gate and up each split, like a
+fused q/k/v), one sharded on its in dim is a row (input sharded on its last dim, output a partial sum
+made whole by insert_collectives' g). Everything else of the layer (the router linear, softmax/top-k,
+the sort, histc/cumsum offsets, the gathers and the un-permute) sees only replicated tensors and is
+replicated.
+
+The other implementations: ``"batched_mm"`` gathers ``weight[expert_ids]`` per routed pair (an
+index of the parameter: no rule, the block is declined and said) and ``"eager"`` loops over the experts
+hit (data-dependent, not traceable by torch.export). Select the default with
+``config._experts_implementation = "grouped_mm"`` (or ``from_config(..., experts_implementation=...)``).
+
+Sub-batches: the dropless routing is per token (a token's output is the weighted sum of its top-k
+experts applied to it alone), so the experts module as a whole is row-wise along the tokens even
+though its sort and offsets are not; :func:`token_local_nodes` names its nodes for split_sub_batches.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from oases_fx import propagation
+from oases_fx.propagation import Incompatible, ndim, register_rule
+
+aten = torch.ops.aten
+
+# Layout of a 3-D expert parameter: "eoi" is (E, out, in), used transposed by HF's grouped_linear
+# (is_transposed=False); "eio" is (E, in, out), used as it is. -> (column dim, row dim) of the parameter.
+EXPERT_LAYOUTS = {"eoi": (1, 2), "eio": (2, 1)}
+
+_TRANSPOSES = (aten.transpose.int, aten.permute.default)
+
+
+def grouped_mm_ops() -> tuple:
+    """The grouped matmul overloads present in this process (transformers' op exists once
+    transformers.integrations.moe is imported)."""
+    ops = [aten._grouped_mm.default]
+    try:
+        ops.append(torch.ops.transformers.grouped_mm_fallback.default)
+    except (AttributeError, RuntimeError):
+        pass
+    return tuple(ops)
+
+
+def _swaps_last_two(node) -> bool:
+    if node.target is aten.transpose.int:
+        return sorted(int(d) % 3 for d in node.args[1:3]) == [1, 2]
+    return [int(d) % 3 for d in node.args[1]] == [0, 2, 1]
+
+
+def _offs(node):
+    if len(node.args) > 2:
+        return node.args[2]
+    return node.kwargs.get("offs")
+
+
+def expert_matmul_parts(node) -> Optional[tuple]:
+    """(activation, 3-D weight get_attr, None, layout, weight as passed) of a grouped matmul whose
+    weight is an expert parameter (directly or transposed on its last two dims), else None."""
+    if node.op != "call_function" or node.target not in grouped_mm_ops() or len(node.args) < 2:
+        return None
+    if node.target is aten._grouped_mm.default and (node.kwargs.get("bias") is not None or len(node.args) > 3):
+        return None  # a bias inside the op: not HF's pattern (it adds the bias after), no rule
+    x, w = node.args[:2]
+    if not isinstance(x, fx.Node) or ndim(x) != 2 or not isinstance(w, fx.Node) or ndim(w) != 3:
+        return None
+    base, layout = w, "eio"
+    if base.op == "call_function" and base.target in _TRANSPOSES and _swaps_last_two(base):
+        base, layout = base.args[0], "eoi"
+    if not (isinstance(base, fx.Node) and base.op == "get_attr"):
+        return None
+    return x, base, None, layout, w
+
+
+def _expert_matmul_rule(node: fx.Node, st) -> None:
+    """Column: weight sharded on its out dim, replicated input -> output sharded on its last dim.
+    Row: weight sharded on its in dim, input sharded on its last dim -> partial sum (st.rows).
+    The offsets (routing) must be replicated; a replicated weight keeps the input's placement
+    unless that is the contracted dim."""
+    parts = expert_matmul_parts(node)
+    offs = _offs(node)
+    if isinstance(offs, fx.Node) and st.of(offs) is not None:
+        raise Incompatible(f"grouped matmul {node.name} with sharded offsets")
+    if parts is None:
+        if any(st.of(a) is not None for a in node.all_input_nodes):
+            raise Incompatible(f"grouped matmul {node.name} whose weight is no expert parameter gets a sharded "
+                               "input")
+        st.placement[node] = None
+        return
+    x, w, _, layout, _ = parts
+    col_dim, row_dim = EXPERT_LAYOUTS[layout]
+    wd = st.weight_dim.get(w)
+    px = st.of(x)
+    if wd is None:
+        if px is not None:
+            raise Incompatible(f"grouped matmul {node.name} with a replicated expert weight gets a sharded input")
+        st.placement[node] = None
+        return
+    if wd == col_dim:
+        if px is not None:
+            raise Incompatible(f"column-parallel expert matmul {node.name} gets a sharded input")
+        st.placement[node] = 1
+        st.origin[node] = node
+        return
+    if wd == row_dim:
+        if px != 1:
+            raise Incompatible(f"row-parallel expert matmul {node.name} gets an input not sharded on its last dim")
+        st.placement[node] = None  # partial sum over the ranks' intermediate blocks: g makes it whole
+        if node not in st.rows:
+            st.rows.append(node)
+        return
+    raise AssertionError(node)
+
+
+def register() -> None:
+    """Make the grouped matmuls known to the analysis (idempotent; called where regions are found,
+    since transformers' op is registered only once transformers' MoE code is imported)."""
+    ops = grouped_mm_ops()
+    register_rule(*ops)(_expert_matmul_rule)
+    for op in ops:
+        propagation.LINEAR_LIKE[op] = expert_matmul_parts
+
+
+def num_experts(node) -> int:
+    """Blocks an MoE region counts (one per expert, the README's convention): E of its 3-D weight."""
+    parts = expert_matmul_parts(node)
+    return int(parts[1].meta["val"].shape[0]) if parts else 1
+
+
+def _module_path(node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return paths[-1] if paths else None
+
+
+def token_local_nodes(gm: fx.GraphModule) -> set:
+    """The nodes of every experts module that runs a grouped expert matmul: inside it the sort by
+    expert, the offsets and the gathers mix the tokens, but its output for each token depends on that
+    token's inputs alone (dropless top-k routing), so split_sub_batches may run it per sub-batch as a
+    whole. Identified by the module that owns the 3-D expert parameters (nn_module_stack)."""
+    register()
+    owners = set()
+    for n in gm.graph.nodes:
+        parts = expert_matmul_parts(n)
+        if parts is not None:
+            owners.add(str(parts[1].target).rsplit(".", 1)[0])
+    if not owners:
+        return set()
+    out = set()
+    for n in gm.graph.nodes:
+        p = _module_path(n) if n.op == "call_function" else None
+        if p is not None and any(p == o or p.startswith(o + ".") for o in owners):
+            out.add(n)
+    return out
