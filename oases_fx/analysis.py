@@ -202,6 +202,8 @@ def _out_dim(n: fx.Node, a: fx.Node, i: int, size: int, batch: int) -> Optional[
         return d1 if i == d0 else d0 if i == d1 else i
     if t in _EMBEDDING_TARGETS and len(n.args) > 1 and n.args[1] is a:
         return i
+    if t is aten.index.Tensor and n.args[0] is a and i < len(n.args[1]) and n.args[1][i] is not None:
+        return None  # a gather on the batch dim (MoE: hidden[perm // top_k]): the batch comes from the indices
     if t in _EXPAND_TARGETS and n.args[0] is a:
         return i + nd - len(in_shape)
     if i < nd and out[i] == size:

@@ -28,7 +28,7 @@ hit (data-dependent, not traceable by torch.export). Select the default with
 
 Sub-batches: the dropless routing is per token (a token's output is the weighted sum of its top-k
 experts applied to it alone), so the experts module as a whole is row-wise along the tokens even
-though its sort and offsets are not; :func:`token_local_nodes` names its nodes for split_sub_batches.
+though its sort and offsets are not; :func:`token_local_units` names its nodes for split_sub_batches.
 """
 from __future__ import annotations
 
@@ -130,11 +130,24 @@ def _expert_matmul_rule(node: fx.Node, st) -> None:
     raise AssertionError(node)
 
 
+def _topk_rule(node: fx.Node, st) -> None:
+    """topk over a dim that is not the sharded one (the router's top-k over the experts): values and
+    indices keep the input's placement."""
+    x = node.args[0]
+    d = st.of(x)
+    dim = int(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)) % ndim(x)
+    if d is not None and d == dim:
+        raise Incompatible(f"topk {node.name} over the sharded dim")
+    st.placement[node] = (d, d)
+
+
 def register() -> None:
     """Make the grouped matmuls known to the analysis (idempotent; called where regions are found,
     since transformers' op is registered only once transformers' MoE code is imported)."""
     ops = grouped_mm_ops()
     register_rule(*ops)(_expert_matmul_rule)
+    if propagation.RULES.get(aten.topk.default, _topk_rule) is _topk_rule:  # unless a general rule exists
+        register_rule(aten.topk.default)(_topk_rule)
     for op in ops:
         propagation.LINEAR_LIKE[op] = expert_matmul_parts
 
@@ -151,22 +164,21 @@ def _module_path(node) -> Optional[str]:
     return paths[-1] if paths else None
 
 
-def token_local_nodes(gm: fx.GraphModule) -> set:
-    """The nodes of every experts module that runs a grouped expert matmul: inside it the sort by
-    expert, the offsets and the gathers mix the tokens, but its output for each token depends on that
-    token's inputs alone (dropless top-k routing), so split_sub_batches may run it per sub-batch as a
-    whole. Identified by the module that owns the 3-D expert parameters (nn_module_stack)."""
+def token_local_units(gm: fx.GraphModule) -> list:
+    """The nodes of every experts module that runs a grouped expert matmul, one set per module:
+    inside it the sort by expert, the offsets and the gathers mix the tokens, but its output for each
+    token depends on that token's inputs alone (dropless top-k routing), so split_sub_batches may run
+    it per sub-batch, as a whole (never cut inside). Found by the module owning the 3-D expert
+    parameters (nn_module_stack)."""
     register()
-    owners = set()
+    owners = {}
     for n in gm.graph.nodes:
         parts = expert_matmul_parts(n)
         if parts is not None:
-            owners.add(str(parts[1].target).rsplit(".", 1)[0])
-    if not owners:
-        return set()
-    out = set()
+            owners.setdefault(str(parts[1].target).rsplit(".", 1)[0], set())
     for n in gm.graph.nodes:
         p = _module_path(n) if n.op == "call_function" else None
-        if p is not None and any(p == o or p.startswith(o + ".") for o in owners):
-            out.add(n)
-    return out
+        for o, nodes in owners.items():
+            if p is not None and (p == o or p.startswith(o + ".")):
+                nodes.add(n)
+    return [nodes for nodes in owners.values() if nodes]

@@ -25,7 +25,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from oases_fx import meta
+from oases_fx import meta, moe
 from oases_fx.errors import InputError, describe
 from oases_fx.meta import graph_meta
 from oases_fx.passes.graph_utils import is_segment_end, region_span, stable_topo_sort
@@ -75,6 +75,14 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     nodes = list(gm.graph.nodes)
     lo = nodes.index(first)
     hi = lo + len(span) - 1
+    # an MoE experts module is split whole or not at all (its sort and offsets are per sub-batch)
+    at = {n: i for i, n in enumerate(nodes)}
+    unit_sets = moe.token_local_units(gm)
+    units = [(min(at[n] for n in u), max(at[n] for n in u)) for u in unit_sets]
+    for a, b in units:
+        lo = a if a < lo <= b else lo
+        hi = b if a <= hi < b else hi
+    first = nodes[lo]
     batch_dims = gm_meta.batch_dims or {}
     # Inputs of the region that carry the batch are split where they enter it (piece() below).
     bd = {}
@@ -87,6 +95,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     st = ShardState(tp=k)
     for n in nodes[:lo]:
         st.placement[n] = bd[n]
+    token_local = set().union(*unit_sets)  # MoE experts: per token as a whole, not op by op
     end = hi
     for i in range(lo, hi + 1):
         n = nodes[i]
@@ -94,6 +103,10 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
             continue
         if meta.get(n).role in INSERTED_ROLES:
             st.placement[n] = st.of(n.args[0])
+            continue
+        if n in token_local and bd[n] in (None, 0) and all(
+                a in token_local or st.placement.get(a) in (None, 0) for a in n.all_input_nodes):
+            st.placement[n] = bd[n]  # tokens (or routed pairs) on dim 0, entering on dim 0
             continue
         try:
             propagate_node(n, st)
@@ -109,6 +122,11 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
             notes.append(f"region ends before {describe(n)}: batch dim {got} by propagation, {want} by tracing")
             end = i - 1
             break
+    for a, b in units:
+        if a <= end < b:
+            notes.append(f"region ends before {describe(nodes[a])}: the MoE experts module it starts is split "
+                         "whole or not at all")
+            end = a - 1
     region = [n for n in nodes[lo:end + 1] if n.op == "call_function"]
     if not region:
         return gm
@@ -132,7 +150,14 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
             pieces[a] = got
         return pieces[a][i]
 
-    shared = [n for n in region if bd[n] is None and not any(bd.get(a) is not None for a in n.all_input_nodes)]
+    # shared: computed once, depending on no batch-carrying value (transitively: an MoE layer's
+    # offsets are counts of its sub-batch's tokens though they have no batch dim themselves)
+    shared, batch_dep = [], set()
+    for n in region:
+        if bd[n] is None and not any(bd.get(a) is not None or a in batch_dep for a in n.all_input_nodes):
+            shared.append(n)
+        else:
+            batch_dep.add(n)
     batch_nodes = [n for n in region if n not in shared]
     for n in batch_nodes:
         for i in range(k):
@@ -198,6 +223,8 @@ def _rewrite_shape_args(c, d, k):
         if shape[d] != -1:
             shape[d] = shape[d] // k
         c.args = (c.args[0], shape) + tuple(c.args[2:])
+    elif c.target is aten.arange.default and d == 0:  # a size-B range (an MoE layer's inverse permutation)
+        c.args = (int(c.args[0]) // k,) + tuple(c.args[1:])
     elif c.target in (aten.split.Tensor, aten.split_with_sizes.default):
         sdim = int(c.args[2] if len(c.args) > 2 else 0)
         if sdim % c.meta["val"][0].dim() == d:
