@@ -152,6 +152,24 @@ def register() -> None:
         propagation.LINEAR_LIKE[op] = expert_matmul_parts
 
 
+FIX = ("Fix: use Hugging Face's default experts implementation, which oases_fx shards "
+       "(model.set_experts_implementation('grouped_mm'), or from_config(..., experts_implementation='grouped_mm')).")
+
+
+def decline_fix(weight: fx.Node) -> str:
+    """What to do about a declined block whose weight is a 3-D expert parameter (another experts
+    implementation: 'batched_mm' gathers weight[expert_ids]), else ""."""
+    v = weight.meta.get("val")
+    return f". {FIX}" if isinstance(v, torch.Tensor) and v.dim() == 3 else ""
+
+
+def trace_hint(model) -> str:
+    """A sentence for a failed trace of a model whose experts run HF's 'eager' loop (data-dependent)."""
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    return (f" The model's experts_implementation is '{impl}' (a data-dependent loop over the experts hit). {FIX}"
+            if impl == "eager" else "")
+
+
 def num_experts(node) -> int:
     """Blocks an MoE region counts (one per expert, the README's convention): E of its 3-D weight."""
     parts = expert_matmul_parts(node)

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from oases_fx import _compat
+from oases_fx import _compat, moe
 from oases_fx.errors import OasesError
 
 
@@ -191,7 +191,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
                 f"could not trace {type(model).__name__} with torch.export (non-strict): "
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Fix: make the model's "
                 "forward traceable for the given example_inputs (no data-dependent Python control flow "
-                "on tensor values), see the full error above."
+                "on tensor values), see the full error above." + moe.trace_hint(model)
             ) from e
     notes.extend(_check_custom_functions(model, functions))
     gm = ep.module()

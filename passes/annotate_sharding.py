@@ -311,6 +311,9 @@ def _weight_param(a) -> Optional[fx.Node]:
         if a.op == "call_function" and a.target in _WEIGHT_VIEWS and a.args:
             a = a.args[0]
             continue
+        if a.op == "call_function" and a.target is torch.ops.aten.index.Tensor:  # weight[expert_ids]
+            a = a.args[0]
+            continue
         return None
     return None
 
@@ -335,8 +338,9 @@ def _orphan_weights(gm, regions, declined, linears) -> list:
         if path in seen or any(path == d or path.startswith(d + ".") for d in named):
             continue
         seen.add(path)
+        fix = moe.decline_fix(weights[0])
         out.append((path, f"parameter {weights[0].target} feeds {n.target}, which no sharding rule covers "
-                          f"(not a column -> row pair of linears), at {describe(n)}; replicated"))
+                          f"(not a column -> row pair of linears), at {describe(n)}; replicated" + fix))
     return out
 
 
@@ -416,11 +420,11 @@ def annotate_sharding_pass(gm: fx.GraphModule, *, plan, tp: int) -> fx.GraphModu
 def _declined_blocks(gm, declined) -> dict:
     """Declined name -> blocks it counts, where more than one: the experts of the 3-D expert
     parameters under it (one block per expert, as a sharded MoE region counts)."""
-    owners = {}
+    owners = {}  # module holding 3-D (expert) parameters -> E
     for n in gm.graph.nodes:
-        parts = moe.expert_matmul_parts(n)
-        if parts is not None:
-            owners[str(parts[1].target).rsplit(".", 1)[0]] = int(parts[1].meta["val"].shape[0])
+        v = n.meta.get("val") if n.op == "get_attr" else None
+        if isinstance(v, torch.Tensor) and v.dim() == 3:
+            owners[str(n.target).rsplit(".", 1)[0]] = int(v.shape[0])
     out = {}
     for name, _ in declined:
         e = sum(v for o, v in owners.items() if o == name or o.startswith(name + "."))
