@@ -19,6 +19,14 @@ def _regions(m):
     return regions, declined
 
 
+def _blocks(m) -> dict:
+    """Blocks sharded and found, an MoE layer counting one per expert (annotate_sharding.coverage)."""
+    from oases_fx.passes.annotate_sharding import coverage
+
+    sharded, found, _ = coverage(m.graphs.gm.meta.get("oases", {}))
+    return dict(sharded_blocks=sharded, found_blocks=found)
+
+
 def survey(rank, world_size, *, name, batch=4, seq=8):
     """Compile only (aot_eager, no step): regions sharded and declined, or the error."""
     fam = zoo.BY_NAME[name]
@@ -32,7 +40,7 @@ def survey(rank, world_size, *, name, batch=4, seq=8):
     except Exception as e:
         return dict(error=f"{type(e).__name__}: {str(e)[:400]}")
     regions, declined = _regions(m)
-    return dict(regions=regions, declined=declined, num_blocks=fam.num_blocks)
+    return dict(regions=regions, declined=declined, num_blocks=fam.num_blocks, **_blocks(m))
 
 
 def compare(rank, world_size, *, name, batch=4, seq=8, k=1, backend="aot_eager", steps=1, compile_kwargs=None):
@@ -71,7 +79,7 @@ def compare(rank, world_size, *, name, batch=4, seq=8, k=1, backend="aot_eager",
     logits, r_logits, grads, r_grads = last
     return dict(losses=torch.stack(losses), ref_losses=torch.stack(ref_losses), logits=logits, ref_logits=r_logits,
                 grads=grads, ref_grads=r_grads, params=full, ref_params=ref.state_dict(), explain=m.explain(),
-                regions=regions, declined=declined, num_blocks=fam.num_blocks)
+                regions=regions, declined=declined, num_blocks=fam.num_blocks, **_blocks(m))
 
 
 def compile_error(rank, world_size, *, name, batch=4, seq=8, **config):
@@ -90,7 +98,7 @@ def compile_error(rank, world_size, *, name, batch=4, seq=8, **config):
 def _cell(r) -> str:
     if "error" in r:
         return "compile error"
-    return f"{len(r['regions'])}/{r['num_blocks']}"
+    return f"{r['sharded_blocks']}/{r['num_blocks']}"
 
 
 def _why(r) -> str:

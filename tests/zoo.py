@@ -249,12 +249,16 @@ FAMILIES = [
     Family("bloom", "ALiBi, fused per-head qkv, eager attention (baddbmm, softmax)",
            _hf("BloomForCausalLM", "BloomConfig", attn="eager", **_common(
                hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, hidden_dropout=0.0, attention_dropout=0.0)), _L2),
-    Family("mixtral", "MoE (experts as 3-D parameters), GQA",
+    Family("mixtral", "MoE (experts as 3-D parameters, grouped_mm), top-2 of 4, GQA",
            _hf("MixtralForCausalLM", "MixtralConfig", **_std(num_key_value_heads=2, num_local_experts=4,
-                                                             num_experts_per_tok=2)), _L2),
-    Family("olmoe", "MoE, q/k norm over the full width",
+                                                             num_experts_per_tok=2)), LAYERS * (1 + 4)),
+    Family("mixtral_batched_mm", "3-D experts run by experts_implementation='batched_mm' (weight[expert_ids] + bmm)",
+           _hf("MixtralForCausalLM", "MixtralConfig", **_std(num_key_value_heads=2, num_local_experts=4,
+                                                             num_experts_per_tok=2, experts_implementation="batched_mm")),
+           LAYERS * (1 + 4)),
+    Family("olmoe", "MoE (3-D experts), q/k norm over the full width",
            _hf("OlmoeForCausalLM", "OlmoeConfig", **_std(num_key_value_heads=HEADS, num_experts=4,
-                                                         num_experts_per_tok=2)), _L2),
+                                                         num_experts_per_tok=2)), LAYERS * (1 + 4)),
     # 6 heads, 3 kv heads: at TP=2 neither divides the other (a named error, not a zoo family to shard)
     Family("qwen2_kv3", "GQA with 3 kv heads (refused at TP=2: kv heads neither divide nor are divisible by tp)",
            _hf("Qwen2ForCausalLM", "Qwen2Config", **_common(

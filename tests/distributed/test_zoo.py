@@ -24,10 +24,12 @@ from tests.distributed.test_equivalence import assert_matches
 # falcon, gpt_bigcode, gemma (1 kv head) and the GQA families with 2 kv heads at TP=4: key/value
 # projection replicated (a fused q/k/v: all of it), each rank's attention reads the kv heads its q
 # heads need, the replicated weights' gradients summed over TMP (passes/insert_collectives.py).
+# mixtral, olmoe: 3-D expert parameters through grouped_mm, gate_up column-parallel per piece and
+# down_proj row-parallel for every expert, the routing replicated (oases_fx/moe.py); one block per expert.
 FULL_TP2 = ["gpt_neox", "phi3", "falcon", "gpt_bigcode", "mistral", "qwen2", "olmo2", "cohere", "qwen3", "gemma3",
-            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama"]
+            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe"]
 FULL_TP4 = ["gpt_neox", "phi3", "falcon", "gpt_bigcode", "mistral", "qwen2", "olmo2", "cohere", "qwen3", "gemma3",
-            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama"]
+            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe"]
 # One family per construct, every CI run (the rest: OASES_FX_EXTENDED=1).
 CI_FAMILIES = {
     "gpt_neox": "fused per-head qkv view (B,S,heads,3,hd), parallel residual",
@@ -40,9 +42,10 @@ CI_FAMILIES = {
     "falcon": "multi-query, fused q/k/v replicated, attention sliced per rank",
     "mistral": "GQA, 2 kv heads at TP=4: rank r reads kv head (2 r) // 4",
     "moe_llama": "MoE: every expert's column -> row pair",
+    "mixtral": "MoE, 3-D experts through grouped_mm: gate_up per piece, down row, routing replicated, split whole",
 }
 # Compile, but some block is declined (with its reason): still exact, replicated there.
-DECLINED_TP2 = ["mixtral"]  # 3-D expert parameters through a custom grouped matmul
+DECLINED_TP2 = ["mixtral_batched_mm"]  # 3-D experts gathered per routed pair (weight[expert_ids] + bmm)
 
 
 def _grid(names, tp):
@@ -56,8 +59,9 @@ def _grid(names, tp):
 
 
 def _check_all_sharded(r, name, tp):
-    assert len(r["regions"]) == r["num_blocks"], (
-        f"{name} TP={tp}: {len(r['regions'])} of {r['num_blocks']} blocks sharded; declined: {r['declined']}")
+    assert r["sharded_blocks"] == r["found_blocks"] == r["num_blocks"], (
+        f"{name} TP={tp}: {r['sharded_blocks']} of {r['num_blocks']} blocks sharded ({r['found_blocks']} found); "
+        f"declined: {r['declined']}")
     assert not [d for d in r["declined"] if d[1] not in PLAN_DECISIONS], r["declined"]
 
 
@@ -82,7 +86,7 @@ def test_declined_block_explains_itself_and_trains_exactly(name):
     line, shows in explain(), and the model still equals the reference (two SGD steps)."""
     r = get_pool(2).run(tasks_zoo.compare, name=name, k=1, steps=2)[0]
     declined = [d for d in r["declined"] if d[1] not in PLAN_DECISIONS]
-    assert declined and len(r["regions"]) < r["num_blocks"]
+    assert declined and r["sharded_blocks"] < r["found_blocks"] == r["num_blocks"]
     for block, why in declined:
         assert re.search(r" at node '[^']+' \([\w.]+\)", why), why  # the node and its op
         assert "File \"" in why and ", line " in why, why  # the model's source line
@@ -91,10 +95,11 @@ def test_declined_block_explains_itself_and_trains_exactly(name):
 
 
 def test_strict_raises_on_a_declined_block():
-    out = get_pool(2).run(tasks_zoo.compile_error, name="mixtral", strict=True)
+    out = get_pool(2).run(tasks_zoo.compile_error, name="mixtral_batched_mm", strict=True)
     kind, msg = out[0]
     assert kind == "ShardingError" and "strict=True" in msg and "at node '" in msg, msg
-    assert get_pool(2).run(tasks_zoo.compile_error, name="mixtral", strict=False)[0] is None
+    assert "set_experts_implementation('grouped_mm')" in msg, msg  # the fix is named
+    assert get_pool(2).run(tasks_zoo.compile_error, name="mixtral_batched_mm", strict=False)[0] is None
 
 
 @pytest.mark.parametrize("tp", [2, 4])
