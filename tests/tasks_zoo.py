@@ -82,6 +82,43 @@ def compare(rank, world_size, *, name, batch=4, seq=8, k=1, backend="aot_eager",
                 regions=regions, declined=declined, num_blocks=fam.num_blocks, **_blocks(m))
 
 
+def state_round_trip(rank, world_size, *, name, path, batch=4, seq=8):
+    """The boundary of a family's sharded parameters: named_parameters() DTensors (placements of the
+    3-D experts, full_tensor() vs the reference), a DCP save -> load into a model compiled from other
+    weights (get/set_model_state_dict), and load_full_state_dict of the reference's state dict; the
+    losses of both reloaded models and their full_state_dict() for the parent to compare."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    fam = zoo.BY_NAME[name]
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    idx = torch.randint(0, zoo.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1234))
+    ref = zoo.build(name)
+
+    def make(seed):
+        return oases_fx.compile(zoo.build(name, seed=seed), mesh, plan="megatron", backend="eager", verbose=False,
+                                **zoo.compile_inputs(fam, idx, idx))
+
+    m = make(0)
+    params = dict(m.named_parameters())
+    placements = {k: str(tuple(p.placements)) for k, p in params.items() if ".experts." in k}
+    from_dtensors = {k: p.detach().full_tensor() for k, p in params.items()}
+    dcp.save(get_model_state_dict(m), checkpoint_id=path)
+    other = make(1)
+    sd = get_model_state_dict(other)
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(other, sd)
+    third = make(2)
+    third.load_full_state_dict(ref.state_dict())
+    with torch.no_grad():
+        losses = [zoo.call(fam, x, idx, idx)[1] for x in (ref, other, third)]
+    other_full, third_full = other.full_state_dict(), third.full_state_dict()
+    if rank != 0:
+        return None
+    return dict(placements=placements, from_dtensors=from_dtensors, ref_params=ref.state_dict(), losses=losses,
+                dcp_params=other_full, loaded_params=third_full)
+
+
 def compile_error(rank, world_size, *, name, batch=4, seq=8, **config):
     """Compile (eager backend) and return (error type, message), or None if it compiled."""
     fam = zoo.BY_NAME[name]
