@@ -170,6 +170,20 @@ def trace_hint(model) -> str:
             if impl == "eager" else "")
 
 
+def checkpoint_hint(missing: list, keys) -> str:
+    """Why load_pretrained finds no 3-D expert tensor: save_pretrained writes Hugging Face's per-expert
+    layout (experts.0.w1.weight, ...; transformers converts it while loading), which is not the model's
+    own keys; say what to do instead, else ""."""
+    if not any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")) for k in missing):
+        return ""
+    if not any(".experts.0." in k for k in keys):
+        return ""
+    return (" The checkpoint stores the experts one by one (Hugging Face's per-expert layout, converted to the "
+            "3-D gate_up_proj / down_proj by transformers while loading); load_pretrained reads only tensors stored "
+            "under the model's keys. Fix: model.load_full_state_dict(AutoModelForCausalLM.from_pretrained(folder)"
+            ".state_dict()), or a DCP checkpoint of the compiled model.")
+
+
 def num_experts(node) -> int:
     """Blocks an MoE region counts (one per expert, the README's convention): E of its 3-D weight."""
     parts = expert_matmul_parts(node)

@@ -119,6 +119,20 @@ def state_round_trip(rank, world_size, *, name, path, batch=4, seq=8):
                 dcp_params=other_full, loaded_params=third_full)
 
 
+def load_pretrained_error(rank, world_size, *, name, folder, batch=4, seq=8):
+    """Compile the family and load_pretrained(folder); (error type, message), or None if it loaded."""
+    fam = zoo.BY_NAME[name]
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    idx = torch.randint(0, zoo.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1234))
+    m = oases_fx.compile(zoo.build(name), mesh, plan="megatron", backend="eager", verbose=False,
+                         **zoo.compile_inputs(fam, idx, idx))
+    try:
+        oases_fx.load_pretrained(m, folder)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
+
+
 def compile_error(rank, world_size, *, name, batch=4, seq=8, **config):
     """Compile (eager backend) and return (error type, message), or None if it compiled."""
     fam = zoo.BY_NAME[name]

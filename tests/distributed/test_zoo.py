@@ -133,3 +133,12 @@ def test_moe_expert_parameters_at_the_boundary_dtensors_dcp_and_full_state_dict(
     ref_loss, dcp_loss, loaded_loss = r["losses"]
     torch.testing.assert_close(dcp_loss, ref_loss, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(loaded_loss, ref_loss, atol=2e-5, rtol=1e-4)
+
+
+def test_moe_load_pretrained_of_the_per_expert_checkpoint_layout_names_the_fix(tmp_path):
+    """save_pretrained writes mixtral's experts one by one (experts.N.w1/w2/w3, which transformers converts
+    to the 3-D parameters while loading): load_pretrained does not read that layout and says what to do."""
+    zoo.build("mixtral").save_pretrained(str(tmp_path))
+    kind, msg = get_pool(2).run(tasks_zoo.load_pretrained_error, name="mixtral", folder=str(tmp_path))[0]
+    assert kind == "OasesError" and "experts.gate_up_proj" in msg and "per-expert layout" in msg, msg
+    assert "load_full_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())" in msg, msg
