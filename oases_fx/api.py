@@ -661,7 +661,8 @@ def compile(
                              measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
                              k_choices=ks, recompute_choices=rcs,
                              degrees={"full": (info.tp,), "all": None}.get(cfg.planner_degrees, cfg.planner_degrees),
-                             vocab_parallel_choices=cfg.planner_vocab_parallel)
+                             vocab_parallel_choices=cfg.planner_vocab_parallel,
+                             merge_collectives="merge_collectives" not in cfg.disabled_passes)
         if channel is not None:
             channel.phase = "oases_fx.compile() collectives (agreement checks, plan)"
         return got

@@ -22,9 +22,10 @@ sub-batch and recompute_policy's segments end there (one segment per layer).
              y = add(add(ga, add(gm, b_2)), x)
     after:   s = add(a, m); g = reduce_from_tp(s); y = add(add(g, b_2), x)
 
-The planner's cost model does not know this pass yet: it prices each block's all-reduces on its
-own, so for these layers it over-counts communication (a plan it picks stays valid, the merge only
-makes it cheaper).
+`parallel_pairs` finds the same pairs on the traced (unsharded) graph for the planner
+(oases_fx/planner/cost_model.py: ModelSpec.merged), which then prices one forward all-reduce (and
+one backward, where the blocks share their input) for two blocks that are both sharded at the full
+degree.
 """
 from __future__ import annotations
 
@@ -183,6 +184,24 @@ def _forward_matches(starts: list, *, group_of) -> list:
             if len(ts) >= 2:
                 out.append(ForwardMatch(tree=tree, terms=ts, group=grp))
     return out
+
+
+# --- the planner's view: the same pairs on the unsharded graph ----------------------------------------
+def parallel_pairs(regions) -> tuple:
+    """On the traced (unsharded) graph: ((i, j, forward, backward), ...) for regions i < j (indices
+    in `regions`, graph order) whose row outputs meet only in a sum (forward: merged into one g when
+    both are sharded at the full degree: region i's g goes, j's carries the sum) and, for those,
+    whether their column linears read the same tensor (backward: one f; region j's all-reduce goes)."""
+    from oases_fx.propagation import linear_parts
+
+    index = {r.row: i for i, r in enumerate(regions)}
+    out = []
+    for m in _forward_matches([r.row for r in regions], group_of=lambda s: None):
+        idx = sorted(index[t.start] for t in m.terms)
+        inputs = [{linear_parts(c)[0] for c in regions[i].columns} for i in idx]
+        for (a, ia), (b, ib) in zip(zip(idx, inputs), zip(idx[1:], inputs[1:])):
+            out.append((a, b, True, bool(ia & ib)))
+    return tuple(sorted(out))
 
 
 # --- the rewrite -------------------------------------------------------------------------------------
