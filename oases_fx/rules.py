@@ -12,25 +12,27 @@ oases_fx.moe's expert matmuls) come first.
     family("views", VIEW_OPS, localise=_localise_sizes, batch_sized=True)(view_rule)
 
 View dim-mapping and DTensor. DTensor's own view rule (torch/distributed/tensor/_ops/_view_ops.py:
-``view_groups`` builds the DimMap, ``propagate_shape_and_sharding`` maps Shard placements through
-it) groups dims exactly as :func:`view_dim_map` does, and wherever ours accepts a view DTensor
-gives Shard on the same output dim (tests/unit/test_rule_registry.py checks this on random shapes
-through ``_compat.dtensor_view_shard``). We keep ours as the rule, DTensor as the oracle, because
-where they differ ours is the one a TMP region needs:
+``view_groups`` builds the DimMap of InputDim / Flatten / Split, ``propagate_shape_and_sharding``
+maps a Shard through it) groups dims as :func:`view_dim_map` does. Its rule for aten.view
+(strict_view: never redistribute) keeps a plain Shard exactly where ours accepts, on the same
+output dim, and the dim maps of transpose, permute, unsqueeze, squeeze and expand agree with the
+rules below (tests/unit/test_rule_registry.py checks both on random shapes, through
+``_compat.dtensor_view_shard`` / ``dtensor_op_shard``). We keep ours as the rule and DTensor as
+the oracle: where DTensor declines it cannot say why, and the why is the user's message (heads not
+divisible by the degree: the ShardingError naming the fix; a sharded dim that does not lead its
+group: a declined region), and using it would put a private torch module on every view of every
+region. Where the two differ, ours is the one a TMP region needs:
 
-- DTensor answers Replicate (it would all-gather the input first) where we decline. A region must
-  never be all-gathered silently; declining names why: the sharded dim does not lead its group,
-  so a rank's block is not contiguous (Incompatible), or the group's leading output dim, the
-  attention heads, does not divide by the TMP degree (the ShardingError that names the fix).
-- A flatten whose sharded dim is not the first of its group: torch 2.13 answers _StridedShard,
-  a strided layout our placements do not carry (a plain dim or None); we decline.
-- A flatten-then-split group whose leading output size does not divide by the degree, e.g.
-  (3, 6, 2, 6) -> (3, 8, 3, 3) sharded on dim 1 at degree 3: torch 2.13 answers Shard(1) of the
-  size-8 dim (the flatten's second analysis, for the later split ids, resets the divisibility
-  check), which does not match a rank's contiguous block of 24 of the 72 elements; we decline.
-
-The other dim maps (transpose, permute, unsqueeze, squeeze, expand, flatten) are one line each
-here and need no DTensor.
+- Where DTensor's strict rule raises ("requires redistribution", "Cannot unflatten unevenly
+  sharded tensor") or its reshape rule answers Replicate (it would all-gather the input first),
+  we decline: a region is never all-gathered silently.
+- A flatten whose sharded dim is not the first of its group: DTensor 2.13 answers _StridedShard,
+  a strided layout our placements (a dim or None) do not carry; we decline.
+- DTensor 2.13's reshape rule (not strict) answers Shard for a flatten-then-split group whose
+  leading output size does not divide by the degree, e.g. (3, 6, 2, 6) -> (3, 8, 3, 3) sharded on
+  dim 1 at degree 3: Shard(1) of the size-8 dim, which is no rank's contiguous block of 24 of the
+  72 elements (the Flatten's second analysis, for the later split ids, resets the divisibility
+  check). Its strict rule and ours decline.
 """
 from __future__ import annotations
 

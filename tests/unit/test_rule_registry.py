@@ -643,11 +643,20 @@ def _views(draw):
     return in_shape, out or [1], dim, tp
 
 
+def _dtensor_view(in_shape, out_shape, dim, tp):
+    """(DTensor's answer, strict): its aten.view rule where this torch has strict_view, else its
+    aten.reshape rule (which may redistribute)."""
+    try:
+        return _compat.dtensor_view_shard(in_shape, out_shape, dim, tp), True
+    except NotImplementedError:
+        return _dtensor_or_skip(_compat.dtensor_view_shard, in_shape, out_shape, dim, tp, False), False
+
+
 @given(_views())
 def test_view_rule_agrees_with_dtensor(case):
     in_shape, out_shape, dim, tp = case
     ours = _ours(in_shape, out_shape, dim, tp)
-    theirs = _dtensor_or_skip(_compat.dtensor_view_shard, in_shape, out_shape, dim, tp)
+    theirs, strict = _dtensor_view(in_shape, out_shape, dim, tp)
     if ours is not None:
         assert theirs == ours, (case, ours, theirs)
         # and it is right: every rank viewing its block (sizes localised) gets its block of the view
@@ -656,18 +665,21 @@ def test_view_rule_agrees_with_dtensor(case):
         local[ours] //= tp
         for r in range(tp):
             assert torch.equal(x.chunk(tp, dim)[r].reshape(local), x.reshape(out_shape).chunk(tp, ours)[r]), case
+    elif strict:
+        assert theirs is None, (case, theirs)  # the view rule declines exactly where ours does
     elif theirs is not None:
-        # DTensor keeps Shard only unevenly here (the flatten-then-split case in oases_fx.rules' docstring)
+        # the reshape rule keeps Shard only unevenly here (the flatten-then-split case in oases_fx.rules)
         assert out_shape[theirs] % tp != 0, (case, theirs)
 
 
-def test_dtensor_uneven_shard_of_a_flatten_then_split_is_declined():
+def test_uneven_shard_of_a_flatten_then_split_is_declined():
     # (3, 6, 2, 6) -> (3, 8, 3, 3) on dim 1 at tp 3: a rank holds 24 of each row's 72 elements, not a
     # whole number of the output's 9-element rows, so no block of dim 1 is its block.
     in_shape, out_shape = [3, 6, 2, 6], [3, 8, 3, 3]
     with pytest.raises(_Indivisible):
         view_dim_map(in_shape, out_shape, 1, 3)
     assert (math.prod(in_shape[1:]) // 3) % math.prod(out_shape[2:]) != 0
+    assert _dtensor_view(in_shape, out_shape, 1, 3) in ((None, True), (None, False), (1, False))
 
 
 _DIM_MAP_OPS = st.sampled_from(["permute", "transpose", "unsqueeze", "squeeze", "expand", "view"])
@@ -705,8 +717,4 @@ def test_dim_rules_agree_with_dtensors_dim_maps(kind, data):
     except (Incompatible, ShardingError):
         o = None
     theirs = _dtensor_or_skip(_compat.dtensor_op_shard, op, x.to("meta"), args, dim, tp)
-    if o is not None:
-        assert theirs == o, (kind, shape, args, dim, o, theirs)
-    elif theirs is not None:
-        out_shape = list(op(x.to("meta"), *args).shape)
-        assert kind == "view" and out_shape[theirs] % tp != 0, (kind, shape, args, dim, theirs)
+    assert theirs == o, (kind, shape, args, dim, o, theirs)  # DTensor's strict rule: same dim, or both decline
