@@ -439,4 +439,8 @@ def dtensor_op_shard(op, x: torch.Tensor, args: tuple, dim: int, tp: int, strict
     }.get(op)
     if local_op is None or local_op not in v.dim_maps:
         raise NotImplementedError(f"DTensor has no dim map for {op} in torch {torch.__version__}")
-    return _dtensor_shard_through(v.dim_maps[local_op](x, *args), x.shape, dim, tp, strict)
+    try:
+        rule = v.dim_maps[local_op](x, *args)
+    except TypeError as e:  # 2.11's squeeze map takes one dim, not a list (aten.squeeze.dims)
+        raise NotImplementedError(f"DTensor's dim map for {op} in torch {torch.__version__}: {e}") from None
+    return _dtensor_shard_through(rule, x.shape, dim, tp, strict)

@@ -702,7 +702,10 @@ def test_dim_rules_agree_with_dtensors_dim_maps(kind, data):
     elif kind == "squeeze":
         ones = [d for d, s in enumerate(shape) if s == 1]
         assume(ones)
-        op, args = aten.squeeze.dims, (data.draw(st.lists(st.sampled_from(ones), min_size=1, unique=True)),)
+        if data.draw(st.booleans()):
+            op, args = aten.squeeze.dim, (data.draw(st.sampled_from(ones)),)
+        else:
+            op, args = aten.squeeze.dims, (data.draw(st.lists(st.sampled_from(ones), min_size=1, unique=True)),)
     elif kind == "expand":
         lead = data.draw(st.lists(st.sampled_from([1, 3]), max_size=2))
         sizes = lead + [data.draw(st.sampled_from([3, -1])) if s == 1 else data.draw(st.sampled_from([s, -1]))
@@ -716,5 +719,8 @@ def test_dim_rules_agree_with_dtensors_dim_maps(kind, data):
         o = _blocks_agree(op, x, dim, tp, args)
     except (Incompatible, ShardingError):
         o = None
-    theirs = _dtensor_or_skip(_compat.dtensor_op_shard, op, x.to("meta"), args, dim, tp)
+    try:
+        theirs = _compat.dtensor_op_shard(op, x.to("meta"), args, dim, tp)
+    except NotImplementedError:  # no DTensor map for this op in this torch: the computed check above stands
+        return
     assert theirs == o, (kind, shape, args, dim, o, theirs)  # DTensor's strict rule: same dim, or both decline
