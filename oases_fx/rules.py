@@ -14,25 +14,25 @@ oases_fx.moe's expert matmuls) come first.
 View dim-mapping and DTensor. DTensor's own view rule (torch/distributed/tensor/_ops/_view_ops.py:
 ``view_groups`` builds the DimMap of InputDim / Flatten / Split, ``propagate_shape_and_sharding``
 maps a Shard through it) groups dims as :func:`view_dim_map` does. Its rule for aten.view
-(strict_view: never redistribute; checked on 2.11 and 2.13) keeps a plain Shard exactly where ours accepts, on the same
-output dim, and the dim maps of transpose, permute, unsqueeze, squeeze and expand agree with the
-rules below (tests/unit/test_rule_registry.py checks both on random shapes, through
-``_compat.dtensor_view_shard`` / ``dtensor_op_shard``). We keep ours as the rule and DTensor as
-the oracle: where DTensor declines it cannot say why, and the why is the user's message (heads not
-divisible by the degree: the ShardingError naming the fix; a sharded dim that does not lead its
-group: a declined region), and using it would put a private torch module on every view of every
-region. Where the two differ, ours is the one a TMP region needs:
+(strict_view: never redistribute; checked on 2.11 and 2.13) keeps a plain Shard exactly where
+ours accepts, on the same output dim, and the dim maps of transpose, permute, unsqueeze, squeeze
+and expand agree with the rules below (tests/unit/test_rule_registry.py checks both on random
+shapes, through ``_compat.dtensor_view_shard`` / ``dtensor_op_shard``). We keep ours as the
+rule and DTensor as the oracle: where DTensor declines it cannot say why, and the why is the
+user's message (heads not divisible by the degree: the ShardingError naming the fix; a sharded
+dim that does not lead its group: a declined region), and using it would put a private torch
+module on every view of every region. Where the two differ, ours is the one a TMP region needs:
 
 - Where DTensor's strict rule raises ("requires redistribution", "Cannot unflatten unevenly
   sharded tensor") or its reshape rule answers Replicate (it would all-gather the input first),
   we decline: a region is never all-gathered silently.
 - A flatten whose sharded dim is not the first of its group: DTensor 2.13 answers _StridedShard,
   a strided layout our placements (a dim or None) do not carry; we decline.
-- DTensor's reshape rule (not strict; 2.11 and 2.13) answers Shard for a flatten-then-split group whose
-  leading output size does not divide by the degree, e.g. (3, 6, 2, 6) -> (3, 8, 3, 3) sharded on
-  dim 1 at degree 3: Shard(1) of the size-8 dim, which is no rank's contiguous block of 24 of the
-  72 elements (the Flatten's second analysis, for the later split ids, resets the divisibility
-  check). Its strict rule and ours decline.
+- DTensor's reshape rule (not strict; 2.11 and 2.13) answers Shard for a flatten-then-split
+  group whose leading output size does not divide by the degree, e.g. (3, 6, 2, 6) ->
+  (3, 8, 3, 3) sharded on dim 1 at degree 3: Shard(1) of the size-8 dim, which is no rank's
+  contiguous block of 24 of the 72 elements (the Flatten's second analysis, for the later split
+  ids, resets the divisibility check). Its strict rule and ours decline.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Kind: ACT. Precondition: annotate_sharding has tagged the regions (gm.meta["oase
 Invariant: every node's output on this rank is the traced full tensor's block for this rank along
 its placement dim; shape constants (view/reshape/expand sizes, slice bounds, split sizes) are
 re-derived from the traced full shapes and placements by each op family's localise
-(oases_fx.rules), so head counts and hidden sizes baked into the graph follow the shard. Fused weights whose output is split (qkv) are sharded per piece (interleaved).
+(oases_fx.rules), so head counts and hidden sizes baked into the graph follow the shard. Fused
+weights whose output is split (qkv) are sharded per piece (interleaved).
 
     before:  view(getitem, [2, 16, 4, 8])      W_qkv: (96, 32)
     after:   view(getitem, [2, 16, 2, 8])      W_qkv: (48, 32) = rows [q_r; k_r; v_r]
