@@ -383,3 +383,64 @@ def dist_backend_error() -> tuple:
 
     cls = getattr(dist, "DistBackendError", None)
     return (cls,) if cls is not None else ()
+
+
+# --- DTensor's view rules: the oracle the sharding rules are checked against (oases_fx.rules) -----
+def _dtensor_view_ops():
+    """(module _view_ops, Shard) of this torch, or raise NotImplementedError (private module:
+    torch/distributed/tensor/_ops/_view_ops.py, the same names in 2.11 and 2.13)."""
+    try:
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._ops import _view_ops
+    except ImportError as e:
+        raise NotImplementedError(f"DTensor's view rules are not importable in torch {torch.__version__}: {e}") from None
+    for name in ("view_groups", "dim_maps", "propagate_shape_and_sharding"):
+        if not hasattr(_view_ops, name):
+            raise NotImplementedError(f"torch {torch.__version__} has no _view_ops.{name}")
+    return _view_ops, Shard
+
+
+def _dtensor_shard_through(rule, in_shape, dim: int, tp: int, strict: bool = True):
+    """strict: DTensor's rule for aten.view (strict_view: never redistribute; an input it would
+    have to redistribute is an error there, None here), as a TMP region needs."""
+    v, Shard = _dtensor_view_ops()
+    kw = {"strict_view": True} if strict else {}
+    try:
+        _, out = v.propagate_shape_and_sharding([Shard(dim)], tuple(int(s) for s in in_shape), rule, (tp,), **kw)
+    except TypeError as e:
+        if strict and "strict_view" in str(e):
+            raise NotImplementedError(f"torch {torch.__version__}'s DTensor view rule has no strict_view") from None
+        raise
+    except RuntimeError:  # strict: "requires redistribution" / "Cannot (un)flatten unevenly sharded tensor"
+        return None
+    p = out[0]
+    return p.dim if type(p) is Shard else None  # Replicate (a redistribute) or _StridedShard: no plain dim
+
+
+def dtensor_view_shard(in_shape, out_shape, dim: int, tp: int, strict: bool = True):
+    """The output dim on which DTensor's own view rule (view_groups, propagate_shape_and_sharding)
+    keeps a Shard(dim) of a tensor of `in_shape` over `tp` ranks through a view to `out_shape`;
+    None where it does not keep a plain Shard. strict=False: its rule for aten.reshape (which may
+    redistribute). NotImplementedError where this torch lacks it."""
+    v, _ = _dtensor_view_ops()
+    return _dtensor_shard_through(v.view_groups(list(in_shape), list(out_shape)), in_shape, dim, tp, strict)
+
+
+def dtensor_op_shard(op, x: torch.Tensor, args: tuple, dim: int, tp: int, strict: bool = True):
+    """As dtensor_view_shard, for the aten view-like op `op` applied as op(x, *args) (x: a tensor
+    of the global shape, meta is fine), through DTensor's dim map for it (_view_ops.dim_maps)."""
+    v, _ = _dtensor_view_ops()
+    aten = torch.ops.aten
+    local_op = {
+        aten.view.default: torch.Tensor.view, aten._unsafe_view.default: torch.Tensor.view,
+        aten.reshape.default: torch.reshape, aten.expand.default: torch.Tensor.expand,
+        aten.permute.default: torch.permute, aten.transpose.int: torch.transpose,
+        aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze, aten.squeeze.dims: torch.squeeze,
+    }.get(op)
+    if local_op is None or local_op not in v.dim_maps:
+        raise NotImplementedError(f"DTensor has no dim map for {op} in torch {torch.__version__}")
+    try:
+        rule = v.dim_maps[local_op](x, *args)
+    except TypeError as e:  # 2.11's squeeze map takes one dim, not a list (aten.squeeze.dims)
+        raise NotImplementedError(f"DTensor's dim map for {op} in torch {torch.__version__}: {e}") from None
+    return _dtensor_shard_through(rule, x.shape, dim, tp, strict)

@@ -34,7 +34,8 @@ from oases_fx.meta import graph_meta
 from oases_fx.plan import Plan, RegionPlan
 from oases_fx.tracing import capture
 from oases_fx.passes.annotate_sharding import annotate_sharding_pass
-from oases_fx.passes.insert_collectives import insert_collectives_pass, merge_collectives_pass
+from oases_fx.passes.insert_collectives import insert_collectives_pass
+from oases_fx.passes.merge_collectives import merge_collectives_pass
 from oases_fx.passes.shard import shard_pass, shard_tensor, unshard_tensors
 from oases_fx.passes.split_sub_batches import check_batch_splits, split_sub_batches_pass
 from oases_fx.passes.recompute_policy import recompute_policy_pass
@@ -660,7 +661,8 @@ def compile(
                              measure=cfg.profile == "measure", progress=cfg.verbose and rank0,
                              k_choices=ks, recompute_choices=rcs,
                              degrees={"full": (info.tp,), "all": None}.get(cfg.planner_degrees, cfg.planner_degrees),
-                             vocab_parallel_choices=cfg.planner_vocab_parallel)
+                             vocab_parallel_choices=cfg.planner_vocab_parallel,
+                             merge_collectives="merge_collectives" not in cfg.disabled_passes)
         if channel is not None:
             channel.phase = "oases_fx.compile() collectives (agreement checks, plan)"
         return got

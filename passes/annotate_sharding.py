@@ -28,6 +28,7 @@ from oases_fx.errors import ShardingError, describe
 from oases_fx.propagation import (
     SDPA_OPS, SOFTMAX_OPS, Incompatible, ShardState, UnknownOp, linear_parts, propagate_node,
 )
+from oases_fx.rules import MATMUL_OPS, WEIGHT_VIEW_OPS
 
 
 @dataclass
@@ -292,14 +293,6 @@ def _orphan_attention(gm, regions, declined, tried_rows, linears) -> list:
     return out
 
 
-_WEIGHT_VIEWS = {torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
-                 torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._to_copy.default,
-                 torch.ops.aten.contiguous.default, torch.ops.aten.alias.default}
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default,
-            torch.ops.aten.einsum.default, torch.ops.aten.baddbmm.default, torch.ops.aten.addmm.default,
-            torch.ops.aten.addbmm.default}
-
-
 def _weight_param(a) -> Optional[fx.Node]:
     """The get_attr parameter (>= 2-D) behind argument `a`, through a few view-like ops."""
     for _ in range(4):
@@ -308,7 +301,7 @@ def _weight_param(a) -> Optional[fx.Node]:
         if a.op == "get_attr":
             v = a.meta.get("val")
             return a if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
-        if a.op == "call_function" and a.target in _WEIGHT_VIEWS and a.args:
+        if a.op == "call_function" and a.target in WEIGHT_VIEW_OPS and a.args:
             a = a.args[0]
             continue
         if a.op == "call_function" and a.target is torch.ops.aten.index.Tensor:  # weight[expert_ids]
@@ -329,7 +322,7 @@ def _orphan_weights(gm, regions, declined, linears) -> list:
         if n.op != "call_function" or n in linears or n in in_region:
             continue
         custom = isinstance(n.target, torch._ops.OpOverload) and n.target.namespace not in ("aten", "prims")
-        if not (custom or n.target in _MATMULS):
+        if not (custom or n.target in MATMUL_OPS):
             continue
         weights = [w for w in (_weight_param(a) for a in n.all_input_nodes) if w is not None]
         if not weights:

@@ -190,5 +190,3 @@ def _enter(a, first_user, grp, batch_dims, needs_grad, params, add, region, scat
                    "batch_scatter", a)
     return add(runtime.batch_slice, (a, grp.n, grp.chunk, dim), first_user, region, "batch_slice", a)
 
-
-from oases_fx.passes.merge_collectives import merge_collectives_pass  # noqa: E402,F401  (runs right after this pass)

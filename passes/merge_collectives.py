@@ -22,8 +22,10 @@ sub-batch and recompute_policy's segments end there (one segment per layer).
              y = add(add(ga, add(gm, b_2)), x)
     after:   s = add(a, m); g = reduce_from_tp(s); y = add(add(g, b_2), x)
 
-`find_parallel_pairs` finds the same pairs on the unsharded traced graph for the planner
-(oases_fx/planner/cost_model.py), so the cost model counts the merged collective once.
+`parallel_pairs` finds the same pairs on the traced (unsharded) graph for the planner
+(oases_fx/planner/cost_model.py: ModelSpec.merged), which then prices one forward all-reduce (and
+one backward, where the blocks share their input) for two blocks that are both sharded at the full
+degree.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch.fx as fx
 
 from oases_fx import meta, runtime
 from oases_fx.meta import graph_meta
+from oases_fx.propagation import val as _val
 
 aten = torch.ops.aten
 
@@ -45,10 +48,6 @@ _SCALE_OPS = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar
 
 
 # --- small utilities ---------------------------------------------------------------------------------
-def _val(n):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
 def _same_layout(a, b) -> bool:
     va, vb = _val(a), _val(b)
     return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
@@ -105,9 +104,9 @@ class SumTree:
     leaves: list
 
 
-def term_from(start: fx.Node, *, bias_role: bool) -> Term | None:
-    """Follow `start`'s single-user chain through ops linear in it; `bias_role`: the row bias
-    (role "row_bias", insert_collectives) may come first. None if start has several users."""
+def term_from(start: fx.Node) -> Term | None:
+    """Follow `start`'s single-user chain through ops linear in it; the row bias (role "row_bias",
+    insert_collectives) may come first. None if start has several users."""
     if len(start.users) != 1:
         return None
     t = Term(start=start, end=start, chain=[])
@@ -116,7 +115,7 @@ def term_from(start: fx.Node, *, bias_role: bool) -> Term | None:
         (u,) = cur.users
         if u.op != "call_function":
             break
-        if bias_role and not t.chain and meta.get(u).role == "row_bias" and u.args[0] is cur:
+        if not t.chain and meta.get(u).role == "row_bias" and u.args[0] is cur:
             t.bias = u.args[1]
         elif _is_identity(u) and u.args[0] is cur:
             pass
@@ -165,11 +164,11 @@ class ForwardMatch:
     group: object
 
 
-def _forward_matches(starts: list, *, bias_role: bool, group_of) -> list:
+def _forward_matches(starts: list, *, group_of) -> list:
     """Group terms by the sum they end in; a sum with >= 2 terms of one group is a match."""
     by_root, seen = {}, set()
     for s in starts:
-        t = term_from(s, bias_role=bias_role)
+        t = term_from(s)
         if t is None or not _same_layout(t.end, t.start):
             continue
         tree = sum_tree(t.end)
@@ -188,23 +187,21 @@ def _forward_matches(starts: list, *, bias_role: bool, group_of) -> list:
 
 
 # --- the planner's view: the same pairs on the unsharded graph ----------------------------------------
-def find_parallel_pairs(regions) -> dict:
-    """On the traced (unsharded) graph: {(i, j): (forward, backward)} for regions i < j (indices in
-    `regions`) whose row outputs meet only in a sum (forward: one all-reduce when both are
-    sharded at the full degree) and / or whose column linears read the same tensor (backward: one
-    f). What merge_collectives_pass does to the sharded graph, for the cost model."""
+def parallel_pairs(regions) -> tuple:
+    """On the traced (unsharded) graph: ((i, j, forward, backward), ...) for regions i < j (indices
+    in `regions`, graph order) whose row outputs meet only in a sum (forward: merged into one g when
+    both are sharded at the full degree: region i's g goes, j's carries the sum) and, for those,
+    whether their column linears read the same tensor (backward: one f; region j's all-reduce goes)."""
     from oases_fx.propagation import linear_parts
 
     index = {r.row: i for i, r in enumerate(regions)}
-    out = {}
-    for m in _forward_matches([r.row for r in regions], bias_role=False, group_of=lambda s: None):
+    out = []
+    for m in _forward_matches([r.row for r in regions], group_of=lambda s: None):
         idx = sorted(index[t.start] for t in m.terms)
-        for a, b in zip(idx, idx[1:]):
-            out[(a, b)] = (True, False)
-    inputs = [{linear_parts(c)[0] for c in r.columns} for r in regions]
-    for (a, b), (fwd, _) in list(out.items()):
-        out[(a, b)] = (fwd, bool(inputs[a] & inputs[b]))
-    return out
+        inputs = [{linear_parts(c)[0] for c in regions[i].columns} for i in idx]
+        for (a, ia), (b, ib) in zip(zip(idx, inputs), zip(idx[1:], inputs[1:])):
+            out.append((a, b, True, bool(ia & ib)))
+    return tuple(sorted(out))
 
 
 # --- the rewrite -------------------------------------------------------------------------------------
@@ -259,12 +256,16 @@ def _merge_forward(gm, m: ForwardMatch, batch_dims, lines) -> None:
                  + (f", {len(biases)} row bias(es) added once after it" if biases else "") + ")")
 
 
-def _merge_backward(gm, lines) -> int:
+def _f_nodes(gm) -> list:
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in _F_FNS and meta.get(n).role == "copy_to_tp"]
+
+
+def _merge_backward(gm, fs_all, lines) -> int:
     """Two f on the same tensor over the same group: one f (its backward all-reduces the sum)."""
     by_key = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in _F_FNS and meta.get(n).role == "copy_to_tp":
-            by_key.setdefault((n.args[0], n.args[1], n.target), []).append(n)
+    for n in fs_all:
+        by_key.setdefault((n.args[0], n.args[1], n.target), []).append(n)
     merged = 0
     for (x, _, _), fs in by_key.items():
         if len(fs) < 2:
@@ -291,25 +292,25 @@ def merge_collectives_pass(gm: fx.GraphModule, *, enabled: bool = True) -> fx.Gr
     starts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _G_FNS
               and meta.get(n).role == "reduce_from_tp" and n.args[0] in full and len(n.args[0].users) == 1]
     # a region below the full degree leaves through batch_gather (its term ends before the sum)
-    matches = _forward_matches(starts, bias_role=True, group_of=lambda g: g.args[1])
+    matches = _forward_matches(starts, group_of=lambda g: g.args[1])
+    fs_all = _f_nodes(gm)  # the forward merge adds and erases no f
     f_inputs = {}  # region -> the tensors its f read
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in _F_FNS and meta.get(n).role == "copy_to_tp":
-            f_inputs.setdefault(meta.get(n).region, set()).add(n.args[0])
+    for n in fs_all:
+        f_inputs.setdefault(meta.get(n).region, set()).add(n.args[0])
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     # last sum first: a later layer's sum reads an earlier one's root, which the earlier merge replaces
-    said = []
+    said = []  # per match, last first
     for m in sorted(matches, key=lambda m: -order[m.tree.root]):
         names = [meta.get(t.start).region for t in m.terms]
-        said.insert(0, [])
-        _merge_forward(gm, m, batch_dims, said[0])
+        said.append([])
+        _merge_forward(gm, m, batch_dims, said[-1])
         reads = [f_inputs.get(r, set()) for r in names]
         if reads and not set.intersection(*reads):  # two norms: ln1(x), ln2(x)
-            said[0].append(f"{' + '.join(names)}: backward keeps one f per block: their column inputs differ "
+            said[-1].append(f"{' + '.join(names)}: backward keeps one f per block: their column inputs differ "
                          f"({', '.join(sorted(x.name for r in reads for x in r))}: one norm each); an f before "
                          "the norms would leave the norm weights' gradients partial")
-    lines.extend(x for ls in said for x in ls)
-    _merge_backward(gm, lines)
+    lines.extend(x for ls in reversed(said) for x in ls)
+    _merge_backward(gm, fs_all, lines)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -2,9 +2,10 @@
 
 Kind: ACT. Precondition: annotate_sharding has tagged the regions (gm.meta["oases"]["regions"]).
 Invariant: every node's output on this rank is the traced full tensor's block for this rank along
-its placement dim; shape constants (view/reshape/expand sizes, split sizes) are re-derived from
-the traced full shapes and placements, so head counts and hidden sizes baked into the graph
-follow the shard. Fused weights whose output is split (qkv) are sharded per piece (interleaved).
+its placement dim; shape constants (view/reshape/expand sizes, slice bounds, split sizes) are
+re-derived from the traced full shapes and placements by each op family's localise
+(oases_fx.rules), so head counts and hidden sizes baked into the graph follow the shard. Fused
+weights whose output is split (qkv) are sharded per piece (interleaved).
 
     before:  view(getitem, [2, 16, 4, 8])      W_qkv: (96, 32)
     after:   view(getitem, [2, 16, 2, 8])      W_qkv: (48, 32) = rows [q_r; k_r; v_r]
@@ -16,7 +17,7 @@ import torch.fx as fx
 
 from oases_fx import meta
 from oases_fx.errors import ShardingError, describe
-from oases_fx.propagation import VIEW_OPS, kv_slice_bounds, local_shape, slice_bounds
+from oases_fx.rules import SPLIT_OPS, family_of, kv_slice_bounds, localise, split_dim
 
 aten = torch.ops.aten
 
@@ -89,41 +90,25 @@ def shard_pass(gm: fx.GraphModule, *, rank: int, tp: int) -> fx.GraphModule:
         for n in region.nodes:
             if n in head_slices:
                 continue  # already this rank's heads
+            fam = family_of(n.target) if n.op == "call_function" else None
+            if fam is None or fam.localise is None:
+                continue
+            if n.target in SPLIT_OPS and n_chunks > 1 and split_dim(n) == batch_dims.get(n.args[0].name):
+                raise ShardingError(f"{describe(n)} splits the batch dim inside region '{region.name}', "
+                                    f"which runs at TMP degree {d} on 1/{n_chunks} of the batch. Fix: run "
+                                    "this region at the full TMP degree (tp_degree=None in its RegionPlan).")
+            # The output dims that shrink on this rank: the sharded one by d, and (degree < tp) the
+            # batch by n for the ops whose arguments carry it.
             p = st.placement.get(n)
+            pd = next((v for v in p if v is not None), None) if isinstance(p, tuple) else p
+            divide = {pd: d} if pd is not None else {}
             bdim = batch_dims.get(n.name) if n_chunks > 1 else None
-            if n.target in VIEW_OPS or n.target is aten.expand.default:
-                if p is None and bdim is None:
-                    continue
-                new = local_shape(n, None if isinstance(p, tuple) else p, d)
-                if bdim is not None:
-                    new[bdim] //= n_chunks
-                if n.target is aten.expand.default:
-                    new = [-1 if s == -1 else v for s, v in zip(n.args[1], new)]
-                rewrites.append(f"{n.name}: {n.target.__name__} {list(n.args[1])} -> {new}")
-                n.args = (n.args[0], new) + tuple(n.args[2:])
-            elif n.target is aten.slice.Tensor and p is not None and not isinstance(p, tuple):
-                sdim, start, end, step = slice_bounds(n)
-                if sdim != p or (start, end) == (0, int(n.args[0].meta["val"].shape[sdim])):
-                    continue
-                new = (n.args[0], sdim, start // d, end // d, step)  # the piece's block (interleaved shard)
-                rewrites.append(f"{n.name}: slice [{start}:{end}] -> [{start // d}:{end // d}]")
-                n.args = new
-            elif n.target in (aten.split.Tensor, aten.split_with_sizes.default):
-                x = n.args[0]
-                px = st.placement.get(x)
-                dim = int(n.args[2] if len(n.args) > 2 else 0) % x.meta["val"].dim()
-                if n_chunks > 1 and dim == batch_dims.get(x.name):
-                    raise ShardingError(f"{describe(n)} splits the batch dim inside region '{region.name}', "
-                                        f"which runs at TMP degree {d} on 1/{n_chunks} of the batch. Fix: run "
-                                        "this region at the full TMP degree (tp_degree=None in its RegionPlan).")
-                if px is None or dim != px:
-                    continue
-                sizes = n.args[1]
-                new = [s // d for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // d
-                if new == sizes or (isinstance(sizes, (list, tuple)) and list(new) == list(sizes)):
-                    continue
-                rewrites.append(f"{n.name}: split {sizes} -> {new}")
-                n.args = (x, new) + tuple(n.args[2:])
+            if bdim is not None and fam.batch_sized:
+                divide[bdim] = divide.get(bdim, 1) * n_chunks
+            got = localise(n, divide, from_trace=True)
+            if got is not None:
+                n.args, note = got
+                rewrites.append(f"{n.name}: {note}")
     gm.graph.lint()
     gm.recompile()
     return gm

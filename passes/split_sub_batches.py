@@ -29,7 +29,8 @@ from oases_fx import meta, moe
 from oases_fx.errors import InputError, describe
 from oases_fx.meta import graph_meta
 from oases_fx.passes.graph_utils import is_segment_end, region_span, stable_topo_sort
-from oases_fx.propagation import VIEW_OPS, Incompatible, ShardState, UnknownOp, propagate_node
+from oases_fx.propagation import Incompatible, ShardState, UnknownOp, propagate_node
+from oases_fx.rules import SPLIT_OPS, family_of, localise, split_dim
 
 aten = torch.ops.aten
 
@@ -216,16 +217,17 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
 
 
 def _rewrite_shape_args(c, d, k):
+    """One sub-batch's copy `c` of a node whose output carries the batch on dim d: its shape
+    arguments (view/expand sizes: the op family's localise) for a batch of 1/k."""
     if d is None:
         return
-    if c.target in VIEW_OPS or c.target is aten.expand.default:
-        shape = list(c.args[1])
-        if shape[d] != -1:
-            shape[d] = shape[d] // k
-        c.args = (c.args[0], shape) + tuple(c.args[2:])
-    elif c.target is aten.arange.default and d == 0:  # a size-B range (an MoE layer's inverse permutation)
+    if c.target in SPLIT_OPS and split_dim(c) == d:
+        raise AssertionError(f"split along the batch dim inside the region: {c}")
+    if c.target is aten.arange.default and d == 0:  # a size-B range (an MoE layer's inverse permutation)
         c.args = (int(c.args[0]) // k,) + tuple(c.args[1:])
-    elif c.target in (aten.split.Tensor, aten.split_with_sizes.default):
-        sdim = int(c.args[2] if len(c.args) > 2 else 0)
-        if sdim % c.meta["val"][0].dim() == d:
-            raise AssertionError(f"split along the batch dim inside the region: {c}")
+        return
+    fam = family_of(c.target)
+    if fam is not None and fam.batch_sized:
+        got = localise(c, {d: k})
+        if got is not None:
+            c.args = got[0]

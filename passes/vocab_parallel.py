@@ -60,16 +60,12 @@ from oases_fx import meta, runtime, vocab
 from oases_fx.errors import ShardingError, describe
 from oases_fx.meta import graph_meta
 from oases_fx.passes.graph_utils import region_span
-from oases_fx.propagation import IDENTITY_OPS, VIEW_OPS, linear_parts, val
+from oases_fx.propagation import linear_parts, val
+from oases_fx.rules import (CE_OPS, FLATTEN_OPS, LOG_SOFTMAX_OPS, NLL_OPS, ROW_IDENTITY_OPS, SLICE_OPS, VIEW_OPS,
+                            is_pointwise, localise)
 
 aten = torch.ops.aten
 
-CE_OPS = {aten.cross_entropy_loss.default}
-LOG_SOFTMAX_OPS = {aten.log_softmax.int, aten._log_softmax.default}
-NLL_OPS = {aten.nll_loss.default, aten.nll_loss_nd.default, aten.nll_loss_forward.default}
-# Ops that keep each logits row's values within its row and the vocab as the last dim.
-ROW_IDENTITY_OPS = (IDENTITY_OPS - {aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default,
-                                    aten.full_like.default, aten.dropout.default, aten.native_dropout.default})
 # The roles (node.meta["oases"].role) this pass writes; none of its nodes gets a region.
 ROLES = ("vocab_embedding", "vocab_copy_to_tp", "vocab_lm_head", "vocab_cross_entropy", "gather_from_tp")
 
@@ -143,11 +139,11 @@ def _is_row_wise(n: fx.Node, V: int) -> bool:
     if v is None or x is None or v.dim() == 0 or int(v.shape[-1]) != V or int(x.shape[-1]) != V:
         return False
     t = n.target
-    if t in ROW_IDENTITY_OPS or t in VIEW_OPS or t in (aten.flatten.using_ints, aten.unflatten.int):
+    if t in ROW_IDENTITY_OPS or t in VIEW_OPS or t in FLATTEN_OPS or t is aten.unflatten.int:
         return True  # the vocab stays last (checked above): the op keeps rows whole
-    if t is aten.slice.Tensor:
+    if t in SLICE_OPS:
         return int(_arg(n, 1, "dim", 0)) % x.dim() != x.dim() - 1
-    if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags:
+    if is_pointwise(t):
         return sum(isinstance(a, fx.Node) for a in n.args) + sum(isinstance(a, fx.Node) for a in n.kwargs.values()) == 1
     return False
 
@@ -398,9 +394,8 @@ def vocab_parallel_pass(gm: fx.GraphModule, *, enabled: bool, rank: int, tp: int
         if n.target in VIEW_OPS:
             shape = list(n.args[1])
             if shape[-1] == V:
-                shape[-1] = Vl
-                rewrites.append(f"{n.name}: {n.target.__name__} {list(n.args[1])} -> {shape} (vocab-parallel)")
-                n.args = (n.args[0], shape) + tuple(n.args[2:])
+                n.args, note = localise(n, {len(shape) - 1: tp})  # V -> V/T
+                rewrites.append(f"{n.name}: {note} (vocab-parallel)")
             elif shape[-1] != -1:
                 raise ShardingError(f"{describe(n)}: a view of the logits whose last size {shape[-1]} is not the "
                                     f"vocabulary {V}. Fix: plan without vocab_parallel.")

@@ -28,18 +28,20 @@ from oases_fx.planner.search import choose_plan, explain_plan, kbest_chain, regi
 
 def plan_model(gm, regions, *, tp: int, batch: int, seq_len: int, group=None, device=None,
                measure: bool = True, options: Optional[ProfileOptions] = None, cache: bool = True,
-               progress: bool = True, degrees=None, vocab_parallel_choices=(False, True), **search):
+               progress: bool = True, degrees=None, vocab_parallel_choices=(False, True),
+               merge_collectives: bool = True, **search):
     """describe_model + measure_profile (collective: all ranks of ``group``; or the analytical
     profile when ``measure`` is False) + choose_plan. ``search`` goes to choose_plan
     (memory_budget_bytes, k_choices, recompute_choices, top_n).
 
     degrees: per-region TMP degrees to consider (divisors of tp; None: all). Degrees below tp make
     the profile measure collectives on subgroups (dist.new_group on every rank of the world).
-    vocab_parallel_choices: values of Plan.vocab_parallel to consider (default both)."""
+    vocab_parallel_choices: values of Plan.vocab_parallel to consider (default both).
+    merge_collectives: the merge_collectives pass will run (priced: ModelSpec.merged)."""
     k_choices = search.get("k_choices", (1, 2, 4))
     vocab_parallel_choices = tuple(bool(v) for v in vocab_parallel_choices)
     model = describe_model(gm, regions, tp=tp, batch=batch, k_choices=k_choices, degrees=degrees,
-                           vocab=True in vocab_parallel_choices)
+                           vocab=True in vocab_parallel_choices, merge_collectives=merge_collectives)
     if measure:
         if options is None:
             dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -250,7 +250,7 @@ def _spec_from_json(cls, d: dict):
     region = lambda r: _build(RegionSpec, r, variants=_variants_from, degree_variants=_variants_from)  # noqa: E731
     vocab = lambda v: None if v is None else _build(VocabSpec, v, head_ops=_ops_from, tail_ops=_ops_from)  # noqa: E731
     return _build(cls, d, regions=lambda rs: tuple(region(r) for r in rs), head_ops=_ops_from, tail_ops=_ops_from,
-                  vocab=vocab)
+                  vocab=vocab, merged=lambda xs: tuple(tuple(x) for x in xs))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,6 +279,10 @@ class ModelSpec:
     """The vocabulary-parallel variant of head and tail, or None (see vocab_reason)."""
     vocab_reason: str = ""
     """Why vocab is None (no embedding/LM-head pattern, V not divisible by T, not described)."""
+    merged: tuple = ()
+    """(i, j, forward, backward) per parallel-residual pair of regions (passes.merge_collectives):
+    when both are sharded at the full degree, region i's forward all-reduce is merged into j's and,
+    if ``backward``, j's backward all-reduce into i's (they read the same tensor)."""
 
     @property
     def described_degrees(self) -> tuple:
@@ -533,7 +537,7 @@ def _describe_vocab(graph, pat, head, tail, build, shapes, tp, order):
 
 def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int,
                    k_choices: Sequence[int] = (1, 2, 4), degrees: Optional[Sequence[int]] = None,
-                   vocab: bool = True, find_vocab=None) -> ModelSpec:
+                   vocab: bool = True, find_vocab=None, merge_collectives: bool = True) -> ModelSpec:
     """The planner's view of a traced model: per region and variant, the ops and byte counts.
 
     Args:
@@ -545,6 +549,7 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
             d < tp at k sub-batches needs batch % (k * tp/d) == 0 (else left out, with a note).
         vocab: describe the vocabulary-parallel head/tail (when the pattern is found).
         find_vocab: the detection, gm -> (pattern or None, reason); default find_vocab_pattern (the pass's).
+        merge_collectives: the merge_collectives pass runs (not disabled): describe its pairs.
     """
     from oases_fx.propagation import linear_parts
 
@@ -654,8 +659,16 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
         pat, vreason = (find_vocab or find_vocab_pattern)(gm)
         if pat is not None:
             vspec, vreason = _describe_vocab(graph, pat, head, tail, build, shapes, tp, order)
+    merged = ()
+    if merge_collectives and tp > 1:
+        from oases_fx.passes.merge_collectives import parallel_pairs
+
+        merged = parallel_pairs(regions)
+        for i, j, _, bwd in merged:
+            notes.append(f"{regions[i].name} + {regions[j].name}: parallel residual, one forward all-reduce"
+                         + (" and one backward" if bwd else "") + " when both are sharded (merge_collectives)")
     return ModelSpec(
-        regions=tuple(specs), tp=tp, batch=batch,
+        regions=tuple(specs), tp=tp, batch=batch, merged=merged,
         head_ops=tuple(build.op(n, k=1, tp=tp, st=None, part="head") for n in head),
         tail_ops=tuple(build.op(n, k=1, tp=tp, st=None, part="tail") for n in tail),
         other_param_numel=sum(math.prod(s) for s, _ in o_metas), other_param_bytes=_nbytes(o_metas),
@@ -1068,6 +1081,12 @@ def simulate_choice(model: ModelSpec, choice: Choice, profile: "Profile", *, lo:
     k = choice.num_sub_batches
     tp = model.tp
     pcs = [costs.region(r, k, choice.state(r, tp)) for r in range(lo, hi)]
+    for i, j, fwd, bwd in model.merged:  # parallel residual: one all-reduce serves both blocks
+        if lo <= i < hi and lo <= j < hi and choice.state(i, tp) == tp and choice.state(j, tp) == tp:
+            if fwd:
+                pcs[i - lo] = dataclasses.replace(pcs[i - lo], ar_fwd=0.0)
+            if bwd:
+                pcs[j - lo] = dataclasses.replace(pcs[j - lo], ar_bwd=0.0)
     comm_flags = tuple(p.comm for p in pcs)
     vp = bool(choice.vocab_parallel) and outside
     if vp and model.vocab is None:
