@@ -489,7 +489,7 @@ def test_pointwise_with_a_norm_weight_over_the_sharded_width_shards_it():
 def test_nothing_sharded_in_is_replicated_and_tuples_stay_tuples():
     node, s = _propagate(aten.split.Tensor, (_x(2, 8, 6), 2, -1), [None])
     assert s.placement[node] == (None, None, None)
-    node, s = _propagate(aten.topk.default, (_x(2, 8), 3), [None])  # no rule, but nothing sharded
+    node, s = _propagate(aten.kthvalue.default, (_x(2, 8), 3), [None])  # no rule, but nothing sharded
     assert s.placement[node] == (None, None)
 
 
@@ -520,11 +520,11 @@ def test_an_external_rule_comes_before_the_built_in_one(clean_rules):
     def rule(node, s):
         s.placement[node] = "external"
 
-    register_rule(aten.transpose.int, aten.topk.default)(rule)
-    register_rule(aten.topk.default)(rule)  # the same rule again: idempotent (oases_fx.moe registers on each use)
+    register_rule(aten.transpose.int, aten.kthvalue.default)(rule)
+    register_rule(aten.kthvalue.default)(rule)  # the same rule again: idempotent (oases_fx.moe registers on each use)
     node, s = _propagate(aten.transpose.int, (_x(2, 4, 6), 0, 1), [2])
     assert s.placement[node] == "external"
-    node, s = _propagate(aten.topk.default, (_x(2, 8), 3), [0])
+    node, s = _propagate(aten.kthvalue.default, (_x(2, 8), 3), [0])
     assert s.placement[node] == "external"
 
 
@@ -535,12 +535,12 @@ def test_a_second_rule_for_an_op_is_refused(clean_rules):
     def second(node, s):
         pass
 
-    register_rule(aten.topk.default)(first)
+    register_rule(aten.kthvalue.default)(first)
     with pytest.raises(ValueError) as e:
-        register_rule(aten.topk.default)(second)
-    assert str(e.value) == (f"a sharding rule for aten.topk.default is already registered "
+        register_rule(aten.kthvalue.default)(second)
+    assert str(e.value) == (f"a sharding rule for aten.kthvalue.default is already registered "
                             f"({first.__qualname__})")
-    assert RULES[aten.topk.default] is first
+    assert RULES[aten.kthvalue.default] is first
 
 
 # families tested by a test of their own (not in ACCEPTED): family -> that test
