@@ -95,6 +95,9 @@ class GraphMeta:
     """What split_sub_batches split, or why it did not."""
     recompute_notes: list = dataclasses.field(default_factory=list)
     """What recompute_policy saved and recomputed."""
+    dp_acc: dict = dataclasses.field(default_factory=dict)
+    """Parameter name -> the buffer that carries its gradient accumulated under no_sync into the
+    program variant that reduces it (passes/dp_reduce.dp_accumulated_inputs_pass; dp_reduce="graph")."""
     allocated: list = dataclasses.field(default_factory=list)
     """Parameter names allocated after compile for a meta-device model (oases_fx.loading)."""
     extra: dict = dataclasses.field(default_factory=dict)
