@@ -183,10 +183,11 @@ def dp_traffic(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, split_gua
 
 
 def _dp_bucket_counts(model) -> dict:
-    """dp_reduce="graph": {variant: number of dp buckets in its last backward graph} (None for "ddp")."""
+    """dp_reduce="graph": {variant: number of dp buckets in its last backward graph} of the first program
+    compiled (the training shape; None for "ddp")."""
     from oases_fx.passes.dp_reduce import RECORD_KEY
 
-    prog = model.graphs
+    prog = next(iter(model._programs.values()))
     out = {}
     for name, p in (("sync", prog), *prog.variants.items()):
         rec = p.aot.backward[-1].meta.get(RECORD_KEY) if p.aot.backward else None
