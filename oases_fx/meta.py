@@ -23,7 +23,8 @@ class OasesMeta:
     """What the node is to TMP: "column", "row", "copy_to_tp" (Megatron f),
     "reduce_from_tp" (Megatron g), "row_bias", "chunk", "cat", or for a region of degree d < tp:
     "batch_scatter" / "batch_slice" (its input's batch chunk), "batch_gather" (its output
-    re-assembled), "copy_to_cross" (a parameter through f over the cross group); None otherwise."""
+    re-assembled), "copy_to_cross" (a parameter through f over the cross group); "dp_reduce" (a node of the dp
+    gradient all-reduce in the backward graph: bucket copy, collective, wait, split); None otherwise."""
     placement: Optional[str] = None
     """Output placement: "R" (replicated), "S(d)" (sharded on dim d over tp), "P" (partial sum)."""
     pieces: Optional[tuple] = None

@@ -48,6 +48,7 @@ import torch
 import torch.fx as fx
 
 from oases_fx import _compat
+from oases_fx import meta as oases_meta
 from oases_fx import runtime
 from oases_fx.meta import graph_meta
 
@@ -57,6 +58,8 @@ __all__ = ["DPBucket", "DPReduceRecord", "dp_reduce_pass", "dp_accumulated_input
            "DEFAULT_BUCKET_MB"]
 
 RECORD_KEY = "oases_dp_reduce"
+ROLE = "dp_reduce"
+"""node.meta["oases"].role of every node this pass adds (bucket copies, all-reduce, wait, split, views)."""
 DEFAULT_BUCKET_MB = 25.0
 """DDP's bucket_cap_mb: its buckets of 25 MiB are a good size for NCCL and for overlap."""
 
@@ -109,6 +112,7 @@ def _val(a):
 def _make(graph: fx.Graph, mode, target, *args, **kwargs) -> fx.Node:
     """A call_function node with its meta["val"] computed on the graph's fake tensors (Inductor reads it)."""
     n = graph.call_function(target, args, kwargs)
+    oases_meta.update(n, role=ROLE)
     if mode is not None:
         vals, kvals = torch.utils._pytree.tree_map(_val, (args, kwargs))
         with mode:
@@ -116,9 +120,13 @@ def _make(graph: fx.Graph, mode, target, *args, **kwargs) -> fx.Node:
     return n
 
 
-def _is_compute(n: fx.Node) -> bool:
+def is_backward_compute(n: fx.Node) -> bool:
+    """A compute node of the backward itself: no collective, wait or getitem, and not one dp_reduce added."""
     return n.op == "call_function" and n.target is not operator.getitem and not (
-        _compat.is_all_reduce(n) or _compat.is_wait(n))
+        _compat.is_all_reduce(n) or _compat.is_wait(n)) and oases_meta.get(n).role != ROLE
+
+
+_is_compute = is_backward_compute
 
 
 # --- finding the gradients and their buckets ----------------------------------------------------------

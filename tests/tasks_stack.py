@@ -263,7 +263,19 @@ def dp_traffic_graph(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, dp_
         fw_dp = sum(1 for g in p.aot.forward for n in g.graph.nodes
                     if n.op == "call_function" and "all_reduce" in str(n.target) and n.args[2] == dp_name)
         assert fw_dp == 0, f"{name}: {fw_dp} dp all-reduces in a forward graph"
-    out = dict(counts=counts, spreads=spreads, buckets=buckets, grads=grads, ref_grads=ref_grads,
+    # overlap, structurally: where each dp all-reduce of the backward that reduced (the "acc" variant's: every
+    # step's last micro-batch) is issued, against the position of the backward's last compute node (its own
+    # nodes, not the dp bucket copies)
+    from oases_fx.passes.dp_reduce import is_backward_compute
+
+    nodes = list(prog.variants["acc"].aot.backward[-1].graph.nodes)
+    issue_at = [i for i, n in enumerate(nodes) if n.op == "call_function" and "all_reduce" in str(n.target)
+                and n.args[2] == dp_name]
+    last_compute = max(i for i, n in enumerate(nodes) if is_backward_compute(n))
+    first_wait = min(i for i, n in enumerate(nodes) if n.op == "call_function" and "wait_tensor" in str(n.target)
+                     and n.args[0].op == "call_function" and n.args[0].args[2:3] == (dp_name,))
+    out = dict(issue_at=issue_at, last_compute=last_compute, first_dp_wait=first_wait,
+               counts=counts, spreads=spreads, buckets=buckets, grads=grads, ref_grads=ref_grads,
                params=m.full_state_dict(), ref_params=ref.state_dict(), explain=m.explain(),
                forward_graphs=len(prog.aot.forward), backward_graphs=len(prog.aot.backward))
     return out if rank == 0 else None
