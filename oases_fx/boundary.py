@@ -47,6 +47,14 @@ compiled backward is one autograd node that returns every gradient at once, so t
 start together when it ends (overlapping each other and the host's remaining work, not the backward's
 compute): what DDP itself does with torch.compile when DDPOptimizer is off.
 
+With ``dp_reduce="graph"`` there is no DDP: the compiled backward graph averages the gradients itself
+(passes/dp_reduce.py), so the plain ``.grad`` autograd accumulates is already the dp average. ``no_sync()``
+makes the next forwards run the program variant compiled without the dp all-reduce; the first synchronised
+forward after such a backward runs the "acc" variant, which reads the accumulated gradients (pointed to by
+its buffers for the call) and returns the average of accumulated + new: its backward starts with the plain
+``.grad`` None, so autograd does not add the accumulated gradient a second time, and the end wraps the new
+tensor as the DTensor's ``.grad``.
+
 State dicts and DCP: DCP describes a rank's data as one rectangular chunk per tensor, which the strided
 layout is not. So ``state_dict()`` returns, for a strided parameter, a Shard(dim) DTensor (a copy made
 by redistribution, at checkpoint time only); ``load_state_dict`` redistributes it back. The optimizer's

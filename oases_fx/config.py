@@ -15,7 +15,8 @@ class CompileConfig:
     used by most tests) or "eager" (run the rewritten graph directly; for debugging)."""
     skip_collectives: bool = False
     """Replace every TMP collective by a no-op: the no-communication floor for benchmarks only.
-    Results are wrong by design."""
+    Results are wrong by design. With dp_reduce="graph" the backward graph's dp all-reduces are left
+    out too (their bucket copies stay); with dp_reduce="ddp" DDP still reduces, outside the program."""
     disabled_passes: tuple = ()
     """Pass names to switch off (e.g. ("schedule_overlap",)). Each skipped pass is logged."""
     debug: bool = field(default_factory=lambda: os.environ.get("OASES_FX_DEBUG", "") not in ("", "0"))

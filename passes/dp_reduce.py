@@ -93,13 +93,14 @@ class DPReduceRecord:
 
     def summary(self) -> str:
         total = sum(b.bytes for b in self.buckets)
-        head = (f"{len(self.buckets)} bucket(s), {total / 2**20:.3f} MiB of gradients, cap "
-                f"{self.bucket_bytes / 2**20:g} MiB, averaged over dp={self.dp}"
+        cap = (f"{self.bucket_bytes / 2**20:g} MiB" if self.bucket_bytes >= 2**20 else f"{self.bucket_bytes / 1024:.1f} KiB")
+        head = (f"{len(self.buckets)} bucket(s), {total / 2**20:.3f} MiB of gradients, cap {cap}, averaged over "
+                f"dp={self.dp}"
                 + (" [all-reduces SKIPPED: floor benchmark]" if self.skipped else ""))
         return head
 
     def lines(self) -> list:
-        return [f"bucket {b.index}: {len(b.outputs)} gradients, {b.bytes / 1024:.1f} KiB {b.dtype}, issued after "
+        return [f"bucket {b.index}: {len(b.outputs)} gradient(s), {b.bytes / 1024:.1f} KiB {b.dtype}, issued after "
                 f"{b.issued_after} (compute node {b.issue_position + 1} of {self.num_compute})" for b in self.buckets]
 
 

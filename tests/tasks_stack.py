@@ -216,7 +216,7 @@ class _CountCollectives:
         return Mode()
 
 
-def dp_traffic_graph(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, dp_bucket_mb=None):
+def dp_traffic_graph(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, dp_bucket_mb=None, backend="aot_eager"):
     """dp2 x tp2, dp_reduce="graph": count the dp all-reduces the compiled backward graphs issue per micro-batch
     (under a counting dispatch mode; the forward graphs are checked to hold none), `accum` micro-batches per step, all but the last
     under no_sync (from step 1 on: step 0 compiles); how far the gradients differ across the dp ranks after each micro-batch; the number of
@@ -230,7 +230,7 @@ def dp_traffic_graph(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, dp_
     idx, tgt = _batch(cfg, batch * 2 * accum * steps, seq)
     idx, tgt = idx.view(steps, accum, 2, batch, seq), tgt.view(steps, accum, 2, batch, seq)
     kw = dict(dp_reduce="graph") if dp_bucket_mb is None else dict(dp_reduce="graph", dp_bucket_mb=dp_bucket_mb)
-    m = _compile("gpt", copy.deepcopy(ref), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], **kw)
+    m = _compile("gpt", copy.deepcopy(ref), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], backend=backend, **kw)
     dp_name = m._info.dp_group.group_name
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -274,7 +274,16 @@ def dp_traffic_graph(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, dp_
     last_compute = max(i for i, n in enumerate(nodes) if is_backward_compute(n))
     first_wait = min(i for i, n in enumerate(nodes) if n.op == "call_function" and "wait_tensor" in str(n.target)
                      and n.args[0].op == "call_function" and n.args[0].args[2:3] == (dp_name,))
-    out = dict(issue_at=issue_at, last_compute=last_compute, first_dp_wait=first_wait,
+    errors = []
+    try:
+        m.register_comm_hook(None, None)
+    except oases_fx.OasesError as e:
+        errors.append(str(e))
+    try:
+        _compile("gpt", build_model("gpt", cfg), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], backend="eager", **kw)
+    except oases_fx.OasesError as e:
+        errors.append(str(e))
+    out = dict(errors=errors, issue_at=issue_at, last_compute=last_compute, first_dp_wait=first_wait,
                counts=counts, spreads=spreads, buckets=buckets, grads=grads, ref_grads=ref_grads,
                params=m.full_state_dict(), ref_params=ref.state_dict(), explain=m.explain(),
                forward_graphs=len(prog.aot.forward), backward_graphs=len(prog.aot.backward))
