@@ -319,7 +319,7 @@ def autocast_dtype(device_type: str):
 
 
 # --- data parallelism through torch's DDP (oases_fx.boundary) ----------------------------------------
-def data_parallel(module, group):
+def data_parallel(module, group, *, bucket_cap_mb: float = 25.0):
     """torch's DistributedDataParallel over `module`'s parameters and the dp process group, with the
     options oases_fx needs on torch 2.11 and 2.13: gradients copied into DDP's buckets and the averages
     copied back (gradient_as_bucket_view=False: the plain .grad is the user's DTensor gradient's
@@ -330,7 +330,8 @@ def data_parallel(module, group):
 
     from torch.nn.parallel import DistributedDataParallel
 
-    kwargs = dict(process_group=group, gradient_as_bucket_view=False, find_unused_parameters=False)
+    kwargs = dict(process_group=group, gradient_as_bucket_view=False, find_unused_parameters=False,
+                  bucket_cap_mb=bucket_cap_mb)
     if "init_sync" in inspect.signature(DistributedDataParallel.__init__).parameters:
         kwargs["init_sync"] = False
     return DistributedDataParallel(module, **kwargs)

@@ -156,7 +156,8 @@ class OasesModule(nn.Module):
         self.plan = plan
         # parameters: DTensors on the "tp" axis sharing the compiled program's plain shards (oases_fx.boundary)
         # and, on a "dp" axis, torch's DDP over those shards (its reducer averages the gradients over "dp")
-        self.__dict__["_boundary"] = _boundary_mod.Boundary(self, program.gm, mesh, info)
+        self.__dict__["_boundary"] = _boundary_mod.Boundary(self, program.gm, mesh, info, dp_reduce=cfg.dp_reduce,
+                                                            dp_bucket_mb=cfg.dp_bucket_mb)
         self._hooks = []
 
     # --- calling ---------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class OasesModule(nn.Module):
                                   call="first call of this program" if not prog.called else "call")
         prog.called = True
         try:
-            out = self._boundary.call(prog.compiled, args, kwargs)  # through DDP on a "dp" axis
+            out = self._boundary.call(prog, args, kwargs)  # through DDP, or a dp variant, on a "dp" axis
         except Exception as e:  # the step's own error, not torch.compile's wrapper around it
             inner = agreement.innermost_cause(e)
             where = f"forward of call {self._calls} ({'train' if self.training else 'eval'} mode)"
@@ -301,6 +302,8 @@ class OasesModule(nn.Module):
                     lines.append(f"Schedule ({stage}, analytical compute, {comm_src}): {tl.summary()}")
         else:
             lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
+        if self._info.dp_group is not None:
+            lines.extend(_explain_dp(prog, self._info, self._cfg))
         if self._cfg.cudagraphs:
             got = "; ".join(f"{r.stage} {'applied' if r.applied else 'NOT applied: ' + r.reason}" for r in aot.cudagraphs)
             lines.append(f"CUDA graphs (cudagraphs=True): {got or 'not compiled yet'}")
@@ -400,6 +403,42 @@ class _Program:
     def __init__(self, gm, compiled, aot):
         self.gm, self.compiled, self.aot = gm, compiled, aot
         self.called = False
+        self.variants: dict = {}  # dp_reduce="graph": "no_sync" / "acc" -> _Program (compiled at first use)
+        self.make_variant = None  # mode -> _Program
+
+    def variant(self, mode: str) -> "_Program":
+        """The dp variant `mode` of this program (dp_reduce="graph"): "no_sync" (no dp all-reduce) or "acc"
+        (the gradients accumulated under no_sync are inputs, reduced with the new ones). Built once."""
+        v = self.variants.get(mode)
+        if v is None:
+            v = self.variants[mode] = self.make_variant(mode)
+            v.aot.on_backward_failure = self.aot.on_backward_failure
+        return v
+
+
+def _explain_dp(prog, info, cfg) -> list:
+    """explain()'s lines on the dp axis: which mode, and for "graph" the buckets of the last backward."""
+    if cfg.dp_reduce == "ddp":
+        return [f"Data parallelism (dp={info.dp}, dp_reduce='ddp'): torch's DistributedDataParallel over the local "
+                f"shards, buckets of {cfg.dp_bucket_mb:g} MiB; each bucket's all-reduce starts when the compiled "
+                "backward returns (no overlap with backward compute); no_sync and comm hooks are DDP's"]
+    from oases_fx.passes.dp_reduce import RECORD_KEY
+
+    lines = [f"Data parallelism (dp={info.dp}, dp_reduce='graph'): gradients averaged inside the compiled backward "
+             "graph, each bucket's all-reduce issued as soon as its last gradient is produced, waited at the graph's "
+             "end" + (" [all-reduces SKIPPED: floor benchmark]" if cfg.skip_collectives else "")]
+    for name, p in (("synchronised", prog), *((f"{m} variant", v) for m, v in prog.variants.items())):
+        rec = p.aot.backward[-1].meta.get(RECORD_KEY) if p.aot.backward else None
+        if name == "no_sync variant":
+            lines.append("  no_sync variant: the same program compiled without the dp all-reduce (accumulation "
+                         "sends nothing)")
+        elif rec is None:
+            lines.append(f"  {name}: backward not compiled yet")
+        else:
+            what = " (accumulated gradients are inputs: reduced with the new ones, once)" if name == "acc variant" else ""
+            lines.append(f"  {name}{what}: {rec.summary()}")
+            lines.extend(f"    {ln}" for ln in rec.lines())
+    return lines
 
 
 def batch_dims(model, args, kwargs, gm) -> dict:
@@ -480,15 +519,25 @@ def schedule_constants(plan: Plan, tp: int):
                            comm_interference=max(1.0, float(inter.get("comm", 1.0))))
 
 
-def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig):
-    """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both)."""
+def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, keep=None, *, dp_reduce: bool = False):
+    """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both; with
+    `dp_reduce`, the dp gradient all-reduce after it in the backward, reading the parameter positions from
+    `keep`, the backend's CompiledGraphs)."""
     from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
     from oases_fx.timeline import AnalyticalCostModel
 
     cost = AnalyticalCostModel(schedule_constants(plan, info.tp))
     sched = _backend.GraphPass("schedule_overlap", functools.partial(
         schedule_overlap_pass, options=ScheduleOptions(**cfg.schedule), cost_model=cost))
-    return [sched], [sched]
+    bw = [sched]
+    if dp_reduce:  # after the schedule: the TMP order stays as schedule_overlap made it
+        from oases_fx.passes.dp_reduce import bucket_bytes_of, dp_reduce_pass
+
+        bw.append(_backend.GraphPass("dp_reduce", functools.partial(
+            dp_reduce_pass, group_name=_compat.group_name(info.dp_group), dp=info.dp,
+            param_inputs=lambda: keep.param_inputs, bucket_bytes=bucket_bytes_of(cfg.dp_bucket_mb),
+            skip=cfg.skip_collectives)))
+    return [sched], bw
 
 
 @contextlib.contextmanager
@@ -529,13 +578,44 @@ def _build_program(model, info, plan, cfg, args, kwargs, training, bind_to=None,
             _rebind(gm, name, p)
         for name, b in bind_to.named_buffers():
             _rebind(gm, name, b)
-    keep = _backend.CompiledGraphs()
     if cfg.backend == "eager":
-        return _Program(gm, gm, keep)
-    fw, bw = aot_passes(info, plan, cfg)
+        return _Program(gm, gm, _backend.CompiledGraphs())
+    dp_graph = _dp_in_graph(info, cfg)
+    prog = _compile_program(gm, info, plan, cfg, dp_reduce=dp_graph)
+    if dp_graph:
+        prog.make_variant = functools.partial(_dp_variant, gm, info, plan, cfg)
+    return prog
+
+
+def _dp_in_graph(info: MeshInfo, cfg: CompileConfig) -> bool:
+    return info.dp_group is not None and cfg.dp_reduce == "graph"
+
+
+def _compile_program(gm, info, plan, cfg, *, dp_reduce: bool):
+    keep = _backend.CompiledGraphs()
+    fw, bw = aot_passes(info, plan, cfg, keep, dp_reduce=dp_reduce)
     fn = _backend.make_backend(backend=cfg.backend, fw_passes=fw, bw_passes=bw,
                                disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep, cudagraphs=cfg.cudagraphs)
     return _Program(gm, _backend.compile_module(gm, fn), keep)
+
+
+def _dp_variant(gm, info, plan, cfg, mode: str):
+    """A dp variant of the program `gm` (dp_reduce="graph"; passes/dp_reduce.py), on a copy of its graph that
+    shares its parameters and buffers (its own code object, so dynamo compiles it on its own): "no_sync"
+    compiles it without the dp all-reduce; "acc" adds the accumulated gradients as inputs of the reduction."""
+    import copy
+
+    import torch.fx as fx
+    from oases_fx.passes.dp_reduce import dp_accumulated_inputs_pass
+
+    assert mode in ("no_sync", "acc"), mode
+    v = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    v.meta.update(gm.meta)
+    v.meta["oases"] = copy.copy(graph_meta(gm))
+    if mode == "acc":
+        v = _backend.run_passes(v, [_backend.GraphPass("dp_accumulated_inputs", dp_accumulated_inputs_pass)],
+                                disabled=(), debug=cfg.debug, stage="torch (dp variant)")
+    return _compile_program(v, info, plan, cfg, dp_reduce=mode == "acc")
 
 
 @torch.no_grad()
@@ -625,6 +705,9 @@ def compile(
     meta_init = _loading.prepare_meta_model(model, args, kwargs, device)  # built under torch.device("meta")
     _inputs.check_inputs(_inputs.ParamSignature.of(model), args, kwargs, what="compile(example_inputs=...)")
     info = mesh_info(mesh, collective_timeout_s=cfg.collective_timeout_s)  # own TMP groups if a bound is set
+    if _dp_in_graph(info, cfg) and cfg.backend == "eager":
+        raise OasesError("dp_reduce='graph' puts the dp all-reduce into AOTAutograd's backward graph, which "
+                         "backend='eager' does not make. Fix: backend='aot_eager' or 'inductor', or dp_reduce='ddp'.")
     if _is_search(plan):
         _check_divisible(model, info.tp)
 

@@ -169,6 +169,9 @@ class CompiledGraphs:
     backward: list = field(default_factory=list)
     records: list = field(default_factory=list)
     cudagraphs: list = field(default_factory=list)  # CudagraphRecord per compiled graph (cudagraphs=True)
+    param_inputs: tuple = ()
+    """Positions of the compiled graph's inputs that are trainable parameters (from dynamo's example
+    inputs, the last compile's): the backward's gradient outputs at these positions are the parameters'."""
     on_backward_failure: Optional[Callable] = None
     """exception -> the OasesError to raise instead, or None: set by the OasesModule (oases_fx.watchdog
     names the peer a timed-out collective of the backward waited for)."""
@@ -229,7 +232,7 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
         def bw(gm, example_inputs):
             return _guard_backward(_compat.make_boxed_func(apply(gm, True).forward), keep)
 
-        return _compat.aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition)
+        return _recording_inputs(_compat.aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition), keep)
 
     assert backend == "inductor", backend
     inner = _compat.inductor_inner_compile()
@@ -264,7 +267,19 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
 
     patches = inductor_config_patches(cudagraphs=cudagraphs)
 
-    return inductor_backend
+    return _recording_inputs(inductor_backend, keep)
+
+
+def _recording_inputs(backend_fn, keep: CompiledGraphs):
+    """The backend, noting which of dynamo's graph inputs are trainable parameters (keep.param_inputs)
+    before AOTAutograd runs: the backward graph returns one gradient per input, in input order."""
+
+    def fn(gm, example_inputs):
+        keep.param_inputs = tuple(i for i, t in enumerate(example_inputs)
+                                  if isinstance(t, torch.nn.Parameter) and t.requires_grad)
+        return backend_fn(gm, example_inputs)
+
+    return fn
 
 
 def compile_module(gm: fx.GraphModule, backend_fn):

@@ -47,6 +47,14 @@ compiled backward is one autograd node that returns every gradient at once, so t
 start together when it ends (overlapping each other and the host's remaining work, not the backward's
 compute): what DDP itself does with torch.compile when DDPOptimizer is off.
 
+With ``dp_reduce="graph"`` there is no DDP: the compiled backward graph averages the gradients itself
+(passes/dp_reduce.py), so the plain ``.grad`` autograd accumulates is already the dp average. ``no_sync()``
+makes the next forwards run the program variant compiled without the dp all-reduce; the first synchronised
+forward after such a backward runs the "acc" variant, which reads the accumulated gradients (pointed to by
+its buffers for the call) and returns the average of accumulated + new: its backward starts with the plain
+``.grad`` None, so autograd does not add the accumulated gradient a second time, and the end wraps the new
+tensor as the DTensor's ``.grad``.
+
 State dicts and DCP: DCP describes a rank's data as one rectangular chunk per tensor, which the strided
 layout is not. So ``state_dict()`` returns, for a strided parameter, a Shard(dim) DTensor (a copy made
 by redistribution, at checkpoint time only); ``load_state_dict`` redistributes it back. The optimizer's
@@ -57,6 +65,7 @@ registers the same two conversions on that optimizer's ``state_dict`` / ``load_s
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -97,7 +106,7 @@ class Boundary:
     """Registers DTensor parameters (and the plain buffers) on `module`, mirroring the traced
     GraphModule's names; owns the gradient hand-over and (on a "dp" axis) torch's DDP over the plain shards."""
 
-    def __init__(self, module: nn.Module, gm, mesh, info):
+    def __init__(self, module: nn.Module, gm, mesh, info, *, dp_reduce: str = "ddp", dp_bucket_mb: float = 25.0):
         self.info = info
         self.mesh = tp_mesh(mesh)
         self._armed = None  # id of the backward (graph task) whose start was handled; None between backwards
@@ -128,7 +137,13 @@ class Boundary:
         self._frozen = [(name, e.param) for name, e in self.by_name.items() if not e.plain.requires_grad]
         self._grads_on = True
         self._hooks = [_GradHandover(self)]  # .remove() switches the gradient hand-over off (benchmarks)
-        self._ddp = self._make_ddp() if info.dp_group is not None and self._pairs else None
+        # on a "dp" axis: "ddp" (torch's DDP runs the program) or "graph" (the program's backward reduces; dp variants)
+        self.dp_mode = dp_reduce if info.dp_group is not None and self._pairs else None
+        self._dp_bucket_mb = dp_bucket_mb
+        self._ddp = self._make_ddp() if self.dp_mode == "ddp" else None
+        self._sync = True  # dp_reduce="graph": False inside no_sync()
+        self._unsynced = False  # dp_reduce="graph": gradients were accumulated by a no_sync backward since the last sync
+        self._armed_mode = None  # the dp variant of the backward now running ("sync", "no_sync", "acc")
         if any(e.strided or e.unequal for e in self.entries.values()):
             module.register_state_dict_post_hook(lambda *a: self._state_dict_post_hook(*a))  # functions, not methods
             module.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict_pre_hook(*a))
@@ -206,10 +221,12 @@ class Boundary:
 
     # --- calling the program; gradients -------------------------------------------------------
     def _make_ddp(self):
-        return _compat.data_parallel(_PlainParams([p for p, _ in self._pairs]), self.info.dp_group)
+        return _compat.data_parallel(_PlainParams([p for p, _ in self._pairs]), self.info.dp_group,
+                                     bucket_cap_mb=self._dp_bucket_mb)
 
     def call(self, program, args, kwargs):
-        """Run the compiled program (through DDP on a "dp" axis) and arm the start of its backward."""
+        """Run the compiled program (`program.compiled`; through DDP, or the dp variant the no_sync state asks
+        for, on a "dp" axis) and arm the start of its backward."""
         if self._frozen:
             unfrozen = [name for name, p in self._frozen if p.requires_grad]
             if unfrozen:
@@ -222,27 +239,67 @@ class Boundary:
                     "set requires_grad on the model before oases_fx.compile (freezing after compile works: their "
                     "gradients are dropped)."
                 )
+        mode = "sync"
         if self._ddp is not None:
             with _compat.no_ddp_graph_split():
-                out = self._ddp(program, args, kwargs)
+                out = self._ddp(program.compiled, args, kwargs)
+        elif self.dp_mode == "graph":
+            mode = self._graph_mode()
+            out = self._call_variant(program, mode, args, kwargs)
         else:
-            out = program(*args, **kwargs)
+            out = program.compiled(*args, **kwargs)
         if self._grads_on and torch.is_grad_enabled():
+            start = self._backward_start if mode == "sync" else functools.partial(self._backward_start, mode=mode)
             for t in _tensors(out):
                 if t.grad_fn is not None:
-                    t.grad_fn.register_prehook(self._backward_start)
+                    t.grad_fn.register_prehook(start)
         return out
 
-    def _backward_start(self, grad_outputs):
-        """Before any gradient of this backward is accumulated: the plain .grad is the user's gradient."""
+    # --- dp_reduce="graph": which variant of the program runs (passes/dp_reduce.py) -------------------
+    def _graph_mode(self) -> str:
+        """"no_sync" inside no_sync(); "acc" for the first synchronised call after no_sync backwards left
+        unreduced gradients (they become inputs of its reduction); else "sync". Decided at the forward, as DDP."""
+        if not torch.is_grad_enabled():
+            return "sync"
+        if not self._sync:
+            return "no_sync"
+        if self._unsynced:
+            if any(param.grad is not None for _, param in self._pairs):
+                return "acc"
+            self._unsynced = False  # cleared by zero_grad(set_to_none=True): nothing to reduce
+        return "sync"
+
+    def _call_variant(self, program, mode, args, kwargs):
+        if mode == "sync":
+            return program.compiled(*args, **kwargs)
+        variant = program.variant(mode)
+        if mode == "no_sync":
+            return variant.compiled(*args, **kwargs)
+        from oases_fx.meta import graph_meta
+
+        buffers, names = variant.gm._buffers, graph_meta(variant.gm).dp_acc
+        for name, buf in names.items():  # the accumulated gradients, read as inputs (saved for the backward)
+            e = self.by_name[name]
+            cur = e.param.grad
+            buffers[buf] = _compat.local_of(cur) if cur is not None else torch.zeros_like(e.plain)
+        try:
+            return variant.compiled(*args, **kwargs)
+        finally:
+            for buf in names.values():  # held by the autograd graph until its backward, not by the module
+                buffers[buf] = None
+
+    def _backward_start(self, grad_outputs, mode="sync"):
+        """Before any gradient of this backward is accumulated: the plain .grad is the user's gradient (for
+        the "acc" variant None: the backward returns the reduced sum of the accumulated and the new gradient)."""
         task = _compat.current_backward_id()
         if task == self._armed:
             return None
         self._armed = task
+        self._armed_mode = mode
         local_of = _compat.local_of
         for plain, param in self._pairs:
             cur = param.grad
-            plain.grad = None if cur is None else local_of(cur)
+            plain.grad = None if (cur is None or mode == "acc") else local_of(cur)
         # DDP queues its finalize (the averages written back) when its last bucket is ready, later in this
         # backward: callbacks run in order, so the hand-over queues itself again from the engine's callback
         _compat.queue_backward_callback(self._after_ddp if self._ddp is not None else self._backward_end)
@@ -254,6 +311,8 @@ class Boundary:
     def _backward_end(self):
         """After the backward (and DDP's finalize): the DTensors' .grad read the plain gradients, no copy."""
         self._armed = None
+        if self.dp_mode == "graph":
+            self._unsynced = self._armed_mode == "no_sync"  # left for the next synchronised backward to reduce
         local_of, wrap = _compat.local_of, _compat.dtensor_with_spec
         for plain, param in self._pairs:
             g = plain.grad
@@ -267,13 +326,27 @@ class Boundary:
                 param.grad = wrap(g, param._spec)
 
     def no_sync(self):
-        """DDP's no_sync on a "dp" axis (no dp all-reduce in backward passes whose forward runs inside);
-        nothing to skip without one."""
-        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+        """No dp all-reduce in backward passes whose forward runs inside (DDP's no_sync; with
+        dp_reduce="graph" the program variant compiled without it); nothing to skip without a "dp" axis."""
+        if self._ddp is not None:
+            return self._ddp.no_sync()
+        return self._no_sync_graph() if self.dp_mode == "graph" else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _no_sync_graph(self):
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
 
     def register_comm_hook(self, state, hook) -> None:
         """DDP's register_comm_hook (torch.distributed.algorithms.ddp_comm_hooks): how each dp bucket is
-        reduced. Only with a "dp" axis; call before the first backward."""
+        reduced. Only with a "dp" axis and dp_reduce="ddp"; call before the first backward."""
+        if self.dp_mode == "graph":
+            raise OasesError("register_comm_hook: with dp_reduce='graph' the dp all-reduce is inside the compiled "
+                             "backward graph, where DDP's comm hooks do not run. Fix: compile with dp_reduce='ddp' "
+                             "to reduce through a comm hook (compression, custom reductions).")
         if self._ddp is None:
             raise OasesError("register_comm_hook: this model has no 'dp' mesh axis (no data-parallel reduction)")
         self._ddp.register_comm_hook(state, hook)

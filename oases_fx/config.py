@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 BACKENDS = ("inductor", "aot_eager", "eager")
+DP_REDUCE = ("ddp", "graph")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,7 +15,8 @@ class CompileConfig:
     used by most tests) or "eager" (run the rewritten graph directly; for debugging)."""
     skip_collectives: bool = False
     """Replace every TMP collective by a no-op: the no-communication floor for benchmarks only.
-    Results are wrong by design."""
+    Results are wrong by design. With dp_reduce="graph" the backward graph's dp all-reduces are left
+    out too (their bucket copies stay); with dp_reduce="ddp" DDP still reduces, outside the program."""
     disabled_passes: tuple = ()
     """Pass names to switch off (e.g. ("schedule_overlap",)). Each skipped pass is logged."""
     debug: bool = field(default_factory=lambda: os.environ.get("OASES_FX_DEBUG", "") not in ("", "0"))
@@ -50,6 +52,15 @@ class CompileConfig:
     runs without; explain() and a logged warning say which and why. As with reduce-overhead, the
     outputs (gradients too) live in the graphs' memory: set gradients to None between steps
     (optimizer.zero_grad()) and clone an output kept past the next call."""
+    dp_reduce: str = "ddp"
+    """How gradients are averaged over a ("dp", "tp") mesh's "dp" axis: "ddp" (default: torch's
+    DistributedDataParallel over the local shards; its reducer's buckets start when the compiled
+    backward returns, comm hooks work) or "graph" (the all-reduces are inside the compiled backward
+    graph, one per bucket, each issued as soon as its last gradient is produced: they overlap the
+    rest of the backward; passes/dp_reduce.py). Either way ``model.no_sync()`` accumulates without dp
+    traffic and the next backward reduces the accumulated gradient once. Ignored without a dp axis."""
+    dp_bucket_mb: float = 25.0
+    """Bucket size in MiB of the dp gradient all-reduce (DDP's bucket_cap_mb; both modes)."""
     collective_timeout_s: object = None
     """The bound on waiting in a TMP collective (oases_fx.watchdog). None (default): oases_fx's
     collectives run on the mesh's groups and wait as long as their timeout (init_process_group(
@@ -77,6 +88,17 @@ class CompileConfig:
                 and self.collective_timeout_s > 0):
             raise ValueError(f"collective_timeout_s={self.collective_timeout_s!r}: expected None or a positive number "
                              "of seconds")
+        if self.dp_reduce not in DP_REDUCE:
+            from oases_fx.errors import OasesError
+
+            raise OasesError(f"dp_reduce={self.dp_reduce!r}: expected one of {DP_REDUCE} ('ddp': torch's DDP "
+                             "reduces after the compiled backward; 'graph': bucketed all-reduces inside it)")
+        if isinstance(self.dp_bucket_mb, bool) or not isinstance(self.dp_bucket_mb, (int, float)) \
+                or not self.dp_bucket_mb > 0:
+            from oases_fx.errors import OasesError
+
+            raise OasesError(f"dp_bucket_mb={self.dp_bucket_mb!r}: expected a positive number of MiB (DDP's "
+                             "bucket_cap_mb; default 25)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
         if self.cudagraphs and self.backend != "inductor":

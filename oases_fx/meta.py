@@ -23,7 +23,8 @@ class OasesMeta:
     """What the node is to TMP: "column", "row", "copy_to_tp" (Megatron f),
     "reduce_from_tp" (Megatron g), "row_bias", "chunk", "cat", or for a region of degree d < tp:
     "batch_scatter" / "batch_slice" (its input's batch chunk), "batch_gather" (its output
-    re-assembled), "copy_to_cross" (a parameter through f over the cross group); None otherwise."""
+    re-assembled), "copy_to_cross" (a parameter through f over the cross group); "dp_reduce" (a node of the dp
+    gradient all-reduce in the backward graph: bucket copy, collective, wait, split); None otherwise."""
     placement: Optional[str] = None
     """Output placement: "R" (replicated), "S(d)" (sharded on dim d over tp), "P" (partial sum)."""
     pieces: Optional[tuple] = None
@@ -95,6 +96,9 @@ class GraphMeta:
     """What split_sub_batches split, or why it did not."""
     recompute_notes: list = dataclasses.field(default_factory=list)
     """What recompute_policy saved and recomputed."""
+    dp_acc: dict = dataclasses.field(default_factory=dict)
+    """Parameter name -> the buffer that carries its gradient accumulated under no_sync into the
+    program variant that reduces it (passes/dp_reduce.dp_accumulated_inputs_pass; dp_reduce="graph")."""
     allocated: list = dataclasses.field(default_factory=list)
     """Parameter names allocated after compile for a meta-device model (oases_fx.loading)."""
     extra: dict = dataclasses.field(default_factory=dict)

@@ -133,6 +133,26 @@ def skip_batch_gather(x: torch.Tensor, n: int, c: int, dim: int, group_name: str
     return x.repeat(reps)
 
 
+# --- data parallelism inside the compiled backward (passes/dp_reduce.py) ---------------------------
+
+class _AddToGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, acc):
+        ctx.save_for_backward(acc)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (acc,) = ctx.saved_tensors
+        return grad + acc, None
+
+
+def add_to_grad(w: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """Identity forward; backward: w's gradient plus `acc` (the gradient accumulated under no_sync), so
+    the compiled backward reduces the accumulated and the new gradient in one dp all-reduce."""
+    return _AddToGrad.apply(w, acc)
+
+
 COLLECTIVE_FNS = (copy_to_tp, reduce_from_tp, skip_copy_to_tp, skip_reduce_from_tp,
                   batch_scatter, batch_gather, skip_batch_scatter, skip_batch_gather)
 

@@ -82,10 +82,11 @@ def _dp_spread(model, info) -> float:
 
 
 def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_shape=None, accum=1,
-                     max_norm=0.05, set_to_none=True, foreach=True, fused=False, k=1, degrees=None):
+                     max_norm=0.05, set_to_none=True, foreach=True, fused=False, k=1, degrees=None, **compile_kw):
     """AdamW + torch.nn.utils.clip_grad_norm_ on model.parameters() for `steps` steps, `accum`
     micro-batches per step (no_sync on all but the last when there is a dp axis), on the compiled
-    model and on the unsharded eager model (which sees every dp rank's micro-batches at once)."""
+    model and on the unsharded eager model (which sees every dp rank's micro-batches at once).
+    `compile_kw`: further oases_fx.compile options (dp_reduce, dp_bucket_mb)."""
     mesh = _mesh(world_size, mesh_shape)
     dp = mesh.size(0) if mesh.ndim == 2 else 1
     dp_rank = mesh.get_local_rank("dp") if mesh.ndim == 2 else 0
@@ -93,7 +94,7 @@ def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_s
     idx, tgt = _batch(cfg, batch * dp * accum * steps, seq)
     idx, tgt = idx.view(steps, accum, dp, batch, seq), tgt.view(steps, accum, dp, batch, seq)
     m = _compile(kind, copy.deepcopy(ref), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], num_sub_batches=k,
-                 degrees=degrees, n_layer=cfg["n_layer"])
+                 degrees=degrees, n_layer=cfg["n_layer"], **compile_kw)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=foreach, fused=fused)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=foreach, fused=fused)
     norms, ref_norms = [], []
@@ -123,9 +124,10 @@ def train_adamw_clip(rank, world_size, *, kind, cfg, batch, seq, steps=3, mesh_s
     full = m.full_state_dict()
     moments = _full_optim_state(m, opt)
     kinds = sorted({type(p).__name__ for p in m.parameters()})
+    dp_buckets = _dp_bucket_counts(m)
     if rank != 0:
         return None
-    return dict(norms=torch.stack(all_norms), ref_norms=torch.stack(ref_norms), params=full,
+    return dict(dp_buckets=dp_buckets, norms=torch.stack(all_norms), ref_norms=torch.stack(ref_norms), params=full,
                 ref_params=ref.state_dict(), moments=moments, ref_moments=_full_optim_state(ref, ref_opt),
                 spread=spread, dp_spread=dp_spread, param_types=kinds, retrace=retrace, ref_grads_none=all(p.grad is None for p in ref.parameters()),
                 grads_none=all(p.grad is None for p in m.parameters()))
@@ -177,6 +179,114 @@ def dp_traffic(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, split_gua
     out = dict(counts=counts, spreads=spreads, forward_graphs=len(m.graphs.aot.forward),
                backward_graphs=len(m.graphs.aot.backward), num_params=sum(1 for _ in m.parameters()),
                bucket_numels=calls)
+    return out if rank == 0 else None
+
+
+def _dp_bucket_counts(model) -> dict:
+    """dp_reduce="graph": {variant: number of dp buckets in its last backward graph} of the first program
+    compiled (the training shape; None for "ddp")."""
+    from oases_fx.passes.dp_reduce import RECORD_KEY
+
+    prog = next(iter(model._programs.values()))
+    out = {}
+    for name, p in (("sync", prog), *prog.variants.items()):
+        rec = p.aot.backward[-1].meta.get(RECORD_KEY) if p.aot.backward else None
+        out[name] = None if rec is None else len(rec.buckets)
+    return out
+
+
+class _CountCollectives:
+    """A TorchDispatchMode counting functional all-reduces per process group name (what the compiled graphs
+    issue when they run under aot_eager: every aten op of the graph goes through the dispatcher)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.counts = {}
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops = torch.ops._c10d_functional
+                if func in (ops.all_reduce.default, ops.all_reduce_.default):
+                    self.counts[args[2]] = self.counts.get(args[2], 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+def dp_traffic_graph(rank, world_size, *, cfg, batch, seq, accum=3, steps=2, dp_bucket_mb=None, backend="aot_eager"):
+    """dp2 x tp2, dp_reduce="graph": count the dp all-reduces the compiled backward graphs issue per micro-batch
+    (under a counting dispatch mode; the forward graphs are checked to hold none), `accum` micro-batches per step, all but the last
+    under no_sync (from step 1 on: step 0 compiles); how far the gradients differ across the dp ranks after each micro-batch; the number of
+    dp buckets of each variant's backward graph; and the full gradients after the last micro-batch of
+    step 0 next to the unsharded model's (which sees every rank's micro-batches)."""
+    from oases_fx.passes.dp_reduce import RECORD_KEY
+
+    mesh = _mesh(world_size, (2, 2))
+    dp_rank = mesh.get_local_rank("dp")
+    ref = build_model("gpt", cfg)
+    idx, tgt = _batch(cfg, batch * 2 * accum * steps, seq)
+    idx, tgt = idx.view(steps, accum, 2, batch, seq), tgt.view(steps, accum, 2, batch, seq)
+    kw = dict(dp_reduce="graph") if dp_bucket_mb is None else dict(dp_reduce="graph", dp_bucket_mb=dp_bucket_mb)
+    m = _compile("gpt", copy.deepcopy(ref), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], backend=backend, **kw)
+    dp_name = m._info.dp_group.group_name
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    counts, spreads, grads, ref_grads = [], [], None, None
+    for s in range(steps):
+        for a in range(accum):
+            mode = _CountCollectives() if s > 0 else None  # step 0 compiles every variant: not counted
+            with (m.no_sync() if a < accum - 1 else _null()):
+                _, loss = m(idx[s, a, dp_rank], tgt[s, a, dp_rank])
+            with (mode if mode is not None else _null()):  # around the backward: dynamo refuses to run under a mode
+                (loss / accum).backward()
+            counts.append(None if mode is None else mode.counts.get(dp_name, 0))
+            spreads.append(_dp_grad_spread(m))
+            _, r_loss = ref(idx[s, a].reshape(2 * batch, seq), tgt[s, a].reshape(2 * batch, seq))
+            (r_loss / accum).backward()
+        if s == 0:
+            grads = m.full_grads()
+            ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    prog = m.graphs
+    buckets = {}
+    for name, p in (("sync", prog), *prog.variants.items()):
+        rec = p.aot.backward[-1].meta.get(RECORD_KEY) if p.aot.backward else None
+        dp_ars = sum(1 for g in p.aot.backward[-1:] for n in g.graph.nodes
+                     if n.op == "call_function" and "all_reduce" in str(n.target) and n.args[2] == dp_name)
+        buckets[name] = (None if rec is None else len(rec.buckets), dp_ars)
+        fw_dp = sum(1 for g in p.aot.forward for n in g.graph.nodes
+                    if n.op == "call_function" and "all_reduce" in str(n.target) and n.args[2] == dp_name)
+        assert fw_dp == 0, f"{name}: {fw_dp} dp all-reduces in a forward graph"
+    # overlap, structurally: where each dp all-reduce of the backward that reduced (the "acc" variant's: every
+    # step's last micro-batch) is issued, against the position of the backward's last compute node (its own
+    # nodes, not the dp bucket copies)
+    from oases_fx.passes.dp_reduce import is_backward_compute
+
+    nodes = list(prog.variants["acc"].aot.backward[-1].graph.nodes)
+    issue_at = [i for i, n in enumerate(nodes) if n.op == "call_function" and "all_reduce" in str(n.target)
+                and n.args[2] == dp_name]
+    last_compute = max(i for i, n in enumerate(nodes) if is_backward_compute(n))
+    first_wait = min(i for i, n in enumerate(nodes) if n.op == "call_function" and "wait_tensor" in str(n.target)
+                     and n.args[0].op == "call_function" and n.args[0].args[2:3] == (dp_name,))
+    errors = []
+    try:
+        m.register_comm_hook(None, None)
+    except oases_fx.OasesError as e:
+        errors.append(str(e))
+    try:
+        _compile("gpt", build_model("gpt", cfg), mesh, idx[0, 0, dp_rank], tgt[0, 0, dp_rank], backend="eager", **kw)
+    except oases_fx.OasesError as e:
+        errors.append(str(e))
+    out = dict(errors=errors, issue_at=issue_at, last_compute=last_compute, first_dp_wait=first_wait,
+               counts=counts, spreads=spreads, buckets=buckets, grads=grads, ref_grads=ref_grads,
+               params=m.full_state_dict(), ref_params=ref.state_dict(), explain=m.explain(),
+               forward_graphs=len(prog.aot.forward), backward_graphs=len(prog.aot.backward))
     return out if rank == 0 else None
 
 

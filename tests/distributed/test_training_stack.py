@@ -61,21 +61,36 @@ def test_adamw_clip_hf_gpt2_tp2_accumulate_zero_to_zeros_matches_unsharded():
     _check_training(r, steps=2)
 
 
-def test_dp2_tp2_accumulation_no_sync_matches_unsharded():
+# dp_reduce: "ddp" (torch's DDP after the compiled backward), "graph" (bucketed all-reduces inside it; 0.005 MiB
+# buckets make several on this model: the tiny GPT's gradients are ~60 KiB per rank)
+DP_MODES = [pytest.param({}, id="ddp"), pytest.param(dict(dp_reduce="graph"), id="graph"),
+            pytest.param(dict(dp_reduce="graph", dp_bucket_mb=0.005), id="graph_small_buckets")]
+
+
+@pytest.mark.parametrize("dp_kw", DP_MODES)
+def test_dp2_tp2_accumulation_no_sync_matches_unsharded(dp_kw):
     # each dp rank runs 2 micro-batches of 2 per step (the first under no_sync); the reference sees all 8;
     # fused AdamW (CPU has the fused kernel) on both
     r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=2, seq=8, steps=2, accum=2,
-                        mesh_shape=(2, 2), foreach=False, fused=True)[0]
+                        mesh_shape=(2, 2), foreach=False, fused=True, **dp_kw)[0]
     _check_training(r, steps=2)
+    if dp_kw:  # the no_sync micro-batch ran the variant without dp all-reduce, the last one the "acc" variant
+        assert set(r["dp_buckets"]) == {"sync", "no_sync", "acc"}, r["dp_buckets"]
+        assert r["dp_buckets"]["no_sync"] is None and r["dp_buckets"]["acc"] >= 1, r["dp_buckets"]
 
 
-def test_dp2_tp2_adamw_clip_several_steps_matches_unsharded_and_replicas_agree():
-    # one micro-batch per step (every backward synchronised), 4 steps: DDP's average each step, clip on the
+@pytest.mark.parametrize("dp_kw", DP_MODES)
+def test_dp2_tp2_adamw_clip_several_steps_matches_unsharded_and_replicas_agree(dp_kw):
+    # one micro-batch per step (every backward synchronised), 4 steps: the dp average each step, clip on the
     # DTensor gradients, AdamW; dp and tp replicas bit-identical (checked in _check_training)
     r = get_pool(4).run(tasks_stack.train_adamw_clip, kind="gpt", cfg=GPT, batch=2, seq=8, steps=4,
-                        mesh_shape=(2, 2))[0]
+                        mesh_shape=(2, 2), **dp_kw)[0]
     assert r["dp_spread"] == 0.0
     _check_training(r, steps=4)
+    if dp_kw.get("dp_bucket_mb"):
+        assert r["dp_buckets"]["sync"] > 3, r["dp_buckets"]  # several buckets, each exact
+    elif dp_kw:
+        assert r["dp_buckets"] == {"sync": 1}, r["dp_buckets"]  # 25 MiB: one bucket, no variant compiled
 
 
 def test_dp2_tp2_no_sync_sends_nothing_and_the_last_micro_batch_syncs():
@@ -90,6 +105,33 @@ def test_dp2_tp2_no_sync_sends_nothing_and_the_last_micro_batch_syncs():
     assert all(s > 1e-4 for i, s in enumerate(r["spreads"]) if i % 3 != 2), r["spreads"]
     assert r["spreads"][2] == 0.0 and r["spreads"][5] == 0.0, r["spreads"]
     assert (r["forward_graphs"], r["backward_graphs"]) == (1, 1), r
+
+
+@pytest.mark.parametrize("bucket_mb", [None, 0.005])
+def test_dp2_tp2_graph_no_sync_sends_nothing_and_the_last_micro_batch_reduces_once_per_bucket(bucket_mb):
+    # dp_reduce="graph": the all-reduces the compiled graphs issue on the dp group, counted per micro-batch
+    # (step 1; step 0 compiles): none under no_sync, one per bucket on the last micro-batch, which reduces the
+    # accumulated and the new gradient together (the "acc" variant); the dp ranks' gradients differ until
+    # then and are identical after; the accumulated average equals the unsharded model's gradient.
+    r = get_pool(4).run(tasks_stack.dp_traffic_graph, cfg=GPT, batch=2, seq=8, accum=3, steps=2,
+                        dp_bucket_mb=bucket_mb)[0]
+    n_acc, ar_acc = r["buckets"]["acc"]
+    assert r["buckets"]["no_sync"] == (None, 0), r["buckets"]  # compiled without the dp all-reduce
+    assert n_acc == ar_acc and n_acc >= (4 if bucket_mb else 1), r["buckets"]
+    assert r["counts"][3:] == [0, 0, n_acc], r["counts"]
+    assert all(s > 1e-4 for i, s in enumerate(r["spreads"]) if i % 3 != 2), r["spreads"]
+    assert r["spreads"][2] == 0.0 and r["spreads"][5] == 0.0, r["spreads"]
+    for name, ref in r["ref_grads"].items():
+        torch.testing.assert_close(r["grads"][name], ref, atol=1e-6, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    assert "dp_reduce='graph'" in r["explain"] and "bucket 0:" in r["explain"], r["explain"]
+    # overlap (structural, CPU): with several buckets their all-reduces are issued inside the backward, at least
+    # three before its last compute node; every wait comes after that node (as late as possible). One 25 MiB
+    # bucket holds every gradient of this model, so it is issued after the last one (nothing left to overlap)
+    assert len(r["issue_at"]) == n_acc and r["first_dp_wait"] > r["last_compute"], r
+    if bucket_mb:
+        assert sum(i < r["last_compute"] for i in r["issue_at"]) >= 3, r
+    hook, eager = r["errors"]  # comm hooks are DDP's; the eager backend makes no backward graph
+    assert "dp_reduce='ddp'" in hook and "backend='aot_eager'" in eager, r["errors"]
 
 
 def _assert_equal_state(got, want):
