@@ -78,6 +78,9 @@ class Case:
     warmup: int = 5
     dtype: str = "bf16"
     backend: str = "inductor"
+    dp: int = 1
+    """oases only: a ("dp", "tp") mesh of dp x tp fake ranks (this process is rank 0); the dp
+    all-reduce mode is options["dp_reduce"] ("ddp" or "graph")."""
     boundary: bool = True
     """oases only. False: the DTensor boundary's per-parameter gradient hooks are removed after
     compile, so gradients stay on the compiled program's plain shards; the step-time difference
@@ -85,7 +88,7 @@ class Case:
 
     def key(self) -> str:
         opt = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return (f"{self.system} tp={self.tp} h={self.hidden} L={self.layers} b={self.batch} s={self.seq} "
+        return (f"{self.system} " + (f"dp={self.dp} " if self.dp > 1 else "") + f"tp={self.tp} h={self.hidden} L={self.layers} b={self.batch} s={self.seq} "
                 f"k={self.k} rc={self.recompute} coll={self.collectives} {opt}"
                 + ("" if self.boundary else " no-boundary") + f" {self.label}").strip()
 
@@ -157,20 +160,22 @@ def gpt_config(case: Case) -> GPTConfig:
 _FAKE_PG = {}
 
 
-def fake_mesh(tp: int, device: torch.device):
-    """This process as rank 0 of a TP=tp world on torch's fake process group (collectives return
-    at once). One world per process: a second call with another tp is an error."""
+def fake_mesh(tp: int, device: torch.device, dp: int = 1):
+    """This process as rank 0 of a TP=tp world (a dp x tp world with a ("dp", "tp") mesh when
+    dp > 1) on torch's fake process group (collectives return at once). One world per process: a
+    second call with another size is an error."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
-    if dist.get_world_size() != tp:
-        raise RuntimeError(f"this process is a fake world of {dist.get_world_size()} ranks, not {tp}")
-    if tp not in _FAKE_PG:
-        _FAKE_PG[tp] = init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",))
-    return _FAKE_PG[tp]
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dp * tp)
+    if dist.get_world_size() != dp * tp:
+        raise RuntimeError(f"this process is a fake world of {dist.get_world_size()} ranks, not {dp * tp}")
+    if (dp, tp) not in _FAKE_PG:
+        _FAKE_PG[(dp, tp)] = (init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp")) if dp > 1
+                              else init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",)))
+    return _FAKE_PG[(dp, tp)]
 
 
 def _no_cross_rank_checks():
@@ -190,6 +195,8 @@ def _no_cross_rank_checks():
 def build(case: Case, device: torch.device):
     """(step function, module, seconds spent in oases_fx.compile / torch.compile wrapping)."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
+    if case.dp > 1 and case.system != "oases":
+        raise ValueError(f"dp > 1 is an oases_fx case: {case.key()}")
     if not case.boundary and case.system != "oases":
         raise ValueError(f"boundary=False is an oases_fx case: {case.key()}")
     cfg = gpt_config(case)
@@ -198,7 +205,7 @@ def build(case: Case, device: torch.device):
     if case.system == "oases":
         import oases_fx
 
-        mesh = fake_mesh(case.tp, device)
+        mesh = fake_mesh(case.tp, device, case.dp)
         model = GPT(cfg).to(device=device, dtype=dtype)
         idx, targets = make_batch(case, device)
         _no_cross_rank_checks()
@@ -519,6 +526,22 @@ def grid_tiny():
 
 
 GRIDS["tiny"] = grid_tiny
+
+
+def grid_dp():
+    """The dp all-reduce modes' per-step cost (issue 12): rank 0 of dp=2 x tp=2 on the fake group
+    (the dp collectives take no time, so this is what the mode adds on the host and device, not its
+    overlap), beside tp=2 alone. dp_reduce="ddp" cannot run there: DDP's reducer asserts on the
+    fake group's empty all-reduce result."""
+    cases = []
+    for h in (1024, 2048):
+        cases.append(Case(system="oases", tp=2, hidden=h, layers=4, k=2, collectives="fake"))
+        cases.append(Case(system="oases", dp=2, tp=2, hidden=h, layers=4, k=2, collectives="fake",
+                          options=dict(dp_reduce="graph")))
+    return cases
+
+
+GRIDS["dp"] = grid_dp
 
 
 def load_grid(spec: str) -> list:
