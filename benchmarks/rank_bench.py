@@ -24,6 +24,24 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
+
+def _import_code_tree():
+    """Case.code: this case process imports that tree's oases_fx before anything else does (an
+    editable install's import hook would otherwise win over PYTHONPATH)."""
+    import importlib.util
+    import sys as _sys
+
+    pkg = os.path.join(os.environ["RANK_BENCH_CODE"], "oases_fx")
+    spec = importlib.util.spec_from_file_location("oases_fx", os.path.join(pkg, "__init__.py"),
+                                                  submodule_search_locations=[pkg])
+    mod = importlib.util.module_from_spec(spec)
+    _sys.modules["oases_fx"] = mod
+    spec.loader.exec_module(mod)
+
+
+if os.environ.get("RANK_BENCH_CODE"):
+    _import_code_tree()
+
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
@@ -85,6 +103,10 @@ class Case:
     """oases only. False: the DTensor boundary's per-parameter gradient hooks are removed after
     compile, so gradients stay on the compiled program's plain shards; the step-time difference
     to boundary=True is what the boundary (oases_fx/boundary.py) costs per step."""
+    code: str = ""
+    """A source tree whose oases_fx this case imports (put first on the case process's PYTHONPATH:
+    a folder holding an `oases_fx/` package in the installed layout, passes inside), so one run
+    measures two versions side by side (say which in `label`). Empty: the checkout's own."""
 
     def key(self) -> str:
         opt = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
@@ -369,6 +391,10 @@ def run_case(case: Case, device: torch.device) -> dict:
     first_s = time.perf_counter() - t0
     row = dict(case=asdict(case), key=case.key(), wrap_s=round(wrap_s, 2), first_step_s=round(first_s, 2),
                compile_s=round(wrap_s + first_s, 2))
+    if case.system == "oases":  # which version ran (Case.code): checked, not assumed
+        import oases_fx
+
+        row["oases_fx"] = str(Path(oases_fx.__file__).resolve().parent)
     with gpu_lock():
         for _ in range(case.warmup):
             step(*batch)
@@ -543,6 +569,37 @@ def grid_dp():
 
 GRIDS["dp"] = grid_dp
 
+BEFORE = ".bench_before"
+"""Where grid_issue14 finds the code to compare against (Case.code): a folder holding the older
+version's `oases_fx/` in the installed layout (passes/ inside it), e.g.
+`git archive REV oases_fx passes | tar -x -C .bench_before && mv .bench_before/passes .bench_before/oases_fx/`."""
+
+
+def grid_issue14():
+    """Issue 14's targets, each measured before (Case.code=BEFORE) and after in one run, in
+    priority order: compile time of the 32-layer model, the host-issue targets under CUDA graphs,
+    the split's cost. Run with --workers 2 or 1: the lock serialises timed steps only."""
+    cases = []
+
+    def both(**kw):
+        return [Case(code=BEFORE, label="before", **kw), Case(label="after", **kw)]
+
+    deep = dict(tp=2, hidden=4096, layers=32, batch=4, steps=10, warmup=3)
+    cases.append(Case(system="torch_compile", options=dict(regional=True), **deep))
+    cases.append(Case(code=BEFORE, label="before", k=2, **deep))
+    cases.append(Case(label="after", k=2, options=dict(compile_layers="reuse"), **deep))
+    cases.append(Case(system="torch_compile", **deep))
+    for h, k, coll in ((1024, 2, "fake"), (1024, 2, "skip"), (2048, 4, "skip")):
+        cases += both(tp=2, hidden=h, layers=2, k=k, collectives=coll, options=dict(cudagraphs=True))
+    cases.append(Case(system="torch_compile", tp=2, hidden=1024, layers=2, options=dict(mode="reduce-overhead")))
+    for h in (2048, 4096):
+        for k in (1, 2):
+            cases.append(Case(label="after", tp=2, hidden=h, layers=2, k=k))
+    return cases
+
+
+GRIDS["issue14"] = grid_issue14
+
 
 def load_grid(spec: str) -> list:
     if spec in GRIDS:
@@ -571,6 +628,9 @@ def run_all(cases, *, workers: int, budget_s: float, out: Path, device: str, cas
             cache = tempfile.mkdtemp(prefix="inductor_")
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, RANK_BENCH_LOCK=str(lock),
                        PYTHONUNBUFFERED="1")
+            env.pop("RANK_BENCH_CODE", None)
+            if case.code:
+                env["RANK_BENCH_CODE"] = str(Path(case.code).resolve())
             env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 4) // max(1, workers))))
             cmd = [sys.executable, "-m", "benchmarks.rank_bench", "--case", json.dumps(asdict(case)),
                    "--device", device]
