@@ -519,9 +519,17 @@ def analytical_profile(model: ModelSpec, *, constants: Optional[DeviceConstants]
 
     Forward times are the roofline of each op at its variant shapes (fused attention at
     ATTENTION_FLOPS_PER_S, not the GEMM peak); backward = 2x forward (2.5x for attention).
-    step: the per-step constants (default StepConstants.analytical() at the constants' memory
-    bandwidth). Label: "analytical, not measured".
+    step: the per-step constants. Default: StepConstants.analytical() with the default device
+    constants; with explicit ``constants`` (another device) its device-side terms only (kernel
+    overhead, copies at that memory bandwidth) and no host term: the host numbers are those of
+    the default device's host, and a caller describing another machine passes its own.
+    Label: "analytical, not measured".
     """
+    if step is None:
+        step = StepConstants.analytical(mem_bw_bytes_per_s=(constants or DeviceConstants()).mem_bw_bytes_per_s)
+        if constants is not None:
+            step = dataclasses.replace(step, host_step_us=0.0, host_per_kernel_us=0.0, host_per_checkpoint_us=0.0,
+                                       source=step.source + ", device terms only (explicit DeviceConstants)")
     c = constants or DeviceConstants(group_size=model.tp)
     cm = AnalyticalCostModel(c)
     op_us = {}
@@ -547,7 +555,7 @@ def analytical_profile(model: ModelSpec, *, constants: Optional[DeviceConstants]
         torch_version=torch.__version__, tp_degree=model.tp, op_us=op_us, all_reduce=ar,
         compute_interference=c.compute_interference, comm_interference=c.comm_interference,
         memory_bytes=int(memory_bytes), collectives=colls, notes=("analytical cost model constants, not measured",),
-        step=step if step is not None else StepConstants.analytical(mem_bw_bytes_per_s=c.mem_bw_bytes_per_s),
+        step=step,
     )
 
 
@@ -850,7 +858,18 @@ the linear's GEMM forward and dgrad, wgrad and bias-grad backward (1 + 3), the G
 pointwise kernel each way (1 + 1)."""
 
 
+_HOST_PROBE: dict = {}
+"""(device, dtype) -> the host probe's result: one pair of compiles per process."""
+
+
 def _measure_host_constants(device: torch.device, dtype: torch.dtype, depths=(2, 8), repeats: int = 10) -> tuple:
+    key = (str(device), dtype)
+    if key not in _HOST_PROBE:
+        _HOST_PROBE[key] = _probe_host(device, dtype, depths, repeats)
+    return _HOST_PROBE[key]
+
+
+def _probe_host(device: torch.device, dtype: torch.dtype, depths, repeats) -> tuple:
     """(host_step_us, host_per_kernel_us): the host's wall time of a torch.compile'd (Inductor)
     forward + backward of a chain of `depth` linear+GELU blocks at tiny shapes, started with the
     device idle (so the device never gates it: what is timed is issue), at two depths. The slope
@@ -889,13 +908,14 @@ def measure_step_constants(device: torch.device, *, options: "ProfileOptions" = 
     """StepConstants measured on this device (one process; measure_profile averages over ranks).
 
     kernel_overhead_us and copy_bw_bytes_per_s always; the host constants with
-    options.measure_host, else StepConstants.analytical()'s on CUDA and none on CPU."""
+    options.measure_host on CUDA, else StepConstants.analytical()'s on CUDA; none on CPU, where
+    an op's measured time already is the host's."""
     options = options or ProfileOptions.for_device(device.type)
     timer = _Timer(device)
     ko = _measure_kernel_overhead_us(device, timer)
     bw = _measure_copy_bw(device, timer, options.copy_bytes)
     host = None
-    if options.measure_host:
+    if options.measure_host and device.type == "cuda":  # on CPU the ops' own times hold the host
         try:
             host = _measure_host_constants(device, dtype if device.type == "cuda" else torch.float32)
         except Exception as e:  # no working Inductor here: say so, and fall back
