@@ -9,7 +9,10 @@ with skip_collectives=True), and predict plan="megatron" at every k and recomput
     python -m benchmarks.planner_check --profile measure --tp 2 --hidden 1024,2048 --out OUT/pred.json
 
 With --measured (rank_bench results.json files, comma-separated) it prints each prediction's error
-against the measured step time of the same case (oases, collectives skipped, no options).
+against the measured step time of the same case (oases, collectives skipped, no options), with the
+predicted device and host times and the kernels counted (step = max(device, host)). --out writes
+the rows, the step constants and the profiles; --profile-from re-predicts from such a file on any
+machine (the same measurement under the current cost model).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,8 +30,11 @@ from oases_fx.models.gpt import GPT
 
 
 def predictions(case: Case, *, profile: str, device: torch.device, ks=(1, 2, 4),
-                recomputes=("none", "fine", "full"), measure_host: bool = True) -> list:
-    """[(k, recompute, Prediction)] for plan="megatron" at case's shapes, compute only."""
+                recomputes=("none", "fine", "full"), measure_host: bool = True, hold: bool = False,
+                saved: Optional[dict] = None) -> tuple:
+    """([(k, recompute, Prediction)], the profile as measured) for plan="megatron" at case's
+    shapes, compute only. saved: a Profile dict (an earlier --out's "profiles" entry) to predict
+    from instead of profiling: the same measurement under today's cost model."""
     from oases_fx.api import megatron_plan
     from oases_fx.passes.annotate_sharding import find_tmp_regions
     from oases_fx.planner import AlphaBeta, analytical_profile, describe_model, measure_profile, predict_plan
@@ -45,16 +52,25 @@ def predictions(case: Case, *, profile: str, device: torch.device, ks=(1, 2, 4),
     # subgroup collectives (the fake group has nothing to measure there anyway).
     spec = describe_model(gm, regions, tp=case.tp, batch=case.batch, k_choices=tuple(ks), degrees=(case.tp,),
                           vocab=False)
-    if profile == "measure":
+    if saved is not None:
+        from oases_fx.planner import Profile
+
+        prof = Profile.from_dict(saved)
+        missing = prof.missing(spec.op_keys())
+        if missing:
+            raise SystemExit(f"the saved profile for h={case.hidden} lacks {len(missing)} op keys, e.g. {missing[0]!r}")
+    elif profile == "measure":
         from benchmarks.rank_bench import gpu_lock
 
         _one_rank_profile()
-        opts = dataclasses.replace(ProfileOptions.for_device(device.type), measure_host=measure_host)
+        opts = dataclasses.replace(ProfileOptions.for_device(device.type), measure_host=measure_host,
+                                   hold_device=hold)
         with gpu_lock():  # alone on the GPU while it times ops (a rank_bench run may share it)
             prof = measure_profile(spec, group=mesh.get_group("tp"), device=device, options=opts,
                                    cache=False, progress=False)
     else:
         prof = analytical_profile(spec)
+    measured = prof
     # Compute only, as rank_bench's skip_collectives=True: every collective free (time 0: with
     # nothing to feed, full recompute does not re-run the row linears either).
     free = AlphaBeta(alpha_us=0.0, beta_us_per_byte=0.0)
@@ -65,7 +81,7 @@ def predictions(case: Case, *, profile: str, device: torch.device, ks=(1, 2, 4),
         for k in ks:
             plan = megatron_plan(regions, tp=case.tp, num_sub_batches=k, recompute=rc)
             out.append((k, rc, predict_plan(spec, plan, prof)))
-    return out, prof
+    return out, measured
 
 
 def _one_rank_profile():
@@ -109,19 +125,26 @@ def main(argv=None) -> int:
     p.add_argument("--no-host-probe", action="store_true",
                    help="--profile measure: skip the host probe (two small Inductor compiles); host constants "
                         "then are StepConstants.analytical()'s")
+    p.add_argument("--hold", action="store_true",
+                   help="--profile measure: time ops behind a device hold (ProfileOptions.hold_device)")
+    p.add_argument("--profile-from", default=None,
+                   help="an earlier --out JSON: predict from its saved profiles (no device needed)")
     p.add_argument("--measured", default="", help="comma-separated rank_bench results.json files")
     p.add_argument("--out", default=None, help="write the rows (and the step constants used) as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     measured = measured_steps([s for s in args.measured.split(",") if s])
-    rows, constants = [], {}
+    rows, constants, profiles = [], {}, {}
+    saved = json.loads(Path(args.profile_from).read_text())["profiles"] if args.profile_from else {}
     for h in [int(x) for x in args.hidden.split(",") if x]:
         kw = dict(tp=args.tp, hidden=h, layers=args.layers, batch=args.batch, seq=args.seq)
         if args.tiny:
             kw.update(layers=1, batch=4, seq=16, vocab=64, head_dim=16, dtype="fp32")
         case = Case(**kw)
-        preds, prof = predictions(case, profile=args.profile, device=device, measure_host=not args.no_host_probe)
+        preds, prof = predictions(case, profile=args.profile, device=device, measure_host=not args.no_host_probe,
+                                  hold=args.hold, saved=saved.get(str(h)) if args.profile_from else None)
         constants[str(h)] = dataclasses.asdict(prof.step)
+        profiles[str(h)] = prof.to_dict()
         print(f"# h={h}: step constants {json.dumps(constants[str(h)])}", flush=True)
         for k, rc, pred in preds:
             m = measured.get((case.tp, case.hidden, case.layers, case.batch, case.seq, k, rc)) or {}
@@ -135,7 +158,8 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(rows=rows, step_constants=constants, device=str(device),
-                                                  torch=torch.__version__, argv=sys.argv[1:]), indent=1))
+                                                  torch=torch.__version__, argv=sys.argv[1:], profiles=profiles),
+                                             indent=1))
     print(table(rows))
     return 0
 

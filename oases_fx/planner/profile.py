@@ -87,6 +87,11 @@ class ProfileOptions:
     forward+backward steps of a tiny linear+GELU chain at two depths (two Inductor compiles, tens
     of seconds on a GPU host). Off: StepConstants.analytical()'s host numbers on CUDA, none on CPU
     (there the host is the device)."""
+    hold_device: bool = False
+    """Time each op behind a hold (GEMMs queued ahead, so the host's dispatch never shows in the
+    events): device-only op times. Off by default: on an H200 (2026-12-04) held times predicted the
+    h >= 2048 steps 3-6 % low (the hold runs the op at full boost clock, the step does not), unheld
+    ones within 5 % in 17 of 27 TP=2 cells (benchmarks/results/rank_bench/planner_measured_*)."""
     copy_bytes: int = 256 * 1024 * 1024
     """Size of the device-to-device copy that measures StepConstants.copy_bw_bytes_per_s."""
 
@@ -149,7 +154,7 @@ class StepConstants:
         kernel count is this model's (Inductor launches about twice as many: copies and layout
         kernels are not counted), so per_kernel is per *counted* kernel. The measured profile
         replaces step and per_kernel with the host probe's (ProfileOptions.measure_host).
-        copy_bw = the roofline's memory bandwidth (timeline.DeviceConstants.mem_bw_bytes_per_s).
+        copy_bw = the roofline's memory bandwidth (PLANNER_DEVICE's: a measured copy).
         """
         return cls(kernel_overhead_us=3.0, host_step_us=5000.0, host_per_kernel_us=23.0,
                    host_per_checkpoint_us=440.0,
@@ -495,6 +500,14 @@ def backward_cap(op_key: str) -> Optional[float]:
     return 2.5 if "attention" in name else 2.0
 
 
+PLANNER_DEVICE = DeviceConstants(peak_flops=670e12, mem_bw_bytes_per_s=4.0e12)
+"""The analytical profile's default device: one H200 (the card oases_fx is benchmarked on), from
+microbenchmarks on it (2026-12-04, nvidia-h200 machine, torch 2.11): a bf16 GEMM of 4096^3-8192^3
+sustained for 3 s runs at 657-680 TFLOP/s (a 10-product burst: ~790-800, the rate
+timeline.DeviceConstants' H100 default uses; a training step is sustained, power-limited work),
+and a 256 MiB device-to-device copy moves 4.03 TB/s counting reads and writes. Communication
+constants are DeviceConstants' defaults. schedule_overlap keeps timeline's own defaults."""
+
 ATTENTION_FLOPS_PER_S = 350e12
 """Fused (flash) attention throughput at head_dim 64 on an H100/H200-class part, flop/s, forward
 and backward alike: FlashAttention-2 and cuDNN's SDPA reach ~300-350 TFLOP/s there (FlashAttention-3
@@ -517,20 +530,21 @@ def analytical_profile(model: ModelSpec, *, constants: Optional[DeviceConstants]
                        memory_bytes: int = DEFAULT_MEMORY_BYTES, step: Optional[StepConstants] = None) -> Profile:
     """A Profile from timeline.AnalyticalCostModel's roofline and alpha-beta constants.
 
-    Forward times are the roofline of each op at its variant shapes (fused attention at
-    ATTENTION_FLOPS_PER_S, not the GEMM peak); backward = 2x forward (2.5x for attention).
+    Forward times are the roofline of each op at its variant shapes on ``constants`` (default
+    PLANNER_DEVICE; fused attention at ATTENTION_FLOPS_PER_S, not the GEMM peak); backward = 2x
+    forward (2.5x for attention).
     step: the per-step constants. Default: StepConstants.analytical() with the default device
     constants; with explicit ``constants`` (another device) its device-side terms only (kernel
     overhead, copies at that memory bandwidth) and no host term: the host numbers are those of
     the default device's host, and a caller describing another machine passes its own.
     Label: "analytical, not measured".
     """
+    c = constants or dataclasses.replace(PLANNER_DEVICE, group_size=model.tp)
     if step is None:
-        step = StepConstants.analytical(mem_bw_bytes_per_s=(constants or DeviceConstants()).mem_bw_bytes_per_s)
+        step = StepConstants.analytical(mem_bw_bytes_per_s=c.mem_bw_bytes_per_s)
         if constants is not None:
             step = dataclasses.replace(step, host_step_us=0.0, host_per_kernel_us=0.0, host_per_checkpoint_us=0.0,
                                        source=step.source + ", device terms only (explicit DeviceConstants)")
-    c = constants or DeviceConstants(group_size=model.tp)
     cm = AnalyticalCostModel(c)
     op_us = {}
     for o in model.all_ops():
@@ -585,18 +599,54 @@ def _sync(device: torch.device) -> None:
 
 
 class _Timer:
-    """Times single calls: CUDA events on GPU, perf_counter on CPU. Microseconds."""
+    """Times single calls: CUDA events on GPU, perf_counter on CPU. Microseconds.
 
-    def __init__(self, device: torch.device):
+    With ``hold`` (ProfileOptions.hold_device), median_us on CUDA times the device alone: the timed
+    calls are enqueued behind a hold (GEMMs lasting longer than the host takes to issue them), so
+    they run back to back and the events around each see its kernels and the gaps between them,
+    not the host's dispatch. Without it, an op whose kernels are shorter than its eager dispatch
+    (tens of us) is timed as the dispatch."""
+
+    HOLD_GEMM_N = 2048
+    """Square bf16 GEMM the hold is made of (~20-30 us each on an H100/H200)."""
+
+    def __init__(self, device: torch.device, *, hold: bool = False):
         self.device = device
+        self.hold = hold
+        self._hold_mm = None
+
+    def _hold(self, host_us: float) -> None:
+        """Keep the device busy for about 1.5 x host_us (plus 50 us)."""
+        if self._hold_mm is None:
+            n = self.HOLD_GEMM_N
+            a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+            c = torch.empty_like(a)
+            for _ in range(3):
+                torch.mm(a, a, out=c)
+            torch.cuda.synchronize(self.device)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(20):
+                torch.mm(a, a, out=c)
+            e1.record()
+            e1.synchronize()
+            self._hold_mm = (a, c, max(e0.elapsed_time(e1) * 1e3 / 20, 1.0))
+        a, c, mm_us = self._hold_mm
+        for _ in range(min(int(math.ceil((1.5 * host_us + 50.0) / mm_us)), 800)):
+            torch.mm(a, a, out=c)
 
     def median_us(self, fn, *, warmup: int, repeats: int) -> float:
-        for _ in range(warmup):
+        host = []
+        for _ in range(max(warmup, 1)):
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e6)
         _sync(self.device)
         times = []
         if self.device.type == "cuda":
             pairs = []
+            if self.hold:  # the host's issue time of the timed calls, events included (~5 us a pair)
+                self._hold(repeats * (statistics.median(host) + 10.0))
             for _ in range(repeats):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -1031,7 +1081,7 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
     ops = {}
     for o in model.all_ops():
         ops.setdefault(o.key, o)
-    timer = _Timer(device)
+    timer = _Timer(device, hold=options.hold_device)
     dtype = _model_dtype(model)
     sizes = list(options.collective_sizes_bytes)
     notes = []
@@ -1111,6 +1161,6 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
     return prof
 
 
-__all__ = ["ProfileOptions", "StepConstants", "ATTENTION_FLOPS_PER_S", "AlphaBeta", "fit_alpha_beta", "Profile", "cache_dir", "profile_key",
+__all__ = ["ProfileOptions", "StepConstants", "PLANNER_DEVICE", "ATTENTION_FLOPS_PER_S", "AlphaBeta", "fit_alpha_beta", "Profile", "cache_dir", "profile_key",
            "collective_key", "derived_collective", "required_collectives",
            "load_cached_profile", "analytical_profile", "measure_profile", "measure_step_constants", "DEFAULT_MEMORY_BYTES"]
