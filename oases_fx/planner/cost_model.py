@@ -14,7 +14,8 @@ Events of region r for sub-batch j (times from the profile, at the sub-batch sha
     B   region backward except the column weight-grads   AR_b  all-reduce of the input grad (f), d ranks
     AG_b  all-gather of the input grad over the cross group (only d < T)
     W   column weight-grads (run while AR_b is in flight, as Megatron does)
-    Gb  glue backward                                    R     recompute (fine: F + G, no comm)
+    Gb  glue backward                                    R     recompute (fine: the recomputed
+                                                               ops of F + G, no comm; see below)
     GR  all-reduce of the region's parameter gradients over the cross group, once per step after
         the last sub-batch's W (only d < T), waited at the end of the step
 
@@ -48,6 +49,29 @@ At most MAX_IN_FLIGHT collectives are in flight (schedule_overlap's ScheduleOpti
 a collective past the bound is issued right after the next wait, and a wait reached before its
 collective was issued waits the oldest in flight first (tests/unit/test_planner_order.py checks
 this order against the pass's on a graph of k sub-batch chains).
+
+Per-step terms (issue 14; the constants are Profile.step, profile.StepConstants; all zero: off):
+
+    kernels    price_ops: Inductor's view of a part's ops. Library ops (GEMMs, fused attention)
+               are kernels of their own (a linear: 1 forward, dgrad + wgrad + bias-grad backward);
+               a run of other ops is one fused kernel each way (+1 backward per norm for its weight
+               grads, +1 per embedding for its scatter); dropout(p=0) is dropped (free). An input
+               made by the previous op of the same fused kernel is not read from memory: that op's
+               time shrinks by those bytes' share of its traffic. Roofline times get
+               kernel_overhead_us per kernel (measured times already hold it).
+    recompute  R (fine) re-runs only the ops whose outputs backward reads (OpSpec.recomputed:
+               attention keeps its output, linears and norms their inputs); a row linear's output
+               feeds only the all-reduce and the adds, so fine never re-runs it. Full re-runs the
+               forward all-reduce (F', AR_f'), so it re-runs the row linears too, unless that
+               all-reduce is free (skipped): then fine and full do the same work.
+    split      k > 1: a cat of the whole batch at the split span's end (forward, after the last
+               region) and of the input gradient at its start (backward, before the head's
+               backward), each a read + write at copy_bw; and for every sub-batch after the first
+               the weight-gradient accumulation (addmm beta=1 copies the accumulator: 3 x the
+               region's gradient bytes, one copy kernel per weight).
+    host       host_us = host_step_us + host_per_kernel_us * kernels + host_per_checkpoint_us *
+               (regions x k when recomputing); step_us = max(device makespan, host_us): the host
+               issues ahead of the device until the device outruns it (Prediction.host_bound).
 
 Head (before the first region) and tail (after the last) run whole: split_sub_batches only
 splits the region chain. With vocab_parallel they run their vocabulary-parallel variants (LM
