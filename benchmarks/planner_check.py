@@ -116,6 +116,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=["analytical", "measure"], default="analytical")
     p.add_argument("--tp", type=int, default=2, help="one TP degree per process (one fake world)")
+    p.add_argument("--tp-list", default=None, help="--write-grid only: comma-separated TP degrees (e.g. 2,4)")
     p.add_argument("--hidden", default="1024,2048,4096")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
@@ -129,9 +130,20 @@ def main(argv=None) -> int:
                    help="--profile measure: time ops behind a device hold (ProfileOptions.hold_device)")
     p.add_argument("--profile-from", default=None,
                    help="an earlier --out JSON: predict from its saved profiles (no device needed)")
+    p.add_argument("--write-grid", default=None,
+                   help="write the rank_bench cases this check compares with (oases, coll=skip, every k and "
+                        "recompute at --tp and --hidden) as a JSON grid file for `rank_bench --grid FILE`, and exit")
     p.add_argument("--measured", default="", help="comma-separated rank_bench results.json files")
     p.add_argument("--out", default=None, help="write the rows (and the step constants used) as JSON here")
     args = p.parse_args(argv)
+    if args.write_grid:
+        cases = [dataclasses.asdict(Case(tp=tp, hidden=int(h), layers=args.layers, batch=args.batch, seq=args.seq,
+                                         k=k, recompute=rc, collectives="skip"))
+                 for tp in [int(t) for t in str(args.tp_list or args.tp).split(",")]
+                 for h in args.hidden.split(",") if h for rc in ("none", "fine", "full") for k in (1, 2, 4)]
+        Path(args.write_grid).write_text(json.dumps(cases, indent=1))
+        print(f"{len(cases)} cases -> {args.write_grid}")
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     measured = measured_steps([s for s in args.measured.split(",") if s])
     rows, constants, profiles = [], {}, {}

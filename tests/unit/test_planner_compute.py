@@ -173,3 +173,28 @@ def test_measured_step_constants_on_cpu():
     assert sc.op_times_include_overhead and sc.kernel_overhead_us == 0.0  # an op's time has no separate launch
     assert sc.host_step_us == sc.host_per_kernel_us == sc.host_per_checkpoint_us == 0.0  # the CPU is the device
     assert sc.copy_bw_bytes_per_s > 0
+
+
+def test_planner_check_writes_rows_and_re_predicts_from_its_profiles(tmp_path):
+    # A subprocess: planner_check makes this process rank 0 of a fake TP world.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out, again = tmp_path / "a.json", tmp_path / "b.json"
+    base = [sys.executable, "-m", "benchmarks.planner_check", "--tiny", "--device", "cpu", "--hidden", "32"]
+    subprocess.run(base + ["--out", str(out)], check=True, capture_output=True, text=True, cwd=root)
+    r = subprocess.run(base + ["--profile-from", str(out), "--out", str(again)], check=True, capture_output=True,
+                       text=True, cwd=root)
+    a, b = json.loads(out.read_text()), json.loads(again.read_text())
+    assert [x["predicted_ms"] for x in a["rows"]] == [x["predicted_ms"] for x in b["rows"]]
+    assert len(a["rows"]) == 9 and {x["recompute"] for x in a["rows"]} == {"none", "fine", "full"}
+    assert all(x["predicted_ms"] == pytest.approx(max(x["device_ms"], x["host_ms"]), abs=2e-3) for x in a["rows"])
+    assert "| predicted ms | device / host ms |" in r.stdout
+    grid = tmp_path / "grid.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.planner_check", "--write-grid", str(grid), "--tp-list", "2,4",
+                    "--hidden", "1024"], check=True, capture_output=True, cwd=root)
+    cases = json.loads(grid.read_text())
+    assert len(cases) == 18 and all(c["collectives"] == "skip" and c["system"] == "oases" for c in cases)
