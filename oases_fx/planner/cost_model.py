@@ -1571,7 +1571,8 @@ def predict_plan(model: ModelSpec, plan: Plan, profile: "Profile", *,
 
 
 __all__ = [
-    "OpSpec", "OpCost", "price_ops", "is_identity_op", "extern_kernels", "RegionVariant", "RegionSpec", "ModelSpec", "VocabSpec", "VocabPattern", "REPLICATED", "divisors",
+    "OpSpec", "OpCost", "price_ops", "is_identity_op", "extern_kernels", "RegionVariant", "RegionSpec", "ModelSpec",
+    "VocabSpec", "VocabPattern", "REPLICATED", "divisors",
     "find_vocab_pattern", "describe_model", "Choice", "choice_of",
     "simulate_choice", "MemoryBreakdown", "memory", "region_memory_bytes", "region_kept_bytes",
     "RegionBreakdown", "Prediction", "predict", "predict_plan", "breakdown", "GIB",

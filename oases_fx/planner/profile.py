@@ -1161,6 +1161,8 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
     return prof
 
 
-__all__ = ["ProfileOptions", "StepConstants", "PLANNER_DEVICE", "ATTENTION_FLOPS_PER_S", "AlphaBeta", "fit_alpha_beta", "Profile", "cache_dir", "profile_key",
+__all__ = ["ProfileOptions", "StepConstants", "PLANNER_DEVICE", "ATTENTION_FLOPS_PER_S", "AlphaBeta", "fit_alpha_beta",
+           "Profile", "cache_dir", "profile_key",
            "collective_key", "derived_collective", "required_collectives",
-           "load_cached_profile", "analytical_profile", "measure_profile", "measure_step_constants", "DEFAULT_MEMORY_BYTES"]
+           "load_cached_profile", "analytical_profile", "measure_profile", "measure_step_constants",
+           "DEFAULT_MEMORY_BYTES"]

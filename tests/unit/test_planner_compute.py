@@ -131,7 +131,8 @@ def test_fine_and_full_differ_by_the_row_linears_when_the_all_reduce_runs_again(
     cache = CostCache(model, prof)
     for ri, spec in enumerate(model.regions):
         pc = cache.region(ri, 2, 2)
-        rows = [p for p in price_ops(spec.variants[(2, True)].ops, prof) if p.op.part == "region" and not p.op.recomputed]
+        priced = price_ops(spec.variants[(2, True)].ops, prof)
+        rows = [p for p in priced if p.op.part == "region" and not p.op.recomputed]
         assert rows
         assert pc.re_full - pc.re_fine == pytest.approx(sum(p.fwd_us for p in rows))
         assert pc.re_full > pc.re_fine
