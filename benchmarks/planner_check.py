@@ -9,7 +9,10 @@ with skip_collectives=True), and predict plan="megatron" at every k and recomput
     python -m benchmarks.planner_check --profile measure --tp 2 --hidden 1024,2048 --out OUT/pred.json
 
 With --measured (rank_bench results.json files, comma-separated) it prints each prediction's error
-against the measured step time of the same case (oases, collectives skipped, no options).
+against the measured step time of the same case (oases, collectives skipped, no options), with the
+predicted device and host times and the kernels counted (step = max(device, host)). --out writes
+the rows, the step constants and the profiles; --profile-from re-predicts from such a file on any
+machine (the same measurement under the current cost model).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,12 +30,15 @@ from oases_fx.models.gpt import GPT
 
 
 def predictions(case: Case, *, profile: str, device: torch.device, ks=(1, 2, 4),
-                recomputes=("none", "fine", "full")) -> list:
-    """[(k, recompute, predicted compute-only step ms)] for plan="megatron" at case's shapes."""
+                recomputes=("none", "fine", "full"), measure_host: bool = True, hold: bool = False,
+                saved: Optional[dict] = None) -> tuple:
+    """([(k, recompute, Prediction)], the profile as measured) for plan="megatron" at case's
+    shapes, compute only. saved: a Profile dict (an earlier --out's "profiles" entry) to predict
+    from instead of profiling: the same measurement under today's cost model."""
     from oases_fx.api import megatron_plan
     from oases_fx.passes.annotate_sharding import find_tmp_regions
     from oases_fx.planner import AlphaBeta, analytical_profile, describe_model, measure_profile, predict_plan
-    from oases_fx.planner.profile import MIN_BETA_US_PER_BYTE, ProfileOptions
+    from oases_fx.planner.profile import ProfileOptions
     from oases_fx.tracing import capture
 
     mesh = fake_mesh(case.tp, device)
@@ -41,25 +48,40 @@ def predictions(case: Case, *, profile: str, device: torch.device, ks=(1, 2, 4),
     idx, targets = make_batch(case, device)
     gm = capture(model, (idx, targets), {}).gm
     regions = find_tmp_regions(gm, case.tp)[0]
-    spec = describe_model(gm, regions, tp=case.tp, batch=case.batch, k_choices=tuple(ks))
-    if profile == "measure":
+    # plan="megatron" only: the full degree, no vocab-parallel variant, so the profile needs no
+    # subgroup collectives (the fake group has nothing to measure there anyway).
+    spec = describe_model(gm, regions, tp=case.tp, batch=case.batch, k_choices=tuple(ks), degrees=(case.tp,),
+                          vocab=False)
+    if saved is not None:
+        from oases_fx.planner import Profile
+
+        prof = Profile.from_dict(saved)
+        missing = prof.missing(spec.op_keys())
+        if missing:
+            raise SystemExit(f"the saved profile for h={case.hidden} lacks {len(missing)} op keys, e.g. {missing[0]!r}")
+    elif profile == "measure":
         from benchmarks.rank_bench import gpu_lock
 
         _one_rank_profile()
+        opts = dataclasses.replace(ProfileOptions.for_device(device.type), measure_host=measure_host,
+                                   hold_device=hold)
         with gpu_lock():  # alone on the GPU while it times ops (a rank_bench run may share it)
-            prof = measure_profile(spec, group=mesh.get_group("tp"), device=device,
-                                   options=ProfileOptions.for_device(device.type), cache=False, progress=False)
+            prof = measure_profile(spec, group=mesh.get_group("tp"), device=device, options=opts,
+                                   cache=False, progress=False)
     else:
         prof = analytical_profile(spec)
-    free = AlphaBeta(alpha_us=0.0, beta_us_per_byte=MIN_BETA_US_PER_BYTE)
+    measured = prof
+    # Compute only, as rank_bench's skip_collectives=True: every collective free (time 0: with
+    # nothing to feed, full recompute does not re-run the row linears either).
+    free = AlphaBeta(alpha_us=0.0, beta_us_per_byte=0.0)
     prof = dataclasses.replace(prof, all_reduce=free, collectives={k: free for k in prof.collectives},
                                compute_interference=1.0, comm_interference=1.0)
     out = []
     for rc in recomputes:
         for k in ks:
             plan = megatron_plan(regions, tp=case.tp, num_sub_batches=k, recompute=rc)
-            out.append((k, rc, predict_plan(spec, plan, prof).step_us / 1e3))
-    return out
+            out.append((k, rc, predict_plan(spec, plan, prof)))
+    return out, measured
 
 
 def _one_rank_profile():
@@ -74,14 +96,18 @@ def _one_rank_profile():
 
 
 def measured_steps(paths) -> dict:
-    """(tp, hidden, layers, batch, seq, k, recompute) -> step ms, from rank_bench results."""
+    """(tp, hidden, layers, batch, seq, k, recompute) -> {step_ms, host_ms, file}, from rank_bench
+    results (oases, collectives skipped, no options or cudagraphs off, not traced). A case in
+    several files: the last file listed wins."""
     got = {}
     for p in paths:
         for r in json.loads(Path(p).read_text())["rows"]:
             c = r["case"]
-            if ("step_ms" in r and c["system"] == "oases" and c["collectives"] == "skip" and not c["options"]
-                    and not c["trace"]):
-                got[(c["tp"], c["hidden"], c["layers"], c["batch"], c["seq"], c["k"], c["recompute"])] = r["step_ms"]
+            opts = {k: v for k, v in (c.get("options") or {}).items() if not (k == "cudagraphs" and v is False)}
+            if ("step_ms" in r and c["system"] == "oases" and c["collectives"] == "skip" and not opts
+                    and not c.get("trace") and c.get("boundary", True) and c.get("dp", 1) == 1):
+                got[(c["tp"], c["hidden"], c["layers"], c["batch"], c["seq"], c["k"], c["recompute"])] = dict(
+                    step_ms=r["step_ms"], host_ms=r.get("host_ms"), file=str(p))
     return got
 
 
@@ -90,39 +116,82 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=["analytical", "measure"], default="analytical")
     p.add_argument("--tp", type=int, default=2, help="one TP degree per process (one fake world)")
+    p.add_argument("--tp-list", default=None, help="--write-grid only: comma-separated TP degrees (e.g. 2,4)")
     p.add_argument("--hidden", default="1024,2048,4096")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test shapes")
     p.add_argument("--device", default=None)
+    p.add_argument("--no-host-probe", action="store_true",
+                   help="--profile measure: skip the host probe (two small Inductor compiles); host constants "
+                        "then are StepConstants.analytical()'s")
+    p.add_argument("--hold", action="store_true",
+                   help="--profile measure: time ops behind a device hold (ProfileOptions.hold_device)")
+    p.add_argument("--profile-from", default=None,
+                   help="an earlier --out JSON: predict from its saved profiles (no device needed)")
+    p.add_argument("--write-grid", default=None,
+                   help="write the rank_bench cases this check compares with (oases, coll=skip, every k and "
+                        "recompute at --tp and --hidden) as a JSON grid file for `rank_bench --grid FILE`, and exit")
     p.add_argument("--measured", default="", help="comma-separated rank_bench results.json files")
-    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--out", default=None, help="write the rows (and the step constants used) as JSON here")
     args = p.parse_args(argv)
+    if args.write_grid:
+        cases = [dataclasses.asdict(Case(tp=tp, hidden=int(h), layers=args.layers, batch=args.batch, seq=args.seq,
+                                         k=k, recompute=rc, collectives="skip"))
+                 for tp in [int(t) for t in str(args.tp_list or args.tp).split(",")]
+                 for h in args.hidden.split(",") if h for rc in ("none", "fine", "full") for k in (1, 2, 4)]
+        Path(args.write_grid).write_text(json.dumps(cases, indent=1))
+        print(f"{len(cases)} cases -> {args.write_grid}")
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     measured = measured_steps([s for s in args.measured.split(",") if s])
-    rows = []
+    rows, constants, profiles = [], {}, {}
+    saved = json.loads(Path(args.profile_from).read_text())["profiles"] if args.profile_from else {}
     for h in [int(x) for x in args.hidden.split(",") if x]:
         kw = dict(tp=args.tp, hidden=h, layers=args.layers, batch=args.batch, seq=args.seq)
         if args.tiny:
             kw.update(layers=1, batch=4, seq=16, vocab=64, head_dim=16, dtype="fp32")
         case = Case(**kw)
-        for k, rc, ms in predictions(case, profile=args.profile, device=device):
-            m = measured.get((case.tp, case.hidden, case.layers, case.batch, case.seq, k, rc))
+        preds, prof = predictions(case, profile=args.profile, device=device, measure_host=not args.no_host_probe,
+                                  hold=args.hold, saved=saved.get(str(h)) if args.profile_from else None)
+        constants[str(h)] = dataclasses.asdict(prof.step)
+        profiles[str(h)] = prof.to_dict()
+        print(f"# h={h}: step constants {json.dumps(constants[str(h)])}", flush=True)
+        for k, rc, pred in preds:
+            m = measured.get((case.tp, case.hidden, case.layers, case.batch, case.seq, k, rc)) or {}
+            ms = pred.step_us / 1e3
+            meas = m.get("step_ms")
             rows.append(dict(tp=case.tp, hidden=h, layers=case.layers, k=k, recompute=rc, profile=args.profile,
-                             predicted_ms=round(ms, 3), measured_ms=m,
-                             error_pct=None if m is None else round(100 * (ms / m - 1), 1)))
+                             predicted_ms=round(ms, 3), device_ms=round(pred.device_us / 1e3, 3),
+                             host_ms=round(pred.host_us / 1e3, 3), kernels=round(pred.kernels),
+                             measured_ms=meas, measured_host_ms=m.get("host_ms"), measured_file=m.get("file"),
+                             error_pct=None if meas is None else round(100 * (ms / meas - 1), 1)))
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
-    print("| tp | h | L | k | recompute | profile | predicted ms | measured ms | error |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        Path(args.out).write_text(json.dumps(dict(rows=rows, step_constants=constants, device=str(device),
+                                                  torch=torch.__version__, argv=sys.argv[1:], profiles=profiles),
+                                             indent=1))
+    print(table(rows))
+    return 0
+
+
+def table(rows) -> str:
+    """Markdown: predicted (device / host) vs measured (step / host) and the error, per cell."""
+    out = ["| tp | h | L | k | recompute | profile | predicted ms | device / host ms | kernels | measured ms | "
+           "measured host ms | error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f} %"
         meas = "-" if r["measured_ms"] is None else f"{r['measured_ms']:.2f}"
-        print(f"| {r['tp']} | {r['hidden']} | {r['layers']} | {r['k']} | {r['recompute']} | {r['profile']} | "
-              f"{r['predicted_ms']:.2f} | {meas} | {err} |")
-    return 0
+        mh = "-" if r.get("measured_host_ms") is None else f"{r['measured_host_ms']:.2f}"
+        out.append(f"| {r['tp']} | {r['hidden']} | {r['layers']} | {r['k']} | {r['recompute']} | {r['profile']} | "
+                   f"{r['predicted_ms']:.2f} | {r['device_ms']:.2f} / {r['host_ms']:.2f} | {r['kernels']} | {meas} | "
+                   f"{mh} | {err} |")
+    errs = [abs(r["error_pct"]) for r in rows if r["error_pct"] is not None]
+    if errs:
+        out.append(f"\nwithin 5 %: {sum(e <= 5 for e in errs)} of {len(errs)} measured cells; "
+                   f"median |error| {sorted(errs)[len(errs) // 2]:.1f} %, max {max(errs):.1f} %")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

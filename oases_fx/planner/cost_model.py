@@ -14,7 +14,8 @@ Events of region r for sub-batch j (times from the profile, at the sub-batch sha
     B   region backward except the column weight-grads   AR_b  all-reduce of the input grad (f), d ranks
     AG_b  all-gather of the input grad over the cross group (only d < T)
     W   column weight-grads (run while AR_b is in flight, as Megatron does)
-    Gb  glue backward                                    R     recompute (fine: F + G, no comm)
+    Gb  glue backward                                    R     recompute (fine: the recomputed
+                                                               ops of F + G, no comm; see below)
     GR  all-reduce of the region's parameter gradients over the cross group, once per step after
         the last sub-batch's W (only d < T), waited at the end of the step
 
@@ -48,6 +49,29 @@ At most MAX_IN_FLIGHT collectives are in flight (schedule_overlap's ScheduleOpti
 a collective past the bound is issued right after the next wait, and a wait reached before its
 collective was issued waits the oldest in flight first (tests/unit/test_planner_order.py checks
 this order against the pass's on a graph of k sub-batch chains).
+
+Per-step terms (issue 14; the constants are Profile.step, profile.StepConstants; all zero: off):
+
+    kernels    price_ops: Inductor's view of a part's ops. Library ops (GEMMs, fused attention)
+               are kernels of their own (a linear: 1 forward, dgrad + wgrad + bias-grad backward);
+               a run of other ops is one fused kernel each way (+1 backward per norm for its weight
+               grads, +1 per embedding for its scatter); dropout(p=0) is dropped (free). An input
+               made by the previous op of the same fused kernel is not read from memory: that op's
+               time shrinks by those bytes' share of its traffic. Roofline times get
+               kernel_overhead_us per kernel (measured times already hold it).
+    recompute  R (fine) re-runs only the ops whose outputs backward reads (OpSpec.recomputed:
+               attention keeps its output, linears and norms their inputs); a row linear's output
+               feeds only the all-reduce and the adds, so fine never re-runs it. Full re-runs the
+               forward all-reduce (F', AR_f'), so it re-runs the row linears too, unless that
+               all-reduce is free (skipped): then fine and full do the same work.
+    split      k > 1: a cat of the whole batch at the split span's end (forward, after the last
+               region) and of the input gradient at its start (backward, before the head's
+               backward), each a read + write at copy_bw; and for every sub-batch after the first
+               the weight-gradient accumulation (addmm beta=1 copies the accumulator: 3 x the
+               region's gradient bytes, one copy kernel per weight).
+    host       host_us = host_step_us + host_per_kernel_us * kernels + host_per_checkpoint_us *
+               (regions x k when recomputing); step_us = max(device makespan, host_us): the host
+               issues ahead of the device until the device outruns it (Prediction.host_bound).
 
 Head (before the first region) and tail (after the last) run whole: split_sub_batches only
 splits the region chain. With vocab_parallel they run their vocabulary-parallel variants (LM
@@ -114,6 +138,18 @@ class OpSpec:
     column: bool = False
     """A column linear: half of its backward (the weight-grad) may run under the input-grad
     all-reduce."""
+    in_bytes: int = 0
+    """Bytes of the op's tensor inputs at these shapes (the fusion term: an input produced by the
+    previous op of the same fused kernel is not read from memory)."""
+    name: str = field(default="", compare=False)
+    """The traced node's name (the fusion term matches it against ``sources``)."""
+    sources: tuple = field(default=(), compare=False)
+    """Names of the compute nodes producing the op's tensor inputs (through views)."""
+    recomputed: bool = True
+    """Recomputation re-runs this op: backward needs its output, directly (attention keeps its
+    output, norms and linears their inputs) or to recompute an op that does. False for ops whose
+    outputs backward never reads (a row linear's output only feeds the bias/residual adds and the
+    all-reduce), see _recomputed_nodes."""
     node: Optional[fx.Node] = field(default=None, compare=False, repr=False)
     """The op in a scratch graph with ``meta["val"]`` at these shapes; profile.py runs it."""
 
@@ -183,9 +219,16 @@ class RegionSpec:
         return tuple(
             (key, v.comm_fwd_bytes, v.comm_bwd_bytes, v.in_bytes, v.out_bytes, v.param_numel, v.param_bytes,
              v.gather_fwd_bytes, v.gather_bwd_bytes, v.grad_reduce_bytes, v.degree, v.cross,
-             tuple((o.key, o.part, o.out_bytes, o.column) for o in v.ops))
+             tuple((o.key, o.part, o.out_bytes, o.column, o.in_bytes, o.recomputed) for o in v.ops),
+             _fused_inputs(v.ops))
             for key, v in sorted(items, key=lambda kv: kv[0])
         )
+
+
+def _fused_inputs(ops) -> tuple:
+    """Per op, the positions in ``ops`` of the ops producing its inputs (-1: from outside)."""
+    at = {o.name: i for i, o in enumerate(ops) if o.name}
+    return tuple(tuple(at.get(src, -1) for src in o.sources) for o in ops)
 
 
 REPLICATED = 0
@@ -435,14 +478,18 @@ class _VariantBuilder:
         self.graph = fx.Graph()
         self._cache: dict = {}
 
-    def op(self, n: fx.Node, *, k: int, tp: int, st, part: str, column: bool = False) -> OpSpec:
-        ck = (n, k, tp, id(st) if st is not None else None, part, column)
+    def op(self, n: fx.Node, *, k: int, tp: int, st, part: str, column: bool = False,
+           recomputed: bool = True) -> OpSpec:
+        ck = (n, k, tp, id(st) if st is not None else None, part, column, recomputed)
         if ck in self._cache:
             return self._cache[ck]
         phs = {}
+        in_bytes = 0
         for a in n.all_input_nodes:
             ph = self.graph.placeholder(f"in_{a.name}")
-            ph.meta["val"] = _meta_value(self.shapes.scaled(a, k, tp, st), a.meta.get("val"))
+            metas = self.shapes.scaled(a, k, tp, st)
+            ph.meta["val"] = _meta_value(metas, a.meta.get("val"))
+            in_bytes += _nbytes(metas)
             phs[a] = ph
         args = fx.node.map_arg(n.args, lambda a: phs[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: phs[a])
@@ -450,9 +497,68 @@ class _VariantBuilder:
         out = self.shapes.scaled(n, k, tp, st)
         v.meta["val"] = _meta_value(out, n.meta.get("val"))
         spec = OpSpec(key=f"{op_key(v)}|{_non_tensor_args(n)}", part=part, out_bytes=_nbytes(out),
-                      column=column, node=v)
+                      column=column, in_bytes=in_bytes, name=n.name,
+                      sources=tuple(_source(a).name for a in n.all_input_nodes), recomputed=recomputed, node=v)
         self._cache[ck] = spec
         return spec
+
+
+def _source(a: fx.Node) -> fx.Node:
+    """The node computing a value, through views (free ops with one tensor input)."""
+    while is_free_op(a) and a.op == "call_function" and len(a.all_input_nodes) == 1:
+        a = a.all_input_nodes[0]
+    return a
+
+
+def _compute_users(n: fx.Node) -> list:
+    """(user, the input of the user it reads) for compute nodes reading n's value, through views."""
+    out, todo, seen = [], [n], set()
+    while todo:
+        x = todo.pop()
+        for u in x.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if is_free_op(u) and u.op == "call_function":
+                todo.append(u)
+            elif u.op == "call_function":
+                out.append((u, x))
+    return out
+
+
+_BACKWARD_NEEDS_NOTHING = ("add", "sub", "neg", "dropout", "clone", "cat", "split", "chunk", "_to_copy",
+                           "to", "contiguous", "embedding")
+"""Ops whose backward reads none of their tensor inputs or outputs (embedding reads its integer
+indices, which are graph inputs; dropout its saved mask, which recomputation does not produce)."""
+_BACKWARD_NEEDS_OUTPUT = ("attention", "softmax", "tanh", "sigmoid", "exp")
+"""Ops whose backward reads their own output (fused attention: output and logsumexp)."""
+
+
+def _base_name(target) -> str:
+    s = str(target)
+    parts = s.split(".")
+    return parts[1] if s.startswith("aten.") and len(parts) > 1 else s.rsplit(".", 1)[-1]
+
+
+def _recomputed_nodes(nodes: Sequence) -> set:
+    """Of a region's compute nodes and glue (one recomputed segment), those whose outputs backward
+    reads, directly or to recompute another such node: recomputation re-runs exactly these
+    (AOTAutograd's partitioner recomputes what backward needs, nothing else). Whatever backward
+    needs from outside the segment is its saved input."""
+    seg = set(nodes)
+    out = set()
+    for n in reversed(list(nodes)):
+        name = _base_name(n.target)
+        if any(w in name for w in _BACKWARD_NEEDS_OUTPUT):
+            out.add(n)
+            continue
+        for u, _ in _compute_users(n):
+            uname = _base_name(u.target)
+            reads_inputs = not any(w == uname or uname.startswith(w + "_") for w in _BACKWARD_NEEDS_NOTHING)
+            if (u in seg and u in out) or reads_inputs:
+                out.add(n)
+                break
+    return out
 
 
 def divisors(n: int) -> tuple:
@@ -610,6 +716,9 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
                 out.append(bias)
         return out
 
+    def compute_of(r):
+        return [n for n in r.nodes if n.op == "call_function" and not is_free_op(n)]
+
     region_params = set()
     specs = []
     for ri, r in enumerate(regions):
@@ -617,14 +726,18 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
         region_params.update(pnodes)
         col_inputs = list(dict.fromkeys(linear_parts(c)[0] for c in r.columns))
         compute = [n for n in r.nodes if n.op == "call_function" and not is_free_op(n)]
+        # recompute_policy's segment r: the previous region's glue, then region r up to its row
+        again = _recomputed_nodes((glue[ri - 1] if ri > 0 else []) + compute) | _recomputed_nodes(
+            glue[ri] + (compute_of(regions[ri + 1]) if ri + 1 < len(regions) else []))
         variants, dvariants = {}, {}
         for k in ks:
             for d in low_degrees:
                 n = tp // d
                 if batch % (k * n):
                     continue
-                ops = [build.op(x, k=k * n, tp=d, st=r.state, part="region", column=x in r.columns) for x in compute]
-                ops += [build.op(x, k=k, tp=tp, st=None, part="glue") for x in glue[ri]]
+                ops = [build.op(x, k=k * n, tp=d, st=r.state, part="region", column=x in r.columns,
+                                recomputed=x in again) for x in compute]
+                ops += [build.op(x, k=k, tp=tp, st=None, part="glue", recomputed=x in again) for x in glue[ri]]
                 in_b = sum(_nbytes(shapes.scaled(x, k * n, d, None)) for x in col_inputs)
                 out_b = _nbytes(shapes.scaled(r.row, k * n, d, None))
                 p_metas = [m for p in pnodes for m in shapes.scaled(p, 1, d, r.state)]
@@ -638,8 +751,9 @@ def describe_model(gm: fx.GraphModule, regions: Sequence, *, tp: int, batch: int
                     grad_reduce_bytes=p_bytes, degree=d, cross=n)
             for shard in ((True, False) if tp > 1 else (True,)):
                 st = r.state if shard else None
-                ops = [build.op(n, k=k, tp=tp, st=st, part="region", column=n in r.columns) for n in compute]
-                ops += [build.op(n, k=k, tp=tp, st=None, part="glue") for n in glue[ri]]
+                ops = [build.op(n, k=k, tp=tp, st=st, part="region", column=n in r.columns,
+                                recomputed=n in again) for n in compute]
+                ops += [build.op(n, k=k, tp=tp, st=None, part="glue", recomputed=n in again) for n in glue[ri]]
                 in_b = sum(_nbytes(shapes.scaled(x, k, tp, None)) for x in col_inputs)
                 out_b = _nbytes(shapes.scaled(r.row, k, tp, None))
                 p_metas = [m for p in pnodes for m in shapes.scaled(p, 1, tp, st)]
@@ -792,6 +906,94 @@ def _is_wait_event(n: fx.Node) -> bool:
     return n.target is _wait_event
 
 
+# ---------------------------------------------------------------------------------------------
+# Kernels: what Inductor launches for the ops of a part, and what fusing them saves
+# ---------------------------------------------------------------------------------------------
+
+_EXTERN = ("linear", "mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "attention")
+"""Ops that run as their own library kernels (cuBLAS GEMMs, cuDNN/flash attention): never fused."""
+
+
+def _op_name(key: str) -> str:
+    return _base_name(key.split("(", 1)[0])
+
+
+def is_identity_op(key: str) -> bool:
+    """An op the compiled program drops: dropout with p=0 (Inductor's decomposition is the input)."""
+    name = _op_name(key)
+    if "dropout" not in name:
+        return False
+    args = key.split("|", 1)[1].split(",") if "|" in key else []
+    try:
+        return float(args[1]) == 0.0
+    except (IndexError, ValueError):
+        return False
+
+
+def _is_extern(key: str) -> bool:
+    name = _op_name(key)
+    return name in _EXTERN or any(name.startswith(w) for w in ("_scaled_mm", "_addmm")) or "attention" in name
+
+
+def extern_kernels(key: str) -> tuple:
+    """(forward, backward) kernels of a library op: a linear is one GEMM (bias in the epilogue)
+    forward, and a dgrad GEMM, a wgrad GEMM and (with a bias) the bias-grad reduction backward;
+    fused attention one kernel each way."""
+    name = _op_name(key)
+    if "attention" in name:
+        return 1, 1
+    n_in = key.split("(", 1)[1].split(")", 1)[0].count("[") if "(" in key else 2
+    bias = name in ("addmm", "baddbmm") or (name == "linear" and n_in >= 3)
+    return 1, 2 + int(bias)
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One op's priced time inside its part: fused with its neighbours, kernels counted."""
+
+    op: OpSpec
+    fwd_us: float
+    bwd_us: float
+    fwd_kernels: float
+    bwd_kernels: float
+
+
+def price_ops(ops: Sequence, profile: "Profile") -> list:
+    """OpCost per op, Inductor-style: identity ops are free; consecutive non-library ops form one
+    fused kernel forward and one backward (plus one reduction per norm for its weight grads, and
+    the scatter of an embedding's backward); an input produced by the previous op of the same fused
+    kernel is not read from memory, so that op's time shrinks by those bytes' share of its traffic
+    (memory-bound ops scale with bytes moved). Roofline op times get the kernel overhead per
+    kernel; measured ones (timed one op at a time) already carry it."""
+    step = profile.step
+    per_kernel = 0.0 if step.op_times_include_overhead else step.kernel_overhead_us
+    out = []
+    group: set = set()  # names of the ops in the current fused kernel
+    for o in ops:
+        if is_identity_op(o.key):
+            out.append(OpCost(o, 0.0, 0.0, 0, 0))
+            if o.name and any(src in group for src in o.sources):
+                group.add(o.name)  # passes on a value made inside the kernel
+            continue
+        f, b = profile.op_time(o.key)
+        if _is_extern(o.key):
+            group = set()
+            kf, kb = extern_kernels(o.key)
+        else:
+            inside = [src for src in o.sources if src in group]
+            kf, kb = (0, 0) if group else (1, 1)
+            name = _op_name(o.key)
+            kb += int("norm" in name) + int("embedding" in name)
+            if inside and o.in_bytes + o.out_bytes > 0:
+                # bytes of fused inputs: the producers' outputs (at these shapes, the op's own inputs)
+                share = min(sum(p.op.out_bytes for p in out if p.op.name in inside) / (o.in_bytes + o.out_bytes), 1.0)
+                f, b = f * (1.0 - share), b * (1.0 - share)
+            if o.name:
+                group.add(o.name)
+        out.append(OpCost(o, f + kf * per_kernel, b + kb * per_kernel, kf, kb))
+    return out
+
+
 @dataclass(frozen=True)
 class _PartCosts:
     """One region variant's event costs for one sub-batch, microseconds."""
@@ -809,6 +1011,58 @@ class _PartCosts:
     comm: tuple = (False, False, False)
     """Which collectives the region issues: (all-reduce over d, all-gather over n, gradient
     all-reduce over n): the template's shape."""
+    re_fine: float = 0.0
+    """Fine recompute of the region: its ops whose outputs backward reads (OpSpec.recomputed)."""
+    re_full: float = 0.0
+    """Full recompute of the region: re_fine, plus the ops feeding the forward all-reduce when it
+    runs again (a priced collective; a free or skipped one needs no input)."""
+    re_glue: float = 0.0
+    """Recompute of the glue (its recomputed ops; the same for fine and full)."""
+    wgrad_acc: float = 0.0
+    """k > 1, every sub-batch after the first: the weight-gradient GEMMs accumulate into the
+    gradient (aten addmm with beta=1 first copies the accumulator: read + write, then the GEMM
+    reads it again): 3 x the gradient bytes at the copy bandwidth, one copy kernel per weight."""
+    kernels: tuple = (0.0, 0.0, 0.0, 0.0, 0.0)
+    """Kernels of (fwd + glue_fwd, bwd + wgrad + glue_bwd, re_fine + re_glue, re_full + re_glue,
+    wgrad_acc) for one sub-batch: the host term counts them."""
+
+
+def _region_costs(v: "RegionVariant", profile: "Profile", ar_fwd: float) -> dict:
+    """The compute fields of _PartCosts for one variant."""
+    fwd = glue_fwd = bwd = wgrad = glue_bwd = re_fine = re_row = re_glue = 0.0
+    kf = kb = kre = krow = 0.0
+    n_weights = 0
+    for p in price_ops(v.ops, profile):
+        o = p.op
+        if o.part == "glue":
+            glue_fwd += p.fwd_us
+            glue_bwd += p.bwd_us
+            if o.recomputed:
+                re_glue += p.fwd_us
+                kre += p.fwd_kernels
+        else:
+            fwd += p.fwd_us
+            w = 0.5 * p.bwd_us if o.column else 0.0  # linear backward: dgrad and wgrad have equal flops
+            wgrad += w
+            bwd += p.bwd_us - w
+            if o.recomputed:
+                re_fine += p.fwd_us
+                kre += p.fwd_kernels
+            else:
+                re_row += p.fwd_us
+                krow += p.fwd_kernels
+        kf += p.fwd_kernels
+        kb += p.bwd_kernels
+        n_weights += int(_is_extern(o.key) and "attention" not in _op_name(o.key))
+    step = profile.step
+    acc = acc_k = 0.0
+    if step.copy_bw_bytes_per_s > 0 and v.param_bytes:
+        acc = 3.0 * v.param_bytes / step.copy_bw_bytes_per_s * 1e6 + n_weights * step.kernel_overhead_us
+        acc_k = n_weights
+    rerun = ar_fwd > 0
+    return dict(fwd=fwd, glue_fwd=glue_fwd, bwd=bwd, wgrad=wgrad, glue_bwd=glue_bwd,
+                re_fine=re_fine, re_full=re_fine + (re_row if rerun else 0.0), re_glue=re_glue, wgrad_acc=acc,
+                kernels=(kf, kb, kre, kre + (krow if rerun else 0.0), acc_k))
 
 
 class CostCache:
@@ -835,44 +1089,74 @@ class CostCache:
         if hit is not None:
             return hit
         v = self.model.regions[ri].variant(k, state, tp)
-        fwd = glue_fwd = bwd = wgrad = glue_bwd = 0.0
-        for o in v.ops:
-            f, b = self.op(o)
-            if o.part == "glue":
-                glue_fwd += f
-                glue_bwd += b
-            else:
-                fwd += f
-                w = 0.5 * b if o.column else 0.0  # linear backward: dgrad and wgrad have equal flops
-                wgrad += w
-                bwd += b - w
         prof = self.profile
         if state == REPLICATED:
-            pc = _PartCosts(fwd, glue_fwd, bwd, wgrad, glue_bwd, 0.0, 0.0)
+            comm = dict(ar_fwd=0.0, ar_bwd=0.0)
         elif state == tp:
             ar = prof.all_reduce
-            pc = _PartCosts(fwd, glue_fwd, bwd, wgrad, glue_bwd,
-                            ar.predict_us(v.comm_fwd_bytes) if v.comm_fwd_bytes else 0.0,
-                            ar.predict_us(v.comm_bwd_bytes) if v.comm_bwd_bytes else 0.0,
-                            comm=(tp > 1, False, False))
+            comm = dict(ar_fwd=ar.predict_us(v.comm_fwd_bytes) if v.comm_fwd_bytes else 0.0,
+                        ar_bwd=ar.predict_us(v.comm_bwd_bytes) if v.comm_bwd_bytes else 0.0,
+                        comm=(tp > 1, False, False))
         else:
             d, n = state, tp // state
-            pc = _PartCosts(
-                fwd, glue_fwd, bwd, wgrad, glue_bwd,
-                prof.all_reduce_us(v.comm_fwd_bytes, d) if d > 1 else 0.0,
-                prof.all_reduce_us(v.comm_bwd_bytes, d) if d > 1 else 0.0,
-                prof.all_gather_us(v.gather_fwd_bytes, n), prof.all_gather_us(v.gather_bwd_bytes, n),
-                prof.all_reduce_us(v.grad_reduce_bytes, n, cross=True) if v.grad_reduce_bytes else 0.0,
+            comm = dict(
+                ar_fwd=prof.all_reduce_us(v.comm_fwd_bytes, d) if d > 1 else 0.0,
+                ar_bwd=prof.all_reduce_us(v.comm_bwd_bytes, d) if d > 1 else 0.0,
+                ag_fwd=prof.all_gather_us(v.gather_fwd_bytes, n), ag_bwd=prof.all_gather_us(v.gather_bwd_bytes, n),
+                grad_ar=prof.all_reduce_us(v.grad_reduce_bytes, n, cross=True) if v.grad_reduce_bytes else 0.0,
                 comm=(d > 1, True, v.grad_reduce_bytes > 0))
+        pc = _PartCosts(**_region_costs(v, prof, comm["ar_fwd"] + comm.get("ag_fwd", 0.0)), **comm)
         self._cache[ck] = pc
         return pc
 
+    def outside_ops(self, ops) -> tuple:
+        """(forward us, backward us, forward kernels, backward kernels) of head or tail ops."""
+        f = b = kf = kb = 0.0
+        for p in price_ops(ops, self.profile):
+            f, b, kf, kb = f + p.fwd_us, b + p.bwd_us, kf + p.fwd_kernels, kb + p.bwd_kernels
+        return f, b, kf, kb
+
     def outside(self, ops) -> tuple:
-        f = b = 0.0
-        for o in ops:
-            of, ob = self.op(o)
-            f, b = f + of, b + ob
-        return f, b
+        return self.outside_ops(ops)[:2]
+
+    def _span_bytes(self, k: int, first: bool) -> int:
+        r = self.model.regions[0 if first else -1]
+        v = r.variants.get((k, True)) or r.variants.get((k, False))
+        return 0 if v is None else k * (v.in_bytes if first else v.out_bytes)
+
+    def split_copy_us(self, k: int, *, first: bool) -> float:
+        """One cat of the k sub-batches at the split span's end (forward: the last region's
+        output; backward, first=True: the first region's input gradient). The chunks themselves
+        are views. A copy reads and writes the whole batch's bytes."""
+        step = self.profile.step
+        if k <= 1 or step.copy_bw_bytes_per_s <= 0:
+            return 0.0
+        return 2.0 * self._span_bytes(k, first) / step.copy_bw_bytes_per_s * 1e6 + step.kernel_overhead_us
+
+    def step_kernels(self, choice: "Choice") -> float:
+        """Kernels one step launches (the host term): head and tail, every sub-batch's region
+        work and recompute, the accumulation copies and the split's cats."""
+        m, k, rc = self.model, choice.num_sub_batches, choice.recompute
+        vp = bool(choice.vocab_parallel) and m.vocab is not None
+        head, tail = (m.vocab.head_ops, m.vocab.tail_ops) if vp else (m.head_ops, m.tail_ops)
+        n = sum(self.outside_ops(head)[2:]) + sum(self.outside_ops(tail)[2:])
+        if k > 1 and self.profile.step.copy_bw_bytes_per_s > 0:
+            n += 2
+        for r in range(len(m.regions)):
+            kern = self.region(r, k, choice.state(r, m.tp)).kernels
+            re = kern[2] if rc == "fine" else kern[3] if rc == "full" else 0.0
+            n += k * (kern[0] + kern[1] + re) + (k - 1) * kern[4]
+        return n
+
+    def host_us(self, choice: "Choice") -> float:
+        """Host issue time of one step: StepConstants.host_step_us, host_per_kernel_us per kernel
+        and host_per_checkpoint_us per recomputed (region, sub-batch) segment."""
+        step = self.profile.step
+        if step.host_step_us <= 0 and step.host_per_kernel_us <= 0 and step.host_per_checkpoint_us <= 0:
+            return 0.0
+        segments = 0 if choice.recompute == "none" else len(self.model.regions) * choice.num_sub_batches
+        return (step.host_step_us + step.host_per_kernel_us * self.step_kernels(choice)
+                + step.host_per_checkpoint_us * segments)
 
     def vocab_comm(self) -> dict:
         """Costs of vocab_parallel's collectives (microseconds)."""
@@ -1026,23 +1310,23 @@ def _build_template(k: int, rc: str, comm: tuple, outside: bool, vocab: tuple = 
         ar_re: dict = {}
         if rc == "full":  # every sub-batch's recompute first: AR_f'(j) hides behind F'(j+1)
             for j in range(k):
-                ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "fwd")
+                ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "re_full")
                 last = issue("re", r, j, "ar_fwd", "ag_fwd")
                 if last is not None:
                     ar_re[j] = last
         for j in range(k):
             if rc == "fine":
-                ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "fwd", "glue_fwd")
+                ev.compute_ev(f"recompute.r{r}.s{j}", r, j, "re_fine", "re_glue")
             ev.wait_ev(ar_b.get((r + 1, j)), r + 1, j)
             if rc == "full":
                 ev.wait_ev(ar_re.get(j), r, j)
-                ev.compute_ev(f"recompute_glue.r{r}.s{j}", r, j, "glue_fwd")
+                ev.compute_ev(f"recompute_glue.r{r}.s{j}", r, j, "re_glue")
             ev.compute_ev(f"glue_bwd.r{r}.s{j}", r, j, "glue_bwd")
             ev.compute_ev(f"bwd.r{r}.s{j}", r, j, "bwd")
             last = issue("", r, j, "ar_bwd", "ag_bwd")
             if last is not None:
                 ar_b[(r, j)] = last
-            ev.compute_ev(f"wgrad.r{r}.s{j}", r, j, "wgrad")
+            ev.compute_ev(f"wgrad.r{r}.s{j}", r, j, *(("wgrad", "wgrad_acc") if j > 0 else ("wgrad",)))
         if comm[r][2]:
             grads.append((ev.comm_ev(f"grad_ar.r{r}", r, k - 1, "grad_ar"), r))
     for j in range(k):
@@ -1098,6 +1382,9 @@ def simulate_choice(model: ModelSpec, choice: Choice, profile: "Profile", *, lo:
         head, tail = (model.vocab.head_ops, model.vocab.tail_ops) if vp else (model.head_ops, model.tail_ops)
         fixed["head_fwd"], fixed["head_bwd"] = costs.outside(head)
         fixed["tail_fwd"], fixed["tail_bwd"] = costs.outside(tail)
+    if outside and k > 1:  # split_sub_batches' cats: the span's output forward, its input's grad backward
+        fixed["tail_fwd"] += costs.split_copy_us(k, first=False)
+        fixed["head_bwd"] += costs.split_copy_us(k, first=True)
     vcomm = costs.vocab_comm() if vp else {}
     compute = {}
     for name, r, fields in tpl.compute:
@@ -1197,6 +1484,18 @@ class Prediction:
     per_region: tuple
     """RegionBreakdown per region, chain order."""
     timeline: Timeline = field(repr=False)
+    device_us: float = 0.0
+    """The device's makespan (the simulated two-stream timeline)."""
+    host_us: float = 0.0
+    """The host's issue time (StepConstants; 0 when the profile has no host constants).
+    step_us = max(device_us, host_us): the host runs ahead of the device through the launch
+    queue, so the slower of the two sets the step."""
+    kernels: float = 0.0
+    """Kernels one step launches (cost_model.price_ops' count)."""
+
+    @property
+    def host_bound(self) -> bool:
+        return self.host_us > self.device_us
 
     @property
     def feasible(self) -> bool:
@@ -1252,14 +1551,17 @@ def predict(model: ModelSpec, choice: Choice, profile: "Profile", *,
     """Step time (forward + backward) and memory of one plan, explained per region."""
     if len(choice.shard) != len(model.regions):
         raise ValueError(f"choice has {len(choice.shard)} shard decisions for {len(model.regions)} regions")
+    cache = cache or CostCache(model, profile)
     tl, owner = simulate_choice(model, choice, profile, cache=cache)
+    host = cache.host_us(choice)
     mem = memory(model, choice)
     parts = breakdown(tl, owner, len(model.regions))
     per_region = tuple(
         RegionBreakdown(compute_us=c, exposed_comm_us=e, hidden_comm_us=h, memory_bytes=mb)
         for (c, e, h), mb in zip(parts, mem.per_region))
-    return Prediction(choice=choice, step_us=tl.makespan_us, memory=mem, memory_budget_bytes=memory_budget_bytes,
-                      per_region=per_region, timeline=tl)
+    return Prediction(choice=choice, step_us=max(tl.makespan_us, host), memory=mem,
+                      memory_budget_bytes=memory_budget_bytes, per_region=per_region, timeline=tl,
+                      device_us=tl.makespan_us, host_us=host, kernels=cache.step_kernels(choice))
 
 
 def predict_plan(model: ModelSpec, plan: Plan, profile: "Profile", *,
@@ -1269,7 +1571,8 @@ def predict_plan(model: ModelSpec, plan: Plan, profile: "Profile", *,
 
 
 __all__ = [
-    "OpSpec", "RegionVariant", "RegionSpec", "ModelSpec", "VocabSpec", "VocabPattern", "REPLICATED", "divisors",
+    "OpSpec", "OpCost", "price_ops", "is_identity_op", "extern_kernels", "RegionVariant", "RegionSpec", "ModelSpec",
+    "VocabSpec", "VocabPattern", "REPLICATED", "divisors",
     "find_vocab_pattern", "describe_model", "Choice", "choice_of",
     "simulate_choice", "MemoryBreakdown", "memory", "region_memory_bytes", "region_kept_bytes",
     "RegionBreakdown", "Prediction", "predict", "predict_plan", "breakdown", "GIB",

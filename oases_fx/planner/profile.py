@@ -55,8 +55,8 @@ from oases_fx.timeline import AnalyticalCostModel, DeviceConstants
 
 log = logging.getLogger("oases_fx")
 
-PROFILE_FORMAT = 2
-"""Bumped when the Profile JSON changes meaning (older cache files are ignored)."""
+PROFILE_FORMAT = 3
+"""Bumped when the Profile JSON changes meaning (older cache files are ignored). 3: StepConstants."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +82,18 @@ class ProfileOptions:
     """GEMMs timed per interference repeat."""
     interference_repeats: int = 5
     """Interference repeats (median)."""
+    measure_host: bool = False
+    """Also measure the host constants (StepConstants.host_*) by timing torch.compile'd
+    forward+backward steps of a tiny linear+GELU chain at two depths (two Inductor compiles, tens
+    of seconds on a GPU host). Off: StepConstants.analytical()'s host numbers on CUDA, none on CPU
+    (there the host is the device)."""
+    hold_device: bool = False
+    """Time each op behind a hold (GEMMs queued ahead, so the host's dispatch never shows in the
+    events): device-only op times. Off by default: on an H200 (2026-12-04) held times predicted the
+    h >= 2048 steps 3-6 % low (the hold runs the op at full boost clock, the step does not), unheld
+    ones within 5 % in 17 of 27 TP=2 cells (benchmarks/results/rank_bench/planner_measured_*)."""
+    copy_bytes: int = 256 * 1024 * 1024
+    """Size of the device-to-device copy that measures StepConstants.copy_bw_bytes_per_s."""
 
     @classmethod
     def for_device(cls, device_type: str) -> "ProfileOptions":
@@ -90,8 +102,64 @@ class ProfileOptions:
         if device_type == "cpu":
             return cls(warmup=1, repeats=3, collective_sizes_bytes=tuple(16 * 1024 * 2 ** i for i in range(5)),
                        collective_repeats=3, interference_gemm_n=128, interference_comm_bytes=1024 * 1024,
-                       interference_gemms=5, interference_repeats=3)
+                       interference_gemms=5, interference_repeats=3, copy_bytes=16 * 1024 * 1024)
         return cls()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepConstants:
+    """Per-step costs that no single op's time holds (cost_model's kernel, copy and host terms).
+
+    All zero (the default) turns the terms off: a profile built by hand prices ops and
+    collectives only. analytical_profile uses :meth:`analytical`; measure_profile measures the
+    device constants (and, with ProfileOptions.measure_host, the host ones).
+    """
+
+    kernel_overhead_us: float = 0.0
+    """Device time per kernel beyond its roofline: the gap between back-to-back kernels of one
+    stream plus the ramp and tail of a grid. Added per kernel to roofline op times; a measured op
+    time already contains it (CUDA events around the op), so there it is added only to kernels
+    the profile did not time (split/cat and accumulation copies)."""
+    host_step_us: float = 0.0
+    """Host time of a step that does not grow with its kernels: the compiled module's call path,
+    guards, the autograd engine's start and end, gradient hand-over."""
+    host_per_kernel_us: float = 0.0
+    """Host time per kernel the step issues (Inductor's wrapper line, the launch, the autograd
+    node around it). The step is max(device, host_step_us + host_per_kernel_us * kernels): the
+    host issues ahead of the device until the device outruns it."""
+    host_per_checkpoint_us: float = 0.0
+    """Host time per recomputed segment (recompute fine/full: one checkpointed (region, sub-batch)
+    each; the checkpoint wrapper's call forward and the recomputation's dispatch backward)."""
+    copy_bw_bytes_per_s: float = 0.0
+    """Bandwidth of a device-to-device copy (split/cat at the sub-batch span's ends, the
+    accumulator copy of the weight-gradient GEMMs for k > 1). 0: copies are not priced."""
+    op_times_include_overhead: bool = False
+    """The op table's times were measured one op at a time (they include kernel_overhead_us)."""
+    source: str = "none"
+    """Where the numbers came from (shown by explain and planner_check)."""
+
+    @classmethod
+    def analytical(cls, *, mem_bw_bytes_per_s: float = 3.0e12) -> "StepConstants":
+        """Defaults, not measured on the machine they are used on.
+
+        kernel_overhead_us = 3 us: NVIDIA H100/H200-class parts run back-to-back kernels of one
+        stream 1-2 us apart (launch latency hidden by the queue), plus ~1 us of ramp and tail for a
+        grid that does not fill its last wave.
+        host_step_us = 5000, host_per_kernel_us = 23, host_per_checkpoint_us = 440: the host's side
+        of an Inductor-compiled oases_fx step (torch 2.11, one H200 host whose CPUs other compiles
+        shared). A least-squares fit of host = step + per_kernel * kernels + per_checkpoint *
+        segments to the host_ms column (host issue time, not the step time) of
+        benchmarks/results/rank_bench/run1, TP=2, h=2048, the 9 rows k in {1, 2, 4} x recompute in
+        {none, fine, full}, kernels counted by cost_model.price_ops. No step time was used; the
+        kernel count is this model's (Inductor launches about twice as many: copies and layout
+        kernels are not counted), so per_kernel is per *counted* kernel. The measured profile
+        replaces step and per_kernel with the host probe's (ProfileOptions.measure_host).
+        copy_bw = the roofline's memory bandwidth (PLANNER_DEVICE's: a measured copy).
+        """
+        return cls(kernel_overhead_us=3.0, host_step_us=5000.0, host_per_kernel_us=23.0,
+                   host_per_checkpoint_us=440.0,
+                   copy_bw_bytes_per_s=mem_bw_bytes_per_s, op_times_include_overhead=False,
+                   source="analytical defaults (StepConstants.analytical)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,6 +301,8 @@ class Profile:
     """Cache key (device, torch, tp, shapes)."""
     format: int = PROFILE_FORMAT
     """PROFILE_FORMAT of the writer."""
+    step: StepConstants = field(default_factory=StepConstants)
+    """Kernel, copy and host constants (cost_model's per-step terms); all zero: off."""
     from_cache: bool = field(default=False, compare=False)
     """True when this object was read from the disk cache (not serialised)."""
 
@@ -318,6 +388,8 @@ class Profile:
         d["collectives"] = {k: _ab_of(v) for k, v in d.get("collectives", {}).items()}
         d["op_us"] = {k: (float(v[0]), float(v[1])) for k, v in d["op_us"].items()}
         d["notes"] = tuple(d.get("notes", ()))
+        names = {f.name for f in dataclasses.fields(StepConstants)}
+        d["step"] = StepConstants(**{k: v for k, v in dict(d.get("step") or {}).items() if k in names})
         return cls(**d, from_cache=from_cache)
 
     def to_json(self) -> str:
@@ -428,20 +500,59 @@ def backward_cap(op_key: str) -> Optional[float]:
     return 2.5 if "attention" in name else 2.0
 
 
+PLANNER_DEVICE = DeviceConstants(peak_flops=670e12, mem_bw_bytes_per_s=4.0e12)
+"""The analytical profile's default device: one H200 (the card oases_fx is benchmarked on), from
+microbenchmarks on it (2026-12-04, nvidia-h200 machine, torch 2.11): a bf16 GEMM of 4096^3-8192^3
+sustained for 3 s runs at 657-680 TFLOP/s (a 10-product burst: ~790-800, the rate
+timeline.DeviceConstants' H100 default uses; a training step is sustained, power-limited work),
+and a 256 MiB device-to-device copy moves 4.03 TB/s counting reads and writes. Communication
+constants are DeviceConstants' defaults. schedule_overlap keeps timeline's own defaults."""
+
+ATTENTION_FLOPS_PER_S = 350e12
+"""Fused (flash) attention throughput at head_dim 64 on an H100/H200-class part, flop/s, forward
+and backward alike: FlashAttention-2 and cuDNN's SDPA reach ~300-350 TFLOP/s there (FlashAttention-3
+paper, Shah et al. 2024, fig. 5), well under the GEMM peak the roofline uses for matmuls. Causal
+attention counts half the flops (timeline.node_flops)."""
+
+
+def _attention_us(node, c: DeviceConstants) -> Optional[float]:
+    """Roofline time of a fused attention op at ATTENTION_FLOPS_PER_S, or None for other ops."""
+    from oases_fx.timeline import node_flops, value_bytes
+
+    name = str(getattr(node, "target", ""))
+    if "attention" not in name:
+        return None
+    moved = value_bytes(node) + sum(value_bytes(a) for a in node.all_input_nodes)
+    return max(node_flops(node) / ATTENTION_FLOPS_PER_S, moved / c.mem_bw_bytes_per_s) * 1e6
+
+
 def analytical_profile(model: ModelSpec, *, constants: Optional[DeviceConstants] = None,
-                       memory_bytes: int = DEFAULT_MEMORY_BYTES) -> Profile:
+                       memory_bytes: int = DEFAULT_MEMORY_BYTES, step: Optional[StepConstants] = None) -> Profile:
     """A Profile from timeline.AnalyticalCostModel's roofline and alpha-beta constants.
 
-    Forward times are the roofline of each op at its variant shapes; backward = 2x forward
-    (2.5x for attention). Label: "analytical, not measured".
+    Forward times are the roofline of each op at its variant shapes on ``constants`` (default
+    PLANNER_DEVICE; fused attention at ATTENTION_FLOPS_PER_S, not the GEMM peak); backward = 2x
+    forward (2.5x for attention).
+    step: the per-step constants. Default: StepConstants.analytical() with the default device
+    constants; with explicit ``constants`` (another device) its device-side terms only (kernel
+    overhead, copies at that memory bandwidth) and no host term: the host numbers are those of
+    the default device's host, and a caller describing another machine passes its own.
+    Label: "analytical, not measured".
     """
-    c = constants or DeviceConstants(group_size=model.tp)
+    c = constants or dataclasses.replace(PLANNER_DEVICE, group_size=model.tp)
+    if step is None:
+        step = StepConstants.analytical(mem_bw_bytes_per_s=c.mem_bw_bytes_per_s)
+        if constants is not None:
+            step = dataclasses.replace(step, host_step_us=0.0, host_per_kernel_us=0.0, host_per_checkpoint_us=0.0,
+                                       source=step.source + ", device terms only (explicit DeviceConstants)")
     cm = AnalyticalCostModel(c)
     op_us = {}
     for o in model.all_ops():
         if o.key in op_us:
             continue
         f = cm.compute_us(o.node) if o.node is not None else 0.0
+        att = _attention_us(o.node, c) if o.node is not None else None
+        f = att if att is not None else f
         op_us[o.key] = (f, f * _backward_factor(o.node))
     n = max(model.tp, 1)
 
@@ -458,6 +569,7 @@ def analytical_profile(model: ModelSpec, *, constants: Optional[DeviceConstants]
         torch_version=torch.__version__, tp_degree=model.tp, op_us=op_us, all_reduce=ar,
         compute_interference=c.compute_interference, comm_interference=c.comm_interference,
         memory_bytes=int(memory_bytes), collectives=colls, notes=("analytical cost model constants, not measured",),
+        step=step,
     )
 
 
@@ -487,18 +599,54 @@ def _sync(device: torch.device) -> None:
 
 
 class _Timer:
-    """Times single calls: CUDA events on GPU, perf_counter on CPU. Microseconds."""
+    """Times single calls: CUDA events on GPU, perf_counter on CPU. Microseconds.
 
-    def __init__(self, device: torch.device):
+    With ``hold`` (ProfileOptions.hold_device), median_us on CUDA times the device alone: the timed
+    calls are enqueued behind a hold (GEMMs lasting longer than the host takes to issue them), so
+    they run back to back and the events around each see its kernels and the gaps between them,
+    not the host's dispatch. Without it, an op whose kernels are shorter than its eager dispatch
+    (tens of us) is timed as the dispatch."""
+
+    HOLD_GEMM_N = 2048
+    """Square bf16 GEMM the hold is made of (~20-30 us each on an H100/H200)."""
+
+    def __init__(self, device: torch.device, *, hold: bool = False):
         self.device = device
+        self.hold = hold
+        self._hold_mm = None
+
+    def _hold(self, host_us: float) -> None:
+        """Keep the device busy for about 1.5 x host_us (plus 50 us)."""
+        if self._hold_mm is None:
+            n = self.HOLD_GEMM_N
+            a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+            c = torch.empty_like(a)
+            for _ in range(3):
+                torch.mm(a, a, out=c)
+            torch.cuda.synchronize(self.device)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(20):
+                torch.mm(a, a, out=c)
+            e1.record()
+            e1.synchronize()
+            self._hold_mm = (a, c, max(e0.elapsed_time(e1) * 1e3 / 20, 1.0))
+        a, c, mm_us = self._hold_mm
+        for _ in range(min(int(math.ceil((1.5 * host_us + 50.0) / mm_us)), 800)):
+            torch.mm(a, a, out=c)
 
     def median_us(self, fn, *, warmup: int, repeats: int) -> float:
-        for _ in range(warmup):
+        host = []
+        for _ in range(max(warmup, 1)):
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e6)
         _sync(self.device)
         times = []
         if self.device.type == "cuda":
             pairs = []
+            if self.hold:  # the host's issue time of the timed calls, events included (~5 us a pair)
+                self._hold(repeats * (statistics.median(host) + 10.0))
             for _ in range(repeats):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -718,6 +866,126 @@ def _measure_interference(group, device, timer: _Timer, opts: ProfileOptions, dt
     return med(gemm_alone), med(gemm_under), med(ar_alone), med(ar_under)
 
 
+def _measure_kernel_overhead_us(device: torch.device, timer: "_Timer", n: int = 200) -> float:
+    """Device time per kernel of ``n`` back-to-back one-element kernels, replayed from a CUDA graph
+    (no host in the way): the launch gap plus the smallest kernel, StepConstants.kernel_overhead_us.
+    Without CUDA graphs, the eager launches' device span (an upper bound: the host may gate it).
+    0 on CPU (an op's time there has no separate launch)."""
+    if device.type != "cuda":
+        return 0.0
+    x = torch.zeros(1, device=device)
+
+    def kernels():
+        for _ in range(n):
+            x.add_(1.0)
+
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            kernels()
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            kernels()
+        return timer.median_us(g.replay, warmup=2, repeats=5) / n
+    except Exception as e:  # no graph capture here (an old driver, a capture-unsafe allocator mode)
+        log.info("oases_fx: kernel overhead measured without CUDA graphs (%s: %s)", type(e).__name__, e)
+        return timer.median_us(kernels, warmup=1, repeats=3) / n
+
+
+def _measure_copy_bw(device: torch.device, timer: "_Timer", nbytes: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    x = torch.empty(max(nbytes // 2, 1), dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    us = timer.median_us(lambda: y.copy_(x), warmup=2, repeats=5)
+    return 2.0 * x.numel() * x.element_size() / (us * 1e-6) if us > 0 else 0.0
+
+
+HOST_PROBE_BLOCK_KERNELS = 6
+"""Kernels of one linear(+bias) + GELU block of the host probe, by cost_model.price_ops' count:
+the linear's GEMM forward and dgrad, wgrad and bias-grad backward (1 + 3), the GELU's fused
+pointwise kernel each way (1 + 1)."""
+
+
+_HOST_PROBE: dict = {}
+"""(device, dtype) -> the host probe's result: one pair of compiles per process."""
+
+
+def _measure_host_constants(device: torch.device, dtype: torch.dtype, depths=(2, 8), repeats: int = 10) -> tuple:
+    key = (str(device), dtype)
+    if key not in _HOST_PROBE:
+        _HOST_PROBE[key] = _probe_host(device, dtype, depths, repeats)
+    return _HOST_PROBE[key]
+
+
+def _probe_host(device: torch.device, dtype: torch.dtype, depths, repeats) -> tuple:
+    """(host_step_us, host_per_kernel_us): the host's wall time of a torch.compile'd (Inductor)
+    forward + backward of a chain of `depth` linear+GELU blocks at tiny shapes, started with the
+    device idle (so the device never gates it: what is timed is issue), at two depths. The slope
+    per block over HOST_PROBE_BLOCK_KERNELS is the per-kernel cost; the intercept is the step's."""
+    import torch.nn as nn
+
+    times = []
+    for depth in depths:
+        torch.manual_seed(0)
+        m = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(depth)]).to(device, dtype)
+        cm = torch.compile(m)
+        x = torch.randn(16, 64, device=device, dtype=dtype, requires_grad=True)
+
+        def step():
+            for p in m.parameters():
+                p.grad = None
+            cm(x).sum().backward()
+
+        for _ in range(3):
+            step()
+        ts = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            ts.append((time.perf_counter() - t0) * 1e6)
+        _sync(device)
+        times.append(statistics.median(ts))
+    per_block = max((times[1] - times[0]) / (depths[1] - depths[0]), 0.0)
+    per_kernel = per_block / HOST_PROBE_BLOCK_KERNELS
+    return max(times[0] - per_block * depths[0], 0.0), per_kernel
+
+
+def measure_step_constants(device: torch.device, *, options: "ProfileOptions" = None,
+                           dtype: torch.dtype = torch.bfloat16) -> StepConstants:
+    """StepConstants measured on this device (one process; measure_profile averages over ranks).
+
+    kernel_overhead_us and copy_bw_bytes_per_s always; the host constants with
+    options.measure_host on CUDA, else StepConstants.analytical()'s on CUDA; none on CPU, where
+    an op's measured time already is the host's."""
+    options = options or ProfileOptions.for_device(device.type)
+    timer = _Timer(device)
+    ko = _measure_kernel_overhead_us(device, timer)
+    bw = _measure_copy_bw(device, timer, options.copy_bytes)
+    host = None
+    if options.measure_host and device.type == "cuda":  # on CPU the ops' own times hold the host
+        try:
+            host = _measure_host_constants(device, dtype if device.type == "cuda" else torch.float32)
+        except Exception as e:  # no working Inductor here: say so, and fall back
+            log.warning("oases_fx: host probe failed (%s: %s); analytical host constants used", type(e).__name__, e)
+    if host is not None:
+        host_step, host_kernel = host
+        src = "measured (kernel overhead, copy bandwidth, host probe)"
+    elif device.type == "cuda":
+        d = StepConstants.analytical()
+        host_step, host_kernel = d.host_step_us, d.host_per_kernel_us
+        src = "measured (kernel overhead, copy bandwidth); host: analytical defaults"
+    else:
+        host_step = host_kernel = 0.0
+        src = "measured (copy bandwidth); no host term on CPU"
+    ckpt = StepConstants.analytical().host_per_checkpoint_us if device.type == "cuda" else 0.0
+    return StepConstants(kernel_overhead_us=ko, host_step_us=host_step, host_per_kernel_us=host_kernel,
+                         host_per_checkpoint_us=ckpt, copy_bw_bytes_per_s=bw, op_times_include_overhead=True,
+                         source=src + ("; host per checkpoint: analytical default" if ckpt else ""))
+
+
 class _NoBar:
     def update(self, n=1):
         pass
@@ -813,7 +1081,7 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
     ops = {}
     for o in model.all_ops():
         ops.setdefault(o.key, o)
-    timer = _Timer(device)
+    timer = _Timer(device, hold=options.hold_device)
     dtype = _model_dtype(model)
     sizes = list(options.collective_sizes_bytes)
     notes = []
@@ -853,7 +1121,13 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
         bar.set_description("interference")
         intf = _measure_interference(group, device, timer, options, dtype, comm_device)
         bar.update()
-    avg = _all_reduce_mean(values + ar_times + list(intf) + coll_times, group, comm_device)
+        bar.set_description("kernel, copy and host constants")
+        sc = measure_step_constants(device, options=options, dtype=dtype)
+    sc_values = [sc.kernel_overhead_us, sc.host_step_us, sc.host_per_kernel_us, sc.copy_bw_bytes_per_s]
+    avg = _all_reduce_mean(values + ar_times + list(intf) + coll_times + sc_values, group, comm_device)
+    sc = dataclasses.replace(sc, **dict(zip(("kernel_overhead_us", "host_step_us", "host_per_kernel_us",
+                                             "copy_bw_bytes_per_s"), avg[-4:])))
+    avg = avg[:-4]
     mem = _all_reduce_int(_device_memory(device), dist.ReduceOp.MIN, group, comm_device)
     n_ops = len(ops)
     op_us = {k: (avg[2 * i], avg[2 * i + 1]) for i, k in enumerate(sorted(ops))}
@@ -875,7 +1149,7 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
         op_us=op_us, all_reduce=fit_alpha_beta([int(s) for s in sizes], ar_avg),
         compute_interference=clamp(g_under / g_alone if g_alone > 0 else 1.0),
         comm_interference=clamp(c_under / c_alone if c_alone > 0 else 1.0),
-        memory_bytes=mem, collectives=fits, notes=tuple(notes), key=key,
+        memory_bytes=mem, collectives=fits, notes=tuple(notes), key=key, step=sc,
     )
     text = _broadcast_text(prof.to_json() if rank0 else None, group)
     prof = Profile.from_json(text)
@@ -887,6 +1161,8 @@ def measure_profile(model: ModelSpec, *, group=None, device: Optional[torch.devi
     return prof
 
 
-__all__ = ["ProfileOptions", "AlphaBeta", "fit_alpha_beta", "Profile", "cache_dir", "profile_key",
+__all__ = ["ProfileOptions", "StepConstants", "PLANNER_DEVICE", "ATTENTION_FLOPS_PER_S", "AlphaBeta", "fit_alpha_beta",
+           "Profile", "cache_dir", "profile_key",
            "collective_key", "derived_collective", "required_collectives",
-           "load_cached_profile", "analytical_profile", "measure_profile", "DEFAULT_MEMORY_BYTES"]
+           "load_cached_profile", "analytical_profile", "measure_profile", "measure_step_constants",
+           "DEFAULT_MEMORY_BYTES"]

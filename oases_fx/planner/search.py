@@ -233,6 +233,10 @@ def _predicted(model: ModelSpec, best: Prediction, others: list, rejected: list,
     names = [r.name for r in model.regions]
     return {
         "step_ms": _ms(best.step_us),
+        "device_ms": _ms(best.device_us),
+        "host_ms": _ms(best.host_us),
+        "host_bound": bool(best.host_bound),
+        "kernels": round(best.kernels),
         "memory_gib": _gib(mem.total),
         "tokens_per_s": round(batch * seq_len / (best.step_us * 1e-6), 1) if best.step_us > 0 else None,
         "compute_ms": _ms(tl.compute_busy_us),
@@ -388,7 +392,8 @@ def choose_plan(regions, *, tp: int, batch: int, seq_len: int, profile: Optional
             chosen.append(ch)
     preds = [predict(model, ch, profile, memory_budget_bytes=budget, cache=sims.costs) for ch in chosen]
     preds = [p for p in preds if p.feasible]
-    preds.sort(key=lambda p: (p.step_us, p.memory.total, p.choice.tie_key()))
+    # equal steps (host-bound plans share the host's floor): the one leaving the device more slack
+    preds.sort(key=lambda p: (p.step_us, p.device_us, p.memory.total, p.choice.tie_key()))
     best = preds[0]
     others = preds[1:1 + max(top_n, len(best_of))]
     predicted = _predicted(model, best, others, rejected, profile, batch, seq_len, budget,
@@ -477,7 +482,9 @@ def explain_plan(plan: Plan, *, use_rich: Optional[bool] = None) -> str:
         f"predicted step {p['step_ms']:.3f} ms (forward + backward)"
         + (f", {p['tokens_per_s']:,.0f} tokens/s" if p.get("tokens_per_s") else "")
         + f"; compute {p['compute_ms']:.3f} ms, comm exposed {p['comm_exposed_ms']:.3f} ms, "
-          f"hidden {p['comm_hidden_ms']:.3f} ms",
+          f"hidden {p['comm_hidden_ms']:.3f} ms"
+        + (f"; host-bound: host issue {p['host_ms']:.3f} ms > device {p['device_ms']:.3f} ms "
+           f"({p.get('kernels', 0)} kernels)" if p.get("host_bound") else ""),
         f"predicted memory {p['memory_gib']:.3f} GiB of budget {mem.get('budget_gib', float('nan')):.3f} GiB "
         f"(params {mem.get('params_gib', 0):.3f}, grads {mem.get('grads_gib', 0):.3f}, "
         f"Adam 2 x fp32 {mem.get('adam_gib', 0):.3f}, activations {mem.get('activations_gib', 0):.3f})",
