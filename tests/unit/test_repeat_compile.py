@@ -1,0 +1,134 @@
+"""compile_layers (oases_fx/layers.py): the program cut per block, identical blocks compiled once.
+
+What is checked: the number of compiled artifacts does not grow with depth (a count, never a
+time); reuse runs exactly what compiling every piece on its own runs (bitwise: the same compiled
+code, fed each block's own parameters); and per-block compilation gives the whole program's
+values. Rank programs run on torch's fake process group (one process is rank 0 of TP=2;
+collectives return at once), in a subprocess of their own because that group is process-wide.
+Equivalence with the unsharded eager model on real gloo ranks: tests/distributed/test_repeat_compile.py.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- in the subprocess --------------------------------------------------------------------------
+
+def _run(spec: dict) -> dict:
+    """Compile a tiny GPT on the fake group per spec; losses, gradients and the layer report."""
+    torch.set_num_threads(1)
+    from benchmarks.rank_bench import Case, build, make_batch
+
+    out = {}
+    for mode in spec["modes"]:
+        case = Case(system="oases", tp=2, hidden=64, layers=spec["layers"], batch=4, seq=16, vocab=64, head_dim=16,
+                    k=spec.get("k", 2), recompute=spec.get("recompute", "none"), collectives="fake", dtype="fp32",
+                    backend=spec.get("backend", "aot_eager"), options=dict(compile_layers=mode))
+        step, module, _ = build(case, torch.device("cpu"))
+        batch = make_batch(case, torch.device("cpu"))
+        losses = [float(step(*batch)) for _ in range(2)]  # the second call runs the compiled code again
+        grads = {n: _local(p.grad).detach().flatten().tolist() for n, p in module.named_parameters()
+                 if p.grad is not None}
+        rep = module.graphs.layers
+        out[mode] = dict(losses=losses, grads=grads,
+                         report=None if rep is None else dict(pieces=rep.pieces, num_compiled=rep.num_compiled,
+                                                              num_structures=rep.num_structures, blocks=rep.blocks),
+                         explain=module.explain())
+    return out
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t  # the DTensor boundary: this rank's shard
+
+
+def run_in_subprocess(**spec) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_repeat_compile", json.dumps(spec)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def assert_same_values(a: dict, b: dict, what: str):
+    assert a["losses"] == b["losses"], f"{what}: losses differ: {a['losses']} vs {b['losses']}"
+    assert set(a["grads"]) == set(b["grads"]), f"{what}: parameters with gradients differ"
+    for name in a["grads"]:
+        assert a["grads"][name] == b["grads"][name], f"{what}: gradient of {name} differs (not bitwise equal)"
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+def test_artifacts_do_not_grow_with_depth():
+    """Blocks 0..L-2 have one structure (block L-1 has no next layer norm: its own), so the count
+    of compiled artifacts is prologue + 2 + epilogue at every depth, while the pieces grow with L."""
+    for recompute, expect in (("none", 4), ("fine", 5)):  # fine: block 0's first checkpoint lacks ln_1
+        got = {L: run_in_subprocess(layers=L, modes=["reuse"], recompute=recompute)["reuse"]["report"]
+               for L in (3, 6)}
+        for L, rep in got.items():
+            assert len(rep["blocks"]) == L, (recompute, L, rep)
+            assert len(rep["pieces"]) == L + 2, (recompute, L, rep)
+        counts = {L: rep["num_compiled"] for L, rep in got.items()}
+        assert counts == {3: expect, 6: expect}, (
+            f"recompute={recompute}: compiled artifacts per depth {counts}, expected {expect} at every depth: "
+            "identical blocks are compiled again (a structure key that differs between blocks, oases_fx/layers.py)")
+
+
+def test_reuse_gives_the_values_of_each_and_of_the_whole_program():
+    """aot_eager runs the same aten ops either way: reuse, every piece compiled, and the whole program
+    agree bit for bit (loss of two calls, every gradient). A block fed another block's parameters,
+    or pieces run out of order, would differ."""
+    for recompute in ("none", "fine"):
+        got = run_in_subprocess(layers=4, modes=["whole", "reuse", "each"], recompute=recompute)
+        assert got["whole"]["report"] is None
+        assert got["reuse"]["report"]["num_compiled"] < got["each"]["report"]["num_compiled"]
+        assert_same_values(got["reuse"], got["each"], f"recompute={recompute}: reuse vs each")
+        assert_same_values(got["reuse"], got["whole"], f"recompute={recompute}: reuse vs whole")
+        assert "compiled per block (compile_layers='reuse')" in got["reuse"]["explain"]
+
+
+@pytest.mark.slow
+def test_reuse_gives_the_values_of_each_under_inductor():
+    """Under Inductor the shared artifact is the same generated code as each block's own: bitwise
+    equal values (k=1, so the test compiles few distinct graphs)."""
+    got = run_in_subprocess(layers=3, modes=["reuse", "each"], backend="inductor", k=1)
+    assert got["reuse"]["report"]["num_compiled"] == 4 and got["each"]["report"]["num_compiled"] == 5
+    assert_same_values(got["reuse"], got["each"], "inductor: reuse vs each")
+
+
+def _chain(scale: float, names=("x",)):
+    g = fx.Graph()
+    x = g.placeholder(names[0])
+    w = g.placeholder("param_0")
+    w.meta["oases_input_sig"] = "T(4,)"
+    y = g.call_function(torch.ops.aten.mul.Tensor, (x, w))
+    z = g.call_function(torch.ops.aten.mul.Tensor, (y, scale))
+    g.output((z,))
+    return fx.GraphModule({}, g)
+
+
+def test_structure_key_ignores_names_and_sees_constants():
+    from oases_fx.layers import structure_key
+
+    a, b = _chain(2.0), _chain(2.0, names=("renamed",))
+    assert structure_key(a) == structure_key(b), "node names must not matter"
+    assert structure_key(a) != structure_key(_chain(3.0)), "a different constant is a different program"
+
+
+def test_config_rejects_an_unknown_mode():
+    from oases_fx.config import CompileConfig
+
+    with pytest.raises(ValueError, match="compile_layers"):
+        CompileConfig(compile_layers="per_layer")
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(_run(json.loads(sys.argv[1]))), flush=True)
