@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from oases_fx import meta
+from oases_fx import _compat, meta
 
 log = logging.getLogger("oases_fx")
 
@@ -321,7 +321,7 @@ def stitch(gm: fx.GraphModule, pieces: list, calls: list) -> fx.GraphModule:
     import copy
 
     g = fx.Graph()
-    g._codegen = copy.deepcopy(gm.graph._codegen)
+    g.set_codegen(copy.deepcopy(_compat.graph_codegen(gm.graph)))
     env = {}
     root = {}
     for n in gm.graph.nodes:
