@@ -32,6 +32,7 @@ def _run(spec: dict) -> dict:
         case = Case(system="oases", tp=2, hidden=64, layers=spec["layers"], batch=4, seq=16, vocab=64, head_dim=16,
                     k=spec.get("k", 2), recompute=spec.get("recompute", "none"), collectives="fake", dtype="fp32",
                     backend=spec.get("backend", "aot_eager"), options=dict(compile_layers=mode))
+        torch.manual_seed(0)
         step, module, _ = build(case, torch.device("cpu"))
         batch = make_batch(case, torch.device("cpu"))
         losses = [float(step(*batch)) for _ in range(2)]  # the second call runs the compiled code again
@@ -41,7 +42,25 @@ def _run(spec: dict) -> dict:
         out[mode] = dict(losses=losses, grads=grads,
                          report=None if rep is None else dict(pieces=rep.pieces, num_compiled=rep.num_compiled,
                                                               num_structures=rep.num_structures, blocks=rep.blocks),
-                         explain=module.explain())
+                         explain=module.explain(), schedule=_overlap(module.graphs.aot))
+    return out
+
+
+def _overlap(aot) -> dict:
+    """Per compiled graph (forward, backward): for each all-reduce in graph order, whether a matmul
+    runs between its issue and its wait (the overlap schedule_overlap makes; tasks.schedule_order)."""
+    from oases_fx._compat import is_all_reduce, is_wait
+
+    mm = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    out = {}
+    for stage, graphs in (("forward", aot.forward), ("backward", aot.backward)):
+        out[stage] = []
+        for g in graphs:
+            nodes = list(g.graph.nodes)
+            pos = {n: i for i, n in enumerate(nodes)}
+            covered = [any(x.target in mm for x in nodes[pos[n] + 1:pos[next(u for u in n.users if is_wait(u))]])
+                       for n in nodes if is_all_reduce(n)]
+            out[stage].append(dict(covered=covered, scheduled="oases_timeline" in g.meta))
     return out
 
 
@@ -93,6 +112,22 @@ def test_reuse_gives_the_values_of_each_and_of_the_whole_program():
         assert_same_values(got["reuse"], got["each"], f"recompute={recompute}: reuse vs each")
         assert_same_values(got["reuse"], got["whole"], f"recompute={recompute}: reuse vs whole")
         assert "compiled per block (compile_layers='reuse')" in got["reuse"]["explain"]
+
+
+def test_each_block_keeps_the_sub_batch_overlap():
+    """Each block's graphs still hold both sub-batches and schedule_overlap still runs on them: in a
+    block's forward and backward (2 regions x 2 sub-batches = 4 all-reduces), every all-reduce but
+    the block's last has a matmul of the other sub-batch between its issue and its wait."""
+    got = run_in_subprocess(layers=3, modes=["reuse"])["reuse"]
+    blocks = 0
+    for stage in ("forward", "backward"):
+        for g in got["schedule"][stage]:
+            assert g["scheduled"], f"{stage}: a compiled piece was not scheduled (schedule_overlap did not run)"
+            if len(g["covered"]) == 4:
+                blocks += 1
+                assert all(g["covered"][:-1]), f"{stage}: exposed all-reduces in a block: {g['covered']}"
+    # the shared block artifact and the last block's, each with its forward and its backward
+    assert blocks == 4, got["schedule"]
 
 
 @pytest.mark.slow
