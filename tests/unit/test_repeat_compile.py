@@ -25,7 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(spec: dict) -> dict:
     """Compile a tiny GPT on the fake group per spec; losses, gradients and the layer report."""
     torch.set_num_threads(1)
+    import dataclasses
+
+    import benchmarks.rank_bench as rank_bench
     from benchmarks.rank_bench import Case, build, make_batch
+
+    if spec.get("dropout"):
+        plain = rank_bench.gpt_config
+        rank_bench.gpt_config = lambda case: dataclasses.replace(plain(case), dropout=spec["dropout"])
 
     out = {}
     for mode in spec["modes"]:
@@ -112,6 +119,15 @@ def test_reuse_gives_the_values_of_each_and_of_the_whole_program():
         assert_same_values(got["reuse"], got["each"], f"recompute={recompute}: reuse vs each")
         assert_same_values(got["reuse"], got["whole"], f"recompute={recompute}: reuse vs whole")
         assert "compiled per block (compile_layers='reuse')" in got["reuse"]["explain"]
+
+
+def test_reuse_with_dropout_draws_the_masks_of_the_whole_program():
+    """Dropout on (CPU generator, aot_eager): the pieces draw in the whole program's order, so the
+    masks, the loss and the gradients are the whole program's, bit for bit, and the blocks still
+    share one artifact (the random ops carry no per-block constant)."""
+    got = run_in_subprocess(layers=4, modes=["whole", "reuse"], dropout=0.1, recompute="fine")
+    assert_same_values(got["reuse"], got["whole"], "dropout 0.1: reuse vs whole")
+    assert got["reuse"]["report"]["num_compiled"] == 5, got["reuse"]["report"]
 
 
 def test_each_block_keeps_the_sub_batch_overlap():
