@@ -84,6 +84,13 @@ class CompileConfig:
         if self.compile_layers not in ("whole", "reuse", "each"):
             raise ValueError(f"compile_layers={self.compile_layers!r}: expected 'whole' (one graph), 'reuse' "
                              "(per block, identical blocks compiled once) or 'each' (per block, each compiled)")
+        if self.cudagraphs and self.compile_layers != "whole":
+            from oases_fx.errors import OasesError
+
+            raise OasesError(f"cudagraphs=True with compile_layers={self.compile_layers!r}: a block's artifact is "
+                             "replayed with each block's own parameters, which a CUDA graph would capture by address "
+                             "(one recording per block, or none). Fix: compile_layers='whole' with cudagraphs=True, "
+                             "or cudagraphs=False.")
         if self.profile not in ("measure", "analytical"):
             raise ValueError(f"profile={self.profile!r}: expected 'measure' or 'analytical'")
         if not (self.planner_degrees in ("full", "all") or (

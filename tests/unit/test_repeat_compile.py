@@ -179,6 +179,10 @@ def test_config_rejects_an_unknown_mode():
 
     with pytest.raises(ValueError, match="compile_layers"):
         CompileConfig(compile_layers="per_layer")
+    from oases_fx.errors import OasesError
+
+    with pytest.raises(OasesError, match="cudagraphs=True with compile_layers='reuse'"):
+        CompileConfig(compile_layers="reuse", cudagraphs=True)
 
 
 if __name__ == "__main__":
