@@ -200,6 +200,8 @@ def build_piece_module(gm: fx.GraphModule, pc: Piece) -> fx.GraphModule:
                     name = f"sub_{len(subs)}"
                     subs[name] = _attr(gm, a.target)
                     env[a] = g.get_attr(name)
+        if n.op == "call_module":
+            subs[n.target] = gm.get_submodule(n.target)
         env[n] = g.node_copy(n, lambda x: env[x])
     g.output(tuple(env[o] for o in pc.outputs))
     return fx.GraphModule(subs, g, class_name="OasesPiece")

@@ -15,7 +15,9 @@ def test_reused_blocks_match_unsharded(recompute):
     r = get_pool(2).run(tasks.compare_with_reference, kind="gpt", cfg=cfg, batch=4, seq=8, steps=2,
                         compile_kwargs=dict(num_sub_batches=2, recompute=recompute, compile_layers="reuse"))[0]
     assert_matches(r, steps=2)
-    assert "compiled per block (compile_layers='reuse'): 5 pieces (3 blocks" in r["explain"]
+    expect = 4 if recompute == "none" else 5  # fine/full: block 0's first checkpoint starts after its ln_1
+    assert f"compiled per block (compile_layers='reuse'): 5 pieces (3 blocks, prologue, epilogue) of {expect} " \
+           "distinct structures" in r["explain"], r["explain"]
 
 
 def test_reused_blocks_match_unsharded_hf_llama():
@@ -24,3 +26,4 @@ def test_reused_blocks_match_unsharded_hf_llama():
     r = get_pool(2).run(tasks.compare_with_reference, kind="hf_llama", cfg=cfg, batch=4, seq=8, steps=1,
                         compile_kwargs=dict(num_sub_batches=2, compile_layers="reuse"))[0]
     assert_matches(r)
+    assert "5 pieces (3 blocks, prologue, epilogue) of 4 distinct structures" in r["explain"], r["explain"]
