@@ -59,9 +59,12 @@ class Piece:
     """Tensor get_attr targets (parameters, buffers) it reads, in order of first use: inputs."""
     outputs: list = field(default_factory=list)
     """Its nodes read by later pieces or the graph output, in graph order."""
-    gm: Optional[fx.GraphModule] = None
+    graph: Optional[fx.Graph] = None
+    """Its own graph: placeholders (acts, then attrs), its nodes, a tuple output."""
+    subs: dict = field(default_factory=dict)
+    """Submodules the graph calls or reads (recompute's outlines), by name."""
     key: Optional[str] = None
-    """Structure of gm and of its inputs: equal keys, interchangeable compiled code."""
+    """Structure of the graph and of its parameter inputs: equal keys, interchangeable compiled code."""
 
 
 @dataclass
@@ -180,6 +183,13 @@ def cut(gm: fx.GraphModule) -> list:
 
 def build_piece_module(gm: fx.GraphModule, pc: Piece) -> fx.GraphModule:
     """pc as a GraphModule: placeholders (activations, then parameters), its nodes, a tuple output."""
+    graph, subs = build_piece_graph(gm, pc)
+    return fx.GraphModule(subs, graph, class_name="OasesPiece")
+
+
+def build_piece_graph(gm: fx.GraphModule, pc: Piece):
+    """(pc's graph, the submodules it calls by name): a GraphModule is made only for the pieces
+    that are compiled (its code generation is most of the cost of a piece)."""
     g = fx.Graph()
     env = {}
     for i, a in enumerate(pc.acts):
@@ -204,7 +214,7 @@ def build_piece_module(gm: fx.GraphModule, pc: Piece) -> fx.GraphModule:
             subs[n.target] = gm.get_submodule(n.target)
         env[n] = g.node_copy(n, lambda x: env[x])
     g.output(tuple(env[o] for o in pc.outputs))
-    return fx.GraphModule(subs, g, class_name="OasesPiece")
+    return g, subs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +251,9 @@ def _meta_sig(n: fx.Node) -> str:
     return f"{m.role}|{m.sub_batch}|{m.placement}|{m.pieces}|{m.recompute}"
 
 
-def structure_key(g: fx.GraphModule) -> str:
-    """A string equal for two GraphModules that compute the same thing from same-shaped inputs:
+def structure_key(g, subs=None) -> str:
+    """(A GraphModule, or a Graph and the submodules it calls by name.) A string equal for two
+    GraphModules that compute the same thing from same-shaped inputs:
     ops, targets, constants, wiring by position (not names), our node records, the parameter
     inputs' shapes/strides/dtypes/requires_grad, and the same for each submodule it calls.
     Activation shapes are not in it (node.meta["val"] is stale after some passes): the runner adds
@@ -263,14 +274,17 @@ def structure_key(g: fx.GraphModule) -> str:
             return _target_name(a)
         return repr(a)
 
-    for i, n in enumerate(g.graph.nodes):
+    graph, owner = (g.graph, g) if isinstance(g, fx.GraphModule) else (g, None)
+    for i, n in enumerate(graph.nodes):
         index[n] = i
         if n.op == "placeholder":
             parts.append(f"ph {n.meta.get(SIG_KEY, 'act')}")  # activations: their actual shapes at the first call
         elif n.op == "get_attr":
-            sub = _attr(g, n.target)
+            sub = subs[n.target] if owner is None else _attr(owner, n.target)
             parts.append("sub{" + (structure_key(sub) if isinstance(sub, fx.GraphModule) else _val_sig(sub)) + "}")
         else:
+            if n.op == "call_module":  # the module's own code (its class) and its parameters are not compared
+                parts.append(f"module {type(subs[n.target] if owner is None else owner.get_submodule(n.target)).__qualname__}")
             parts.append(f"{n.op} {_target_name(n.target)} {arg(n.args)} {arg(n.kwargs)} {_meta_sig(n)}")
     return "\n".join(parts)
 
@@ -312,7 +326,8 @@ class _Artifacts:
         key = (pc.key, tuple(_val_sig(a) for a in acts))
         got = self.by_key.get(key)
         if got is None:
-            got = self.by_key[key] = (len(self.by_key), self.compile_fn(pc.gm))
+            piece = fx.GraphModule(pc.subs, pc.graph, class_name="OasesPiece")
+            got = self.by_key[key] = (len(self.by_key), self.compile_fn(piece))
             self.report.num_compiled = len(self.by_key)
         self.report.pieces.append((pc.name, got[0]))
         return got[1]
@@ -359,8 +374,8 @@ def compile_layers(gm: fx.GraphModule, compile_fn, *, mode: str):
     registry = _Artifacts(compile_fn, report)
     calls = []
     for pc in pieces:
-        pc.gm = build_piece_module(gm, pc)
-        pc.key = structure_key(pc.gm) if mode == "reuse" else f"#{pc.index}"
+        pc.graph, pc.subs = build_piece_graph(gm, pc)
+        pc.key = structure_key(pc.graph, pc.subs) if mode == "reuse" else f"#{pc.index}"
         calls.append(_PieceCall(registry, pc, gm))
     report.num_pieces = len(pieces)
     report.num_structures = len({pc.key for pc in pieces})
