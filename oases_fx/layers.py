@@ -86,7 +86,7 @@ class LayerReport:
         return (f"compiled per block (compile_layers={self.mode!r}): {self.num_pieces} pieces ({len(self.blocks)} "
                 f"blocks, prologue, epilogue) of {self.num_structures} distinct structures, each structure compiled "
                 "once at its first call (again only if its input shapes differ); a collective's wait does not "
-                "cross a piece boundary")
+                "cross a piece boundary; the AOTAutograd and Schedule lines below are the last compiled piece's")
 
 
 # ---------------------------------------------------------------------------------------------
