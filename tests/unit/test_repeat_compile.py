@@ -155,6 +155,21 @@ def test_reuse_gives_the_values_of_each_under_inductor():
     assert_same_values(got["reuse"], got["each"], "inductor: reuse vs each")
 
 
+def test_compiletime_grid_pairs_reuse_with_whole_and_regional():
+    """benchmarks/rank_bench.py's compiletime grid (issue 14): at L=4 and L=32, oases_fx with
+    compile_layers reuse and whole and torch.compile regional and whole, all at the same shape."""
+    from benchmarks.rank_bench import load_grid
+
+    cases = load_grid("compiletime")
+    got = [(c.system, c.layers, c.options.get("compile_layers"), c.options.get("regional", False)) for c in cases]
+    assert got == [(s, L, m, r) for L in (4, 32) for s, m, r in (
+        ("oases", "reuse", False), ("oases", "whole", False), ("torch_compile", None, True),
+        ("torch_compile", None, False))], got
+    assert {(c.hidden, c.batch, c.tp) for c in cases} == {(4096, 4, 2)}
+    assert all(c.k == 2 and c.collectives == "skip" for c in cases if c.system == "oases")
+    assert len(load_grid("compiletime_tiny")) == len(cases)
+
+
 def _chain(scale: float, names=("x",)):
     g = fx.Graph()
     x = g.placeholder(names[0])
