@@ -38,7 +38,8 @@ def _run(spec: dict) -> dict:
     for mode in spec["modes"]:
         case = Case(system="oases", tp=2, hidden=64, layers=spec["layers"], batch=4, seq=16, vocab=64, head_dim=16,
                     k=spec.get("k", 2), recompute=spec.get("recompute", "none"), collectives="fake", dtype="fp32",
-                    backend=spec.get("backend", "aot_eager"), options=dict(compile_layers=mode))
+                    backend=spec.get("backend", "aot_eager"), dp=spec.get("dp", 1),
+                    options=dict(compile_layers=mode, **spec.get("options", {})))
         torch.manual_seed(0)
         step, module, _ = build(case, torch.device("cpu"))
         batch = make_batch(case, torch.device("cpu"))
@@ -128,6 +129,14 @@ def test_reuse_with_dropout_draws_the_masks_of_the_whole_program():
     got = run_in_subprocess(layers=4, modes=["whole", "reuse"], dropout=0.1, recompute="fine")
     assert_same_values(got["reuse"], got["whole"], "dropout 0.1: reuse vs whole")
     assert got["reuse"]["report"]["num_compiled"] == 5, got["reuse"]["report"]
+
+
+def test_dp_reduce_graph_is_compiled_whole_and_says_so():
+    """dp_reduce="graph" buckets gradients across layers inside the backward graph: with a dp axis the
+    program is compiled whole, and explain() says why (nothing skipped silently)."""
+    got = run_in_subprocess(layers=3, modes=["reuse"], dp=2, options=dict(dp_reduce="graph"))["reuse"]
+    assert got["report"] is None
+    assert "compile_layers='reuse' with dp_reduce='graph': compiled whole" in got["explain"], got["explain"]
 
 
 def test_each_block_keeps_the_sub_batch_overlap():
