@@ -21,9 +21,20 @@ inputs (ASAP), so the layer norm between two blocks goes with the earlier one; n
 last region node form the epilogue. Each piece's inputs come from earlier pieces only, so running
 the pieces in order is a topological order of the graph.
 
-Limits: a collective's wait cannot cross a piece boundary, so the last collective of each piece
-(per direction) has nothing of the next block to hide behind; the dp all-reduce inside the graph
-(dp_reduce="graph") buckets across layers and is not supported here (compiled whole instead).
+Limits:
+- A collective's wait cannot cross a piece boundary, so the last all-reduce of each block (per
+  direction; at k=2 one of four) has nothing of the next block to hide behind, where the whole
+  program hides all but the last of the pass. Free with collectives skipped or on the fake group;
+  on a real link about one all-reduce per block and direction (h=4096, b=4, s=2048, bf16: 32 MiB,
+  ~0.25 ms at 256 GB/s). Not yet done: cutting before the last sub-batch's last all-reduce so it is
+  issued at the start of the next piece, behind the other sub-batch's attention (costs one more
+  distinct block structure: block 0 would have no pending all-reduce).
+- Distinct structures at k >= 2: block 0 is the middle blocks' (with recompute it is not: its first
+  checkpoint starts after ln_1, which split_sub_batches computes on the whole batch), the last block
+  is its own (no next layer norm; its residual add follows the cat). Moving the split before block
+  0's ln_1 and the cat after the last residual add would make every block one structure.
+- The dp all-reduce inside the graph (dp_reduce="graph") buckets across layers: such a program is
+  compiled whole (logged, and said in explain()). cudagraphs=True is refused (config.py).
 """
 from __future__ import annotations
 
