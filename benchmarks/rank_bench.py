@@ -601,6 +601,36 @@ def grid_issue14():
 GRIDS["issue14"] = grid_issue14
 
 
+def _compiletime_cases(*, big_layers: int, small_layers: int, **kw) -> list:
+    cases = []
+    for L in (small_layers, big_layers):  # the short pairs first: their step times compare per-step cost
+        cases += [Case(system="oases", layers=L, k=2, collectives="skip", options=dict(compile_layers=m), **kw)
+                  for m in ("reuse", "whole")]
+        cases += [Case(system="torch_compile", layers=L, options=o, **kw) for o in (dict(regional=True), {})]
+    return cases
+
+
+def grid_compiletime():
+    """Issue 14, compile time flat in depth: the first forward + backward (compile_s = wrap_s, model
+    construction + oases_fx.compile's trace and passes, + first_step_s, dynamo/AOTAutograd/Inductor)
+    of oases_fx with compile_layers "reuse" (identical blocks compiled once) and "whole", beside
+    torch.compile of the same per-rank work, regional (each block compiled, one artifact reused) and
+    whole; L=4 first (per-step time), then L=32. TP=2 rank on the fake group, collectives skipped."""
+    return _compiletime_cases(big_layers=32, small_layers=4, tp=2, hidden=4096, batch=4)
+
+
+GRIDS["compiletime"] = grid_compiletime
+
+
+def grid_compiletime_tiny():
+    """The compiletime grid's code path on CPU at tiny shapes (aot_eager): L=2 and L=8."""
+    return _compiletime_cases(big_layers=8, small_layers=2, hidden=64, batch=4, seq=16, vocab=64, head_dim=16, steps=2,
+                              warmup=1, dtype="fp32", backend="aot_eager")
+
+
+GRIDS["compiletime_tiny"] = grid_compiletime_tiny
+
+
 def load_grid(spec: str) -> list:
     if spec in GRIDS:
         return GRIDS[spec]()

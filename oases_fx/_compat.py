@@ -445,3 +445,11 @@ def dtensor_op_shard(op, x: torch.Tensor, args: tuple, dim: int, tp: int, strict
     except TypeError as e:  # 2.11's squeeze map takes one dim, not a list (aten.squeeze.dims)
         raise NotImplementedError(f"DTensor's dim map for {op} in torch {torch.__version__}: {e}") from None
     return _dtensor_shard_through(rule, x.shape, dim, tp, strict)
+
+
+def graph_codegen(graph):
+    """An fx Graph's code generator (its pytree signature for an exported module: how the forward's
+    args and kwargs map to placeholders and the output is unflattened). Private attribute
+    ``Graph._codegen``, present in torch 2.11 and 2.13; oases_fx.layers copies it onto the graph
+    that stitches the per-block pieces so the stitched program keeps the model's signature."""
+    return graph._codegen

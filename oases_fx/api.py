@@ -596,7 +596,17 @@ def _compile_program(gm, info, plan, cfg, *, dp_reduce: bool):
     fw, bw = aot_passes(info, plan, cfg, keep, dp_reduce=dp_reduce)
     fn = _backend.make_backend(backend=cfg.backend, fw_passes=fw, bw_passes=bw,
                                disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep, cudagraphs=cfg.cudagraphs)
-    return _Program(gm, _backend.compile_module(gm, fn), keep)
+    layers = "whole" if _dp_in_graph(info, cfg) else cfg.compile_layers  # dp buckets span layers (oases_fx.layers)
+    if layers != cfg.compile_layers:
+        why = f"compile_layers={cfg.compile_layers!r} with dp_reduce='graph': compiled whole (dp buckets span layers)"
+        log.warning("oases_fx: %s", why)
+        graph_meta(gm).notes.append(why)
+    compiled, report = _backend.compile_program(gm, fn, layers=layers)
+    if report is not None:
+        graph_meta(gm).notes.append(report.summary())
+    prog = _Program(gm, compiled, keep)
+    prog.layers = report
+    return prog
 
 
 def _dp_variant(gm, info, plan, cfg, mode: str):

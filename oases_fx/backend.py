@@ -284,3 +284,14 @@ def _recording_inputs(backend_fn, keep: CompiledGraphs):
 
 def compile_module(gm: fx.GraphModule, backend_fn):
     return torch.compile(gm, backend=backend_fn, fullgraph=True, dynamic=False)
+
+
+def compile_program(gm: fx.GraphModule, backend_fn, *, layers: str = "whole"):
+    """(the compiled program, oases_fx.layers.LayerReport or None). layers="whole": one torch.compile
+    of gm; "reuse" / "each": gm cut into pieces per repeated block (oases_fx.layers), identical pieces
+    compiled once ("reuse") or every piece on its own ("each")."""
+    if layers == "whole":
+        return compile_module(gm, backend_fn), None
+    from oases_fx import layers as _layers
+
+    return _layers.compile_layers(gm, lambda piece: compile_module(piece, backend_fn), mode=layers)

@@ -71,7 +71,26 @@ class CompileConfig:
     step). Make it longer than the slowest step and than compilation (a rank may compile while its
     peer waits in the first collective: Inductor can take minutes)."""
 
+    compile_layers: str = "whole"
+    """How the rewritten program is handed to torch.compile: "whole" (default: one graph; the
+    schedule may overlap a collective with the next block's work) or "reuse" (oases_fx.layers: cut
+    per repeated block, parameters as inputs; blocks of the same structure are compiled once and that
+    artifact runs each of them, so the first step's compile time does not grow with depth; a
+    collective's wait does not cross a block boundary). "each" cuts the same way and compiles every
+    piece on its own (the reference for "reuse": same kernels, same values). Ignored by
+    backend="eager"; with dp_reduce="graph" on a dp axis the program is compiled whole (logged)."""
+
     def __post_init__(self):
+        if self.compile_layers not in ("whole", "reuse", "each"):
+            raise ValueError(f"compile_layers={self.compile_layers!r}: expected 'whole' (one graph), 'reuse' "
+                             "(per block, identical blocks compiled once) or 'each' (per block, each compiled)")
+        if self.cudagraphs and self.compile_layers != "whole":
+            from oases_fx.errors import OasesError
+
+            raise OasesError(f"cudagraphs=True with compile_layers={self.compile_layers!r}: a block's artifact is "
+                             "replayed with each block's own parameters, which a CUDA graph would capture by address "
+                             "(one recording per block, or none). Fix: compile_layers='whole' with cudagraphs=True, "
+                             "or cudagraphs=False.")
         if self.profile not in ("measure", "analytical"):
             raise ValueError(f"profile={self.profile!r}: expected 'measure' or 'analytical'")
         if not (self.planner_degrees in ("full", "all") or (
