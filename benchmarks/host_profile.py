@@ -1,0 +1,273 @@
+"""Host time of one oases_fx training step, by component, on CPU (issue 14: a step the host never gates).
+
+The kernels' own time depends on the device; the Python around them does not. This runs a tiny GPT
+as rank 0 of a TP=2 world on torch's fake process group (benchmarks/rank_bench.py's `fake_mesh`,
+`build`, `make_batch`), with Inductor on the CPU, and times each part of a step (zero_grad, forward,
+backward) with wall clocks around a few functions. Each part's time is its own (exclusive of the
+parts it calls), in microseconds per step, the median of many steps:
+
+    python -m benchmarks.host_profile --k 1,2,4
+    python -m benchmarks.host_profile --k 2 --cprofile 30      # plus cProfile's top functions
+
+"Inductor fw/bw call" is the generated code with its kernels (on a GPU with cudagraphs=True a CUDA
+graph replay runs there instead); everything else is the host path that the GPU step also pays.
+Each k runs in its own process (one fake world per process). No number here is a test assertion.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+# the parts timed: (label, owner, attribute); each wrapper records time exclusive of nested parts
+PARTS = (
+    ("OasesModule.forward (own)", "oases_fx.api:OasesModule", "forward"),
+    ("Boundary.call (own)", "oases_fx.boundary:Boundary", "call"),
+    ("StepTracker.mark", "oases_fx.watchdog:StepTracker", "mark"),
+    ("hand-over start (pre-hook)", "oases_fx.boundary:Boundary", "_backward_start"),
+    ("hand-over end (callback)", "oases_fx.boundary:Boundary", "_backward_end"),
+    ("watchdog marker backward", "oases_fx.watchdog:_BackwardMarker", "backward"),
+    ("Inductor call", "torch._inductor.output_code:CompiledFxGraph", "__call__"),
+)
+
+
+class _Clock:
+    """A stack of running parts: each part's time excludes the parts it called."""
+
+    def __init__(self):
+        self.stack, self.acc = [], {}
+
+    def wrap(self, label, fn, *, split=None):
+        clock = self
+
+        def timed(*args, **kwargs):
+            name = split(args) if split else label
+            clock.stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                inner = clock.stack.pop()
+                clock.acc[name] = clock.acc.get(name, 0.0) + dt - inner
+                if clock.stack:
+                    clock.stack[-1] += dt
+
+        timed.__wrapped__ = fn
+        return timed
+
+    def region(self, label):
+        return self.wrap(label, lambda f, *a, **k: f(*a, **k))
+
+
+def _resolve(spec):
+    mod, _, cls = spec.partition(":")
+    m = __import__(mod, fromlist=[cls])
+    return getattr(m, cls, None)
+
+
+def _install(clock):
+    """Wrap the parts (class attributes); returns a function that undoes it."""
+    undo = []
+    for label, owner, attr in PARTS:
+        cls = _resolve(owner)
+        if cls is None or attr not in vars(cls):
+            continue
+        orig = vars(cls)[attr]
+        fn = orig.__func__ if isinstance(orig, staticmethod) else orig
+        if label == "Inductor call":
+            w = clock.wrap(label, fn, split=lambda a: "Inductor bw call" if torch._C._current_graph_task_id() != -1
+                           else "Inductor fw call")
+        else:
+            w = clock.wrap(label, fn)
+        setattr(cls, attr, staticmethod(w) if isinstance(orig, staticmethod) else w)
+        undo.append((cls, attr, orig))
+    return lambda: [setattr(c, a, o) for c, a, o in undo]
+
+
+def _graph_counts(module) -> dict:
+    """Inputs and outputs of the last compiled forward and backward graphs (what the runtime wrappers and
+    cudagraph trees handle per call)."""
+    aot = module.graphs.aot
+    out = {}
+    for stage, gs in (("fw", aot.forward), ("bw", aot.backward)):
+        if not gs:
+            continue
+        g = gs[-1].graph
+        ph = [n for n in g.nodes if n.op == "placeholder"]
+        outs = next(n for n in g.nodes if n.op == "output").args[0]
+        out[f"{stage}_inputs"] = len(ph)
+        out[f"{stage}_outputs"] = len(outs) if isinstance(outs, (tuple, list)) else 1
+    out["params"] = sum(1 for _ in module.parameters())
+    return out
+
+
+def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str, cprofile: int) -> dict:
+    from benchmarks import rank_bench
+    from benchmarks.rank_bench import Case
+
+    torch.set_num_threads(1)
+    case = Case(system="oases", hidden=hidden, layers=2, batch=8, seq=8, vocab=64, head_dim=16, k=k,
+                dtype="fp32", backend=backend, collectives=collectives)
+    dev = torch.device("cpu")
+    batch = rank_bench.make_batch(case, dev)
+    t0 = time.perf_counter()
+    _, module, _ = rank_bench.build(case, dev)
+    params = [p for p in module.parameters() if p.requires_grad]
+    clock = _Clock()
+
+    def zero_grad():
+        for p in params:
+            p.grad = None
+
+    def step(idx, targets):
+        zero_grad()
+        _, loss = module(idx, targets)
+        loss.backward()
+
+    step(*batch)  # compiles forward and backward
+    compile_s = time.perf_counter() - t0
+    for _ in range(10):
+        step(*batch)
+    totals = []
+    for _ in range(steps):  # unwrapped: the step's wall time
+        t = time.perf_counter()
+        step(*batch)
+        totals.append(time.perf_counter() - t)
+
+    undo = _install(clock)
+
+    prog = module.graphs  # the program's torch.compile'd callable: dynamo's frame, guards, AOT's wrappers
+    compiled = prog.compiled
+    prog.compiled = clock.wrap("compiled program: dynamo + guards + AOT fw wrappers", compiled)
+    t_zero = clock.region("zero_grad")
+    t_fwd = clock.region("module call (nn.Module __call__)")
+    t_bwd = clock.region("backward: engine + AOT bw wrappers")
+    per = []
+    for _ in range(steps):
+        clock.acc = {}
+        t = time.perf_counter()
+        t_zero(zero_grad)
+        _, loss = t_fwd(module, *batch)
+        t_bwd(loss.backward)
+        wall = time.perf_counter() - t
+        row = dict(clock.acc)
+        row["step (wall, instrumented)"] = wall
+        per.append(row)
+    undo()
+    prog.compiled = compiled
+    comp = {name: statistics.median(r.get(name, 0.0) for r in per) * 1e6 for name in per[0]}
+    comp["step (wall, uninstrumented)"] = statistics.median(totals) * 1e6
+    kernels = comp.get("Inductor fw call", 0.0) + comp.get("Inductor bw call", 0.0)
+    comp["host path without Inductor calls"] = comp["step (wall, uninstrumented)"] - kernels
+    res = dict(k=k, backend=backend, collectives=collectives, compile_s=round(compile_s, 1),
+               us=comp, counts=_graph_counts(module), guards=_guard_us(module, batch))
+    if cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(steps):
+            step(*batch)
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(cprofile)
+        res["cprofile"] = s.getvalue()
+    return res
+
+
+def _guard_us(module, batch) -> dict:
+    """Dynamo's guard check of the compiled program, called on its own (median us), and the number of
+    cache entries of the compiled frame."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    prog = module.graphs
+    gm = prog.gm
+    got = {}
+    for name, code in (("forward", type(gm).forward.__code__), ("_call_impl", torch.nn.Module._call_impl.__code__)):
+        try:
+            entries = _debug_get_cache_entry_list(code)
+        except Exception:  # noqa: BLE001 - a torch without this debug API
+            continue
+        if not entries:
+            continue
+        gmgr = entries[0].guard_manager
+        f_locals = {"self": gm, **{n: t for n, t in zip(("idx", "targets"), batch)}}
+        try:
+            ts = []
+            for _ in range(200):
+                t = time.perf_counter()
+                gmgr.check(f_locals)
+                ts.append(time.perf_counter() - t)
+            got[name] = dict(entries=len(entries), check_us=round(statistics.median(ts) * 1e6, 1))
+        except Exception as e:  # noqa: BLE001 - locals named differently: report, do not fail
+            got[name] = dict(entries=len(entries), error=f"{type(e).__name__}: {e}"[:120])
+    return got
+
+
+def _format(results) -> str:
+    names = []
+    for r in results:
+        for n in r["us"]:
+            if n not in names:
+                names.append(n)
+    head = "| us per step | " + " | ".join(f"k={r['k']}" for r in results) + " |"
+    lines = [head, "|---|" + "---|" * len(results)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{r['us'].get(n, 0.0):.0f}" for r in results) + " |")
+    for key in ("fw_inputs", "fw_outputs", "bw_inputs", "bw_outputs", "params"):
+        lines.append(f"| {key} | " + " | ".join(str(r["counts"].get(key, "-")) for r in results) + " |")
+    lines.append("| guard check (standalone) | " + " | ".join(
+        "; ".join(f"{k}: {v.get('check_us', v.get('error'))} us, {v['entries']} entries" for k, v in r["guards"].items())
+        or "-" for r in results) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", default="1,2,4", help="sub-batch counts, comma-separated (one process each)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--backend", default="inductor")
+    p.add_argument("--collectives", default="fake", help='"fake" (kept) or "skip"')
+    p.add_argument("--cprofile", type=int, default=0, help="also print cProfile's top N functions (tottime)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one k in this process
+    a = p.parse_args(argv)
+    kw = dict(steps=a.steps, hidden=a.hidden, backend=a.backend, collectives=a.collectives, cprofile=a.cprofile)
+    if a.one is not None:
+        print("RESULT " + json.dumps(profile_k(a.one, **kw)))
+        return 0
+    results = []
+    for k in (int(x) for x in a.k.split(",")):
+        cmd = [sys.executable, "-m", "benchmarks.host_profile", "--one", str(k), "--steps", str(a.steps),
+               "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
+               "--cprofile", str(a.cprofile)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        r = json.loads(line[len("RESULT "):])
+        results.append(r)
+        if r.get("cprofile"):
+            print(f"--- k={k}: cProfile, {a.steps} steps ---\n{r.pop('cprofile')}")
+    print(f"host path per step, CPU, {a.backend}, collectives={a.collectives}, h={a.hidden}, L=2, b=8, s=8, "
+          f"torch {torch.__version__} (median of {a.steps} steps)")
+    print(_format(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
