@@ -10,24 +10,29 @@ parts it calls), in microseconds per step, the median of many steps:
     python -m benchmarks.host_profile --k 2 --cprofile 30      # plus cProfile's top functions
 
 "Inductor fw/bw call" is the generated code with its kernels (on a GPU with cudagraphs=True a CUDA
-graph replay runs there instead); everything else is the host path that the GPU step also pays.
+graph replay runs there instead); everything else is the host path that the GPU step also pays. On a
+shared CPU a step is often preempted somewhere: read the parts' medians and their sum, not the wall time
+(whose median includes the preemptions); --rounds N alternates the trees of --roots N times.
 Each k runs in its own process (one fake world per process). No number here is a test assertion.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 # the parts timed: (label, owner, attribute); each wrapper records time exclusive of nested parts
+PROGRAM = "program call: torch.compile's wrapping + AOT fw wrappers"
 PARTS = (
     ("OasesModule.forward (own)", "oases_fx.api:OasesModule", "forward"),
+    (PROGRAM, "oases_fx.direct_call:DirectCall", "__call__"),
     ("Boundary.call (own)", "oases_fx.boundary:Boundary", "call"),
     ("StepTracker.mark", "oases_fx.watchdog:StepTracker", "mark"),
     ("hand-over start (pre-hook)", "oases_fx.boundary:Boundary", "_backward_start"),
@@ -68,7 +73,10 @@ class _Clock:
 
 def _resolve(spec):
     mod, _, cls = spec.partition(":")
-    m = __import__(mod, fromlist=[cls])
+    try:
+        m = __import__(mod, fromlist=[cls])
+    except ImportError:  # a part the code under test does not have
+        return None
     return getattr(m, cls, None)
 
 
@@ -145,7 +153,8 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
 
     prog = module.graphs  # the program's torch.compile'd callable: dynamo's frame, guards, AOT's wrappers
     compiled = prog.compiled
-    prog.compiled = clock.wrap("compiled program: dynamo + guards + AOT fw wrappers", compiled)
+    if _resolve("oases_fx.direct_call:DirectCall") is None:  # code before oases_fx.direct_call
+        prog.compiled = clock.wrap(PROGRAM, compiled)
     t_zero = clock.region("zero_grad")
     t_fwd = clock.region("module call (nn.Module __call__)")
     t_bwd = clock.region("backward: engine + AOT bw wrappers")
@@ -164,10 +173,15 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
     prog.compiled = compiled
     comp = {name: statistics.median(r.get(name, 0.0) for r in per) * 1e6 for name in per[0]}
     comp["step (wall, uninstrumented)"] = statistics.median(totals) * 1e6
-    kernels = comp.get("Inductor fw call", 0.0) + comp.get("Inductor bw call", 0.0)
-    comp["host path without Inductor calls"] = comp["step (wall, uninstrumented)"] - kernels
+    comp["step (wall, uninstrumented), p20"] = sorted(totals)[len(totals) // 5] * 1e6
+    parts = [n for n in per[0] if n != "step (wall, instrumented)"]
+    comp["sum of the parts' medians"] = sum(comp[n] for n in parts)
+    # what the GPU step pays on the host too (with cudagraphs a replay stands where the Inductor calls are)
+    comp["host path: parts without the Inductor calls"] = sum(comp[n] for n in parts if not n.startswith("Inductor"))
+    direct = getattr(prog, "__dict__", {}).get("direct")
     res = dict(k=k, backend=backend, collectives=collectives, compile_s=round(compile_s, 1),
-               us=comp, counts=_graph_counts(module), guards=_guard_us(module, batch))
+               us=comp, counts=_graph_counts(module), guards=_guard_us(module, batch),
+               direct=getattr(direct, "state", "-"))
     if cprofile:
         import cProfile
         import io
@@ -213,22 +227,32 @@ def _guard_us(module, batch) -> dict:
     return got
 
 
-def _format(results) -> str:
+def _format(results, labels) -> str:
     names = []
     for r in results:
         for n in r["us"]:
             if n not in names:
                 names.append(n)
-    head = "| us per step | " + " | ".join(f"k={r['k']}" for r in results) + " |"
+    head = "| us per step | " + " | ".join(labels) + " |"
     lines = [head, "|---|" + "---|" * len(results)]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{r['us'].get(n, 0.0):.0f}" for r in results) + " |")
+        lines.append(f"| {n} | " + " | ".join(f"{r['us'][n]:.0f}" if n in r["us"] else "-" for r in results) + " |")
     for key in ("fw_inputs", "fw_outputs", "bw_inputs", "bw_outputs", "params"):
         lines.append(f"| {key} | " + " | ".join(str(r["counts"].get(key, "-")) for r in results) + " |")
+    lines.append("| direct call | " + " | ".join(str(r.get("direct", "-")) for r in results) + " |")
     lines.append("| guard check (standalone) | " + " | ".join(
-        "; ".join(f"{k}: {v.get('check_us', v.get('error'))} us, {v['entries']} entries" for k, v in r["guards"].items())
-        or "-" for r in results) + " |")
+        "; ".join(f"{v.get('check_us', v.get('error'))} us" for v in r["guards"].values()) or "-"
+        for r in results) + " |")
     return "\n".join(lines)
+
+
+def _median_of_rounds(rounds):
+    """One result from several rounds of the same (root, k): each part's median over the rounds."""
+    out = dict(rounds[0])
+    names = {n for r in rounds for n in r["us"]}
+    out["us"] = {n: statistics.median(r["us"].get(n, 0.0) for r in rounds) for n in rounds[0]["us"]}
+    out["us"].update({n: statistics.median(r["us"].get(n, 0.0) for r in rounds) for n in names - set(out["us"])})
+    return out
 
 
 def main(argv=None) -> int:
@@ -239,6 +263,12 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="inductor")
     p.add_argument("--collectives", default="fake", help='"fake" (kept) or "skip"')
     p.add_argument("--cprofile", type=int, default=0, help="also print cProfile's top N functions (tottime)")
+    p.add_argument("--roots", default="",
+                   help="label=path,... : source trees of oases_fx to compare (e.g. before=/tmp/base,after=.); "
+                        "default: this checkout")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per (tree, k), alternating between the trees; each part is the median over "
+                        "rounds (a shared CPU is noisy)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one k in this process
     a = p.parse_args(argv)
@@ -246,26 +276,36 @@ def main(argv=None) -> int:
     if a.one is not None:
         print("RESULT " + json.dumps(profile_k(a.one, **kw)))
         return 0
-    results = []
-    for k in (int(x) for x in a.k.split(",")):
-        cmd = [sys.executable, "-m", "benchmarks.host_profile", "--one", str(k), "--steps", str(a.steps),
-               "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
-               "--cprofile", str(a.cprofile)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            return 1
-        r = json.loads(line[len("RESULT "):])
-        results.append(r)
-        if r.get("cprofile"):
-            print(f"--- k={k}: cProfile, {a.steps} steps ---\n{r.pop('cprofile')}")
+    here = Path(__file__).resolve().parents[1]
+    roots = [tuple(x.split("=", 1)) for x in a.roots.split(",") if x] or [("", str(here))]
+    ks = [int(x) for x in a.k.split(",")]
+    got = {}
+    for rnd in range(a.rounds):
+        for k in ks:
+            for label, root in roots:
+                root = str(Path(root).resolve())
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(k), "--steps", str(a.steps),
+                       "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
+                       "--cprofile", str(a.cprofile)]
+                env = dict(os.environ, PYTHONPATH=root)
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                    return 1
+                r = json.loads(line[len("RESULT "):])
+                if r.get("cprofile"):
+                    print(f"--- {label} k={k} round {rnd}: cProfile, {a.steps} steps ---\n{r.pop('cprofile')}")
+                got.setdefault((label, k), []).append(r)
+    keys = [(label, k) for k in ks for label, _ in roots]
+    results = [_median_of_rounds(got[key]) for key in keys]
+    labels = [f"{label} k={k}".strip() for label, k in keys]
     print(f"host path per step, CPU, {a.backend}, collectives={a.collectives}, h={a.hidden}, L=2, b=8, s=8, "
-          f"torch {torch.__version__} (median of {a.steps} steps)")
-    print(_format(results))
+          f"torch {torch.__version__} (median of {a.steps} steps; median over {a.rounds} round(s))")
+    print(_format(results, labels))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump([dict(r, label=lab) for r, lab in zip(results, labels)], f, indent=1)
     return 0
 
 

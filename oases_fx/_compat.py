@@ -445,3 +445,39 @@ def dtensor_op_shard(op, x: torch.Tensor, args: tuple, dim: int, tp: int, strict
     except TypeError as e:  # 2.11's squeeze map takes one dim, not a list (aten.squeeze.dims)
         raise NotImplementedError(f"DTensor's dim map for {op} in torch {torch.__version__}: {e}") from None
     return _dtensor_shard_through(rule, x.shape, dim, tp, strict)
+
+
+# --- calling a torch.compile'd GraphModule's compiled function directly (oases_fx.direct_call) ---------
+def dynamo_frame_entry(code):
+    """(guard manager, compiled function's global name) of the one dynamo cache entry of `code` (the
+    GraphModule forward's code object), or None where there is not exactly one entry, or it calls not
+    exactly one compiled function. Private in 2.11 and 2.13: eval_frame's _debug_get_cache_entry_list,
+    the entry's guard_manager, and the transformed code calling a global named __compiled_fn_*."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        entries = _debug_get_cache_entry_list(code)
+    except Exception:  # noqa: BLE001 - a torch without this debug API: no direct call
+        return None
+    if len(entries) != 1:
+        return None
+    entry = entries[0]
+    names = [n for n in entry.code.co_names if n.startswith("__compiled_fn")]
+    manager = getattr(entry, "guard_manager", None)
+    if len(names) != 1 or manager is None or not hasattr(manager, "check"):
+        return None
+    return manager, names[0]
+
+
+def module_call_hooks_active() -> bool:
+    """Whether global nn.Module hooks are registered (register_module_forward_(pre_)hook, ..._backward_hook):
+    torch.compile's module call runs them, a direct call of the compiled function would not."""
+    import torch.nn.modules.module as m
+
+    return bool(m._global_forward_pre_hooks or m._global_forward_hooks or m._global_backward_pre_hooks
+                or m._global_backward_hooks)
+
+
+def is_compiling() -> bool:
+    """Inside a dynamo trace (an outer torch.compile of the caller)."""
+    return torch.compiler.is_compiling()

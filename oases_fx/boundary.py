@@ -73,6 +73,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from oases_fx import _compat
+from oases_fx import direct_call as _direct_call
 from oases_fx.errors import OasesError
 
 class _Shell(nn.Module):
@@ -242,12 +243,12 @@ class Boundary:
         mode = "sync"
         if self._ddp is not None:
             with _compat.no_ddp_graph_split():
-                out = self._ddp(program.compiled, args, kwargs)
+                out = self._ddp(_direct_call.of(program), args, kwargs)
         elif self.dp_mode == "graph":
             mode = self._graph_mode()
             out = self._call_variant(program, mode, args, kwargs)
         else:
-            out = program.compiled(*args, **kwargs)
+            out = _direct_call.of(program)(*args, **kwargs)  # torch.compile's call less its wrapping
         if self._grads_on and torch.is_grad_enabled():
             start = self._backward_start if mode == "sync" else functools.partial(self._backward_start, mode=mode)
             for t in _tensors(out):
@@ -271,10 +272,10 @@ class Boundary:
 
     def _call_variant(self, program, mode, args, kwargs):
         if mode == "sync":
-            return program.compiled(*args, **kwargs)
+            return _direct_call.of(program)(*args, **kwargs)
         variant = program.variant(mode)
         if mode == "no_sync":
-            return variant.compiled(*args, **kwargs)
+            return _direct_call.of(variant)(*args, **kwargs)
         from oases_fx.meta import graph_meta
 
         buffers, names = variant.gm._buffers, graph_meta(variant.gm).dp_acc
