@@ -48,6 +48,7 @@ class DirectCall:
 
     def __init__(self, gm, compiled):
         self.gm, self.compiled = gm, compiled
+        self.source = compiled  # the program's callable this was made for (oases_fx.direct_call.of)
         self.state = "new"  # "new": calls pass through; "ready": direct; "off: <why>": torch.compile's path
         self._calls = 0
         self._code = type(gm).forward.__code__
@@ -163,8 +164,9 @@ class DirectCall:
 
 
 def of(program) -> DirectCall:
-    """The DirectCall of an oases_fx program (api._Program: .gm, .compiled), made at its first call."""
+    """The DirectCall of an oases_fx program (api._Program: .gm, .compiled), made at its first call and
+    again whenever ``program.compiled`` is replaced (tests inject faults that way)."""
     d = program.__dict__.get("direct")
-    if d is None:
+    if d is None or d.source is not program.compiled:  # made anew where the program's callable was replaced
         d = program.__dict__["direct"] = DirectCall(program.gm, program.compiled)
     return d
