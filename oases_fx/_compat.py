@@ -169,6 +169,17 @@ def _dtensor_new_is_native() -> bool:
 _DTENSOR_NEW_IS_NATIVE = _dtensor_new_is_native()
 
 
+def dtensor_with_spec_fn():
+    """dtensor_with_spec as one callable `make(local, spec)`, its import and branch done once: for loops
+    over every parameter per step (oases_fx.boundary's gradient hand-over)."""
+    from torch.distributed.tensor import DTensor
+
+    if _DTENSOR_NEW_IS_NATIVE:
+        new = DTensor.__new__
+        return lambda local, spec: new(DTensor, local, spec, requires_grad=False)
+    return lambda local, spec: DTensor(local, spec, requires_grad=False)
+
+
 def drop_export_call_hooks(gm) -> int:
     """Remove the forward (pre-)hooks torch.export's ep.module() installs (its input-constraint check and
     nn.Module-input bookkeeping): they run eagerly on every call, outside the compiled program. oases_fx

@@ -300,7 +300,11 @@ class Boundary:
         local_of = _compat.local_of
         for plain, param in self._pairs:
             cur = param.grad
-            plain.grad = None if (cur is None or mode == "acc") else local_of(cur)
+            if cur is None or mode == "acc":
+                if plain.grad is not None:  # (setting .grad costs more than reading it)
+                    plain.grad = None
+            else:
+                plain.grad = local_of(cur)
         # DDP queues its finalize (the averages written back) when its last bucket is ready, later in this
         # backward: callbacks run in order, so the hand-over queues itself again from the engine's callback
         _compat.queue_backward_callback(self._after_ddp if self._ddp is not None else self._backward_end)
@@ -314,7 +318,7 @@ class Boundary:
         self._armed = None
         if self.dp_mode == "graph":
             self._unsynced = self._armed_mode == "no_sync"  # left for the next synchronised backward to reduce
-        local_of, wrap = _compat.local_of, _compat.dtensor_with_spec
+        local_of, wrap = _compat.local_of, _make_dtensor()
         for plain, param in self._pairs:
             g = plain.grad
             if g is None:
@@ -440,6 +444,16 @@ class Boundary:
             v = state_dict.get(prefix + name)
             if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
                 state_dict[prefix + name] = _compat.redistribute(v, e.param.device_mesh, e.param.placements)
+
+
+_MAKE = []
+
+
+def _make_dtensor():
+    """_compat.dtensor_with_spec_fn(), made once per process."""
+    if not _MAKE:
+        _MAKE.append(_compat.dtensor_with_spec_fn())
+    return _MAKE[0]
 
 
 class _PlainParams(nn.Module):
