@@ -3,16 +3,18 @@
 The kernels' own time depends on the device; the Python around them does not. This runs a tiny GPT
 as rank 0 of a TP=2 world on torch's fake process group (benchmarks/rank_bench.py's `fake_mesh`,
 `build`, `make_batch`), with Inductor on the CPU, and times each part of a step (zero_grad, forward,
-backward) with wall clocks around a few functions. Each part's time is its own (exclusive of the
+backward) with clocks around a few functions. Each part's time is its own (exclusive of the
 parts it calls), in microseconds per step, the median of many steps:
 
     python -m benchmarks.host_profile --k 1,2,4
     python -m benchmarks.host_profile --k 2 --cprofile 30      # plus cProfile's top functions
 
 "Inductor fw/bw call" is the generated code with its kernels (on a GPU with cudagraphs=True a CUDA
-graph replay runs there instead); everything else is the host path that the GPU step also pays. On a
-shared CPU a step is often preempted somewhere: read the parts' medians and their sum, not the wall time
-(whose median includes the preemptions); --rounds N alternates the trees of --roots N times.
+graph replay runs there instead); everything else is the host path that the GPU step also pays. Times
+are this thread's CPU time by default (--clock cpu), so a step preempted by other processes on a shared
+CPU is not charged for the wait; --rounds N alternates the trees of --roots N times (medians over rounds).
+
+    python -m benchmarks.host_profile --k 1,2,4 --roots before=/tmp/base,after=. --rounds 2
 Each k runs in its own process (one fake world per process). No number here is a test assertion.
 """
 from __future__ import annotations
@@ -42,6 +44,9 @@ PARTS = (
 )
 
 
+_now = time.thread_time  # this thread's CPU time: a step preempted by other processes is not charged for it
+
+
 class _Clock:
     """A stack of running parts: each part's time excludes the parts it called."""
 
@@ -54,11 +59,11 @@ class _Clock:
         def timed(*args, **kwargs):
             name = split(args) if split else label
             clock.stack.append(0.0)
-            t0 = time.perf_counter()
+            t0 = _now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
+                dt = _now() - t0
                 inner = clock.stack.pop()
                 clock.acc[name] = clock.acc.get(name, 0.0) + dt - inner
                 if clock.stack:
@@ -125,7 +130,7 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
                 dtype="fp32", backend=backend, collectives=collectives)
     dev = torch.device("cpu")
     batch = rank_bench.make_batch(case, dev)
-    t0 = time.perf_counter()
+    t0 = _now()
     _, module, _ = rank_bench.build(case, dev)
     params = [p for p in module.parameters() if p.requires_grad]
     clock = _Clock()
@@ -140,14 +145,14 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
         loss.backward()
 
     step(*batch)  # compiles forward and backward
-    compile_s = time.perf_counter() - t0
+    compile_s = _now() - t0
     for _ in range(10):
         step(*batch)
     totals = []
     for _ in range(steps):  # unwrapped: the step's wall time
-        t = time.perf_counter()
+        t = _now()
         step(*batch)
-        totals.append(time.perf_counter() - t)
+        totals.append(_now() - t)
 
     undo = _install(clock)
 
@@ -161,20 +166,20 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
     per = []
     for _ in range(steps):
         clock.acc = {}
-        t = time.perf_counter()
+        t = _now()
         t_zero(zero_grad)
         _, loss = t_fwd(module, *batch)
         t_bwd(loss.backward)
-        wall = time.perf_counter() - t
+        wall = _now() - t
         row = dict(clock.acc)
-        row["step (wall, instrumented)"] = wall
+        row["step (instrumented)"] = wall
         per.append(row)
     undo()
     prog.compiled = compiled
     comp = {name: statistics.median(r.get(name, 0.0) for r in per) * 1e6 for name in per[0]}
-    comp["step (wall, uninstrumented)"] = statistics.median(totals) * 1e6
-    comp["step (wall, uninstrumented), p20"] = sorted(totals)[len(totals) // 5] * 1e6
-    parts = [n for n in per[0] if n != "step (wall, instrumented)"]
+    comp["step (uninstrumented)"] = statistics.median(totals) * 1e6
+    comp["step (uninstrumented), p20"] = sorted(totals)[len(totals) // 5] * 1e6
+    parts = [n for n in per[0] if n != "step (instrumented)"]
     comp["sum of the parts' medians"] = sum(comp[n] for n in parts)
     # what the GPU step pays on the host too (with cudagraphs a replay stands where the Inductor calls are)
     comp["host path: parts without the Inductor calls"] = sum(comp[n] for n in parts if not n.startswith("Inductor"))
@@ -218,9 +223,9 @@ def _guard_us(module, batch) -> dict:
         try:
             ts = []
             for _ in range(200):
-                t = time.perf_counter()
+                t = _now()
                 gmgr.check(f_locals)
-                ts.append(time.perf_counter() - t)
+                ts.append(_now() - t)
             got[name] = dict(entries=len(entries), check_us=round(statistics.median(ts) * 1e6, 1))
         except Exception as e:  # noqa: BLE001 - locals named differently: report, do not fail
             got[name] = dict(entries=len(entries), error=f"{type(e).__name__}: {e}"[:120])
@@ -269,10 +274,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="processes per (tree, k), alternating between the trees; each part is the median over "
                         "rounds (a shared CPU is noisy)")
+    p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                   help="cpu: this thread's CPU time (default; robust on a shared CPU), wall: perf_counter")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one k in this process
     a = p.parse_args(argv)
     kw = dict(steps=a.steps, hidden=a.hidden, backend=a.backend, collectives=a.collectives, cprofile=a.cprofile)
+    if a.clock == "wall":
+        global _now
+        _now = time.perf_counter
     if a.one is not None:
         print("RESULT " + json.dumps(profile_k(a.one, **kw)))
         return 0
@@ -286,7 +296,7 @@ def main(argv=None) -> int:
                 root = str(Path(root).resolve())
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(k), "--steps", str(a.steps),
                        "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
-                       "--cprofile", str(a.cprofile)]
+                       "--cprofile", str(a.cprofile), "--clock", a.clock]
                 env = dict(os.environ, PYTHONPATH=root)
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
