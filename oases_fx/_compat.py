@@ -480,15 +480,45 @@ def dynamo_frame_entry(code):
     return manager, names[0]
 
 
-def module_call_hooks_active() -> bool:
-    """Whether global nn.Module hooks are registered (register_module_forward_(pre_)hook, ..._backward_hook):
-    torch.compile's module call runs them, a direct call of the compiled function would not."""
+def direct_call_blocked() -> bool:
+    """Whether torch.compile's own call must run (oases_fx.direct_call): global nn.Module hooks are
+    registered (its module call runs them), the caller is being traced (dynamo, export, fx, jit: torch.compile
+    inlines or refuses there), or a torch.compiler.set_stance other than "default" is active (e.g.
+    "force_eager"). Private in 2.11 and 2.13: nn.modules.module's hook dicts, eval_frame._stance."""
     import torch.nn.modules.module as m
 
-    return bool(m._global_forward_pre_hooks or m._global_forward_hooks or m._global_backward_pre_hooks
-                or m._global_backward_hooks)
+    if (m._global_forward_pre_hooks or m._global_forward_hooks or m._global_backward_pre_hooks
+            or m._global_backward_hooks):
+        return True
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None:
+        return True
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    if is_fx_symbolic_tracing():
+        return True
+    return _dynamo_stance() != "default"
 
 
-def is_compiling() -> bool:
-    """Inside a dynamo trace (an outer torch.compile of the caller)."""
-    return torch.compiler.is_compiling()
+def _dynamo_stance() -> str:
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    return getattr(stance, "stance", "default") if stance is not None else "default"
+
+
+def new_compile_generation() -> None:
+    """What each call of a torch.compile'd function does on entry (dynamo's OptimizeContext on_enter):
+    a new GenerationTracker generation, from which cudagraph trees tell a new invocation (and so a new
+    iteration: the previous one's outputs may be overwritten). Private in 2.11 and 2.13."""
+    from torch._dynamo.mutation_guard import GenerationTracker
+
+    GenerationTracker.generation += 1
+
+
+def has_compile_generation() -> bool:
+    try:
+        from torch._dynamo.mutation_guard import GenerationTracker
+
+        return isinstance(GenerationTracker.generation, int)
+    except (ImportError, AttributeError):
+        return False

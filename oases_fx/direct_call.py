@@ -8,7 +8,8 @@ runtime wrapper). Only the guard check and the compiled function are needed. Mea
 
     before:  OptimizedModule.__call__ -> _call_impl -> eval_frame _fn -> frame callback: guards
              -> transformed forward: 28 parameter look-ups -> __compiled_fn(*args) -> rebuild output
-    after:   guards.check({"self": gm, "idx": ..., ...}) -> compiled_fn(*static_and_inputs) -> output
+    after:   guards.check({"self": gm, "idx": ..., ...}) -> a new compile generation (cudagraph trees
+             tell iterations by it) -> compiled_fn(*static_and_inputs) -> output
 
 Contract:
 - Values are the same: the same compiled function is called with the same arguments (tensors, by
@@ -21,8 +22,10 @@ Contract:
 - Soundness: every direct call first runs dynamo's own guard check of that cache entry (the same guards:
   global state, grad mode, autocast, saved-tensor hooks, torch-function modes, every input's and
   parameter's metadata, aliasing, the module tree) on the call's locals; a failed check, arguments that
-  do not bind to forward's parameters one to one, global module hooks or an outer dynamo trace take
-  torch.compile's own path for that call (which recompiles as it always did).
+  do not bind to forward's parameters one to one, global module hooks, an outer trace (dynamo, export,
+  fx, jit) or a non-default torch.compiler.set_stance take torch.compile's own path for that call (which
+  recompiles as it always did). What torch.compile's call does on entry besides is done too: it starts a
+  new GenerationTracker generation, from which cudagraph trees (cudagraphs=True) tell a new iteration.
 - Nothing is skipped silently: ``DirectCall.state`` says "ready" or why it is "off" (debug log).
 
 ``ENABLED = False`` (module attribute) switches it off for every program: the old path (tests, benchmarks).
@@ -69,13 +72,14 @@ class DirectCall:
     def __call__(self, *args, **kwargs):
         if self.state == "ready" and ENABLED:
             ins = self._ordered(args, kwargs)
-            if ins is not None and not (_compat.module_call_hooks_active() or _compat.is_compiling()):
+            if ins is not None and not _compat.direct_call_blocked():
                 f_locals = dict(zip(self._names, ins))
                 f_locals["self"] = self.gm
                 if self._guard.check(f_locals) and all(d.get(k) is t for d, k, t in self._held):
                     full = list(self._static)
                     for pos, i in self._slots:
                         full[pos] = ins[i]
+                    _compat.new_compile_generation()  # as torch.compile's call: cudagraph trees read it
                     return self._build(self._fn(*full))
             return self.compiled(*args, **kwargs)
         self._calls += 1
@@ -93,6 +97,9 @@ class DirectCall:
         ins = self._ordered(args, kwargs)
         if ins is None or len({id(a) for a in ins}) != len(ins):
             self._off("arguments that do not bind one to one to forward's parameters, or repeated")
+            return self.compiled(*args, **kwargs)
+        if _compat.direct_call_blocked() or not _compat.has_compile_generation():
+            self._off("traced, hooked or a non-default compiler stance at capture, or no compile generation")
             return self.compiled(*args, **kwargs)
         found = _compat.dynamo_frame_entry(self._code)
         if found is None:

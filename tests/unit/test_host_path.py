@@ -27,15 +27,20 @@ def test_direct_call_is_bitwise_the_torch_compile_call_over_steps():
     assert r["loss_equal"] and r["grads_equal"], r
     assert r["through_torch_compile_after_capture"] == 0, r  # the direct path did run
     assert r["tracked"] == ["owed", "idle"], r
+    # one new GenerationTracker generation per call, as torch.compile's own call starts (cudagraph trees
+    # tell a new iteration by it)
+    assert r["generations"] == {"torch.compile": 1, "direct": 1}, r
 
 
 def test_direct_call_falls_back_when_its_checks_fail():
     r = _run("fallback")
     assert r["state"] == "ready", r
     # no_grad (a global-state guard), a replaced parameter (an identity the guards do not see), a global
-    # module hook: each call went through torch.compile, and the values are the old path's
-    assert r["through_torch_compile"] == {"no_grad": 1, "replaced": 1, "hook": 1}, r
-    assert r["equal"] == {"no_grad": True, "replaced": True, "hook": True}, r
+    # module hook, a non-default compiler stance: each call went through torch.compile, and the values are
+    # the old path's
+    want = {"no_grad": 1, "replaced": 1, "hook": 1, "stance": 1}
+    assert r["through_torch_compile"] == want, r
+    assert r["equal"] == {k: True for k in want}, r
 
 
 # --- the child processes ------------------------------------------------------------------------
@@ -106,6 +111,16 @@ def _child_equal():
     loss.backward()
     tracked.append(m1._steps.state)
     out["tracked"] = tracked
+    from torch._dynamo.mutation_guard import GenerationTracker
+
+    gens = {}
+    for label, on in (("torch.compile", False), ("direct", True)):
+        direct_call.ENABLED = on
+        before = GenerationTracker.generation
+        _, loss = m1(*batch)
+        gens[label] = GenerationTracker.generation - before
+        loss.backward()
+    out["generations"] = gens
     return out
 
 
@@ -147,6 +162,8 @@ def _child_fallback():
         one("hook")
     finally:
         h.remove()
+    with torch.compiler.set_stance("eager_on_recompile"):
+        one("stance")
     return out
 
 
