@@ -28,11 +28,13 @@ Contract:
   new GenerationTracker generation, from which cudagraph trees (cudagraphs=True) tell a new iteration.
 - Nothing is skipped silently: ``DirectCall.state`` says "ready" or why it is "off" (debug log).
 
-``ENABLED = False`` (module attribute) switches it off for every program: the old path (tests, benchmarks).
+``ENABLED = False`` (module attribute; OASES_FX_DIRECT_CALL=0 in the environment) switches it off for every
+program: the old path (tests, benchmarks).
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.utils._pytree as pytree
@@ -41,8 +43,9 @@ from oases_fx import _compat
 
 log = logging.getLogger("oases_fx")
 
-ENABLED = True
-"""False: every program is called through torch.compile's OptimizedModule (the old path)."""
+ENABLED = os.environ.get("OASES_FX_DIRECT_CALL", "1") != "0"
+"""False (or the environment's OASES_FX_DIRECT_CALL=0 at import): every program is called through
+torch.compile's OptimizedModule (the old path)."""
 
 
 class DirectCall:
