@@ -121,7 +121,8 @@ def _graph_counts(module) -> dict:
     return out
 
 
-def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str, cprofile: int) -> dict:
+def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str, cprofile: int,
+              interleave: bool = False) -> dict:
     from benchmarks import rank_bench
     from benchmarks.rank_bench import Case
 
@@ -163,8 +164,13 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
     t_zero = clock.region("zero_grad")
     t_fwd = clock.region("module call (nn.Module __call__)")
     t_bwd = clock.region("backward: engine + AOT bw wrappers")
-    per = []
-    for _ in range(steps):
+    dc = sys.modules.get("oases_fx.direct_call")
+    arms = (True, False) if interleave and dc is not None else (None,)
+    per = {arm: [] for arm in arms}
+    for i in range(steps * len(arms)):
+        arm = arms[i % len(arms)]  # interleaved: both arms see the same load
+        if arm is not None:
+            dc.ENABLED = arm
         clock.acc = {}
         t = _now()
         t_zero(zero_grad)
@@ -173,20 +179,30 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
         wall = _now() - t
         row = dict(clock.acc)
         row["step (instrumented)"] = wall
-        per.append(row)
+        per[arm].append(row)
+    if dc is not None:
+        dc.ENABLED = True
     undo()
     prog.compiled = compiled
-    comp = {name: statistics.median(r.get(name, 0.0) for r in per) * 1e6 for name in per[0]}
-    comp["step (uninstrumented)"] = statistics.median(totals) * 1e6
-    comp["step (uninstrumented), p20"] = sorted(totals)[len(totals) // 5] * 1e6
-    parts = [n for n in per[0] if n != "step (instrumented)"]
-    comp["sum of the parts' medians"] = sum(comp[n] for n in parts)
-    # what the GPU step pays on the host too (with cudagraphs a replay stands where the Inductor calls are)
-    comp["host path: parts without the Inductor calls"] = sum(comp[n] for n in parts if not n.startswith("Inductor"))
+    comps = {}
+    for arm, rows in per.items():
+        names = list(dict.fromkeys(n for r in rows for n in r))
+        comp = {name: statistics.median(r.get(name, 0.0) for r in rows) * 1e6 for name in names}
+        if arm is None:
+            comp["step (uninstrumented)"] = statistics.median(totals) * 1e6
+            comp["step (uninstrumented), p20"] = sorted(totals)[len(totals) // 5] * 1e6
+        parts = [n for n in names if n != "step (instrumented)"]
+        comp["sum of the parts' medians"] = sum(comp[n] for n in parts)
+        # what the GPU step pays on the host too (with cudagraphs a replay stands where the Inductor calls are)
+        comp["host path: parts without the Inductor calls"] = sum(comp[n] for n in parts
+                                                                  if not n.startswith("Inductor"))
+        comps[arm] = comp
     direct = getattr(prog, "__dict__", {}).get("direct")
     res = dict(k=k, backend=backend, collectives=collectives, compile_s=round(compile_s, 1),
-               us=comp, counts=_graph_counts(module), guards=_guard_us(module, batch),
+               us=comps[arms[0]], counts=_graph_counts(module), guards=_guard_us(module, batch),
                direct=getattr(direct, "state", "-"))
+    if len(arms) == 2:
+        res["us_direct_off"] = comps[False]
     if cprofile:
         import cProfile
         import io
@@ -276,10 +292,14 @@ def main(argv=None) -> int:
                         "rounds (a shared CPU is noisy)")
     p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                    help="cpu: this thread's CPU time (default; robust on a shared CPU), wall: perf_counter")
+    p.add_argument("--interleave", action="store_true",
+                   help="in one process, alternate steps with oases_fx.direct_call on and off (an A/B under the "
+                        "same load); the off arm is reported as its own column")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one k in this process
     a = p.parse_args(argv)
-    kw = dict(steps=a.steps, hidden=a.hidden, backend=a.backend, collectives=a.collectives, cprofile=a.cprofile)
+    kw = dict(steps=a.steps, hidden=a.hidden, backend=a.backend, collectives=a.collectives, cprofile=a.cprofile,
+              interleave=a.interleave)
     if a.clock == "wall":
         global _now
         _now = time.perf_counter
@@ -296,7 +316,7 @@ def main(argv=None) -> int:
                 root = str(Path(root).resolve())
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(k), "--steps", str(a.steps),
                        "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
-                       "--cprofile", str(a.cprofile), "--clock", a.clock]
+                       "--cprofile", str(a.cprofile), "--clock", a.clock] + (["--interleave"] if a.interleave else [])
                 env = dict(os.environ, PYTHONPATH=root)
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -308,8 +328,15 @@ def main(argv=None) -> int:
                     print(f"--- {label} k={k} round {rnd}: cProfile, {a.steps} steps ---\n{r.pop('cprofile')}")
                 got.setdefault((label, k), []).append(r)
     keys = [(label, k) for k in ks for label, _ in roots]
-    results = [_median_of_rounds(got[key]) for key in keys]
-    labels = [f"{label} k={k}".strip() for label, k in keys]
+    results, labels = [], []
+    for key in keys:
+        rounds = got[key]
+        label, k = key
+        if all("us_direct_off" in r for r in rounds):
+            results.append(_median_of_rounds([dict(r, us=r["us_direct_off"], direct="switched off") for r in rounds]))
+            labels.append(f"{label} k={k} direct off".strip())
+        results.append(_median_of_rounds(rounds))
+        labels.append(f"{label} k={k}".strip())
     print(f"host path per step, CPU, {a.backend}, collectives={a.collectives}, h={a.hidden}, L=2, b=8, s=8, "
           f"torch {torch.__version__} (median of {a.steps} steps; median over {a.rounds} round(s))")
     print(_format(results, labels))
