@@ -414,7 +414,6 @@ class Boundary:
                 self._handed_out = [r for r in self._handed_out if r[0]() is not None]
                 self._handed_out.append((weakref.ref(c), _compat.local_of(c)._version, e))
 
-    @torch.no_grad()
     def sync_handed_out(self) -> None:
         """Write back what was loaded *in place* into the Shard(dim) copies state_dict() handed out.
 
@@ -423,8 +422,11 @@ class Boundary:
         this the load would be silently lost for the fused q/k/v weights. Called by OasesModule.forward
         (one empty-list test per step when nothing was handed out); ranks agree on what changed because
         DCP loads on every rank."""
-        if not self._handed_out:
-            return
+        if self._handed_out:  # (no_grad only then: entering it costs more than the test)
+            with torch.no_grad():
+                self._sync_handed_out()
+
+    def _sync_handed_out(self) -> None:
         keep = []
         for ref, version, e in self._handed_out:
             c = ref()
