@@ -484,19 +484,36 @@ def direct_call_blocked() -> bool:
     """Whether torch.compile's own call must run (oases_fx.direct_call): global nn.Module hooks are
     registered (its module call runs them), the caller is being traced (dynamo, export, fx, jit: torch.compile
     inlines or refuses there), or a torch.compiler.set_stance other than "default" is active (e.g.
-    "force_eager"). Private in 2.11 and 2.13: nn.modules.module's hook dicts, eval_frame._stance."""
-    import torch.nn.modules.module as m
-
+    "force_eager"). About 1 us. Private in 2.11 and 2.13: nn.modules.module's hook dicts, eval_frame._stance."""
+    if not _BLOCKED:
+        _blocked_init()
+    m, is_fx, frame = _BLOCKED
     if (m._global_forward_pre_hooks or m._global_forward_hooks or m._global_backward_pre_hooks
             or m._global_backward_hooks):
         return True
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None:
         return True
+    if is_fx():
+        return True
+    stance = getattr(frame, "_stance", None)
+    return stance is not None and getattr(stance, "stance", "default") != "default"
+
+
+_BLOCKED: list = []
+
+
+def _blocked_init() -> None:
+    import torch.nn.modules.module as m
+    from torch._dynamo import eval_frame
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-    if is_fx_symbolic_tracing():
-        return True
-    return _dynamo_stance() != "default"
+    _BLOCKED[:] = [m, is_fx_symbolic_tracing, eval_frame]
+
+
+def dynamo_disabled() -> bool:
+    """torch._dynamo.config.disable: torch.compile'd callables run the eager code (read at capture only:
+    the config module's attribute read costs ~5 us)."""
+    return bool(torch._dynamo.config.disable)
 
 
 def _dynamo_stance() -> str:

@@ -24,7 +24,8 @@ Contract:
   parameter's metadata, aliasing, the module tree) on the call's locals; a failed check, arguments that
   do not bind to forward's parameters one to one, global module hooks, an outer trace (dynamo, export,
   fx, jit) or a non-default torch.compiler.set_stance take torch.compile's own path for that call (which
-  recompiles as it always did). What torch.compile's call does on entry besides is done too: it starts a
+  recompiles as it always did). Not followed after the capture: torch._dynamo.config.disable switched on
+  later (its read costs ~5 us per call); set it before the first call, or switch ENABLED off too. What torch.compile's call does on entry besides is done too: it starts a
   new GenerationTracker generation, from which cudagraph trees (cudagraphs=True) tell a new iteration.
 - Nothing is skipped silently: ``DirectCall.state`` says "ready" or why it is "off" (debug log).
 
@@ -101,8 +102,9 @@ class DirectCall:
         if ins is None or len({id(a) for a in ins}) != len(ins):
             self._off("arguments that do not bind one to one to forward's parameters, or repeated")
             return self.compiled(*args, **kwargs)
-        if _compat.direct_call_blocked() or not _compat.has_compile_generation():
-            self._off("traced, hooked or a non-default compiler stance at capture, or no compile generation")
+        if _compat.direct_call_blocked() or _compat.dynamo_disabled() or not _compat.has_compile_generation():
+            self._off("traced, hooked, a non-default compiler stance or dynamo disabled at capture, or no "
+                      "compile generation in this torch")
             return self.compiled(*args, **kwargs)
         found = _compat.dynamo_frame_entry(self._code)
         if found is None:
