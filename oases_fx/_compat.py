@@ -459,25 +459,26 @@ def dtensor_op_shard(op, x: torch.Tensor, args: tuple, dim: int, tp: int, strict
 
 
 # --- calling a torch.compile'd GraphModule's compiled function directly (oases_fx.direct_call) ---------
-def dynamo_frame_entry(code):
-    """(guard manager, compiled function's global name) of the one dynamo cache entry of `code` (the
-    GraphModule forward's code object), or None where there is not exactly one entry, or it calls not
-    exactly one compiled function. Private in 2.11 and 2.13: eval_frame's _debug_get_cache_entry_list,
-    the entry's guard_manager, and the transformed code calling a global named __compiled_fn_*."""
+def dynamo_frame_entries(code) -> list:
+    """[(guard manager, compiled function's global name)] of dynamo's cache entries of `code` (the
+    GraphModule forward's code object), newest first; [] where this torch lacks the API or an entry does
+    not call exactly one compiled function. Private in 2.11 and 2.13: eval_frame's
+    _debug_get_cache_entry_list, the entry's guard_manager, the transformed code calling a global named
+    __compiled_fn_*."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         entries = _debug_get_cache_entry_list(code)
     except Exception:  # noqa: BLE001 - a torch without this debug API: no direct call
-        return None
-    if len(entries) != 1:
-        return None
-    entry = entries[0]
-    names = [n for n in entry.code.co_names if n.startswith("__compiled_fn")]
-    manager = getattr(entry, "guard_manager", None)
-    if len(names) != 1 or manager is None or not hasattr(manager, "check"):
-        return None
-    return manager, names[0]
+        return []
+    out = []
+    for entry in entries:
+        names = [n for n in entry.code.co_names if n.startswith("__compiled_fn")]
+        manager = getattr(entry, "guard_manager", None)
+        if len(names) != 1 or manager is None or not hasattr(manager, "check"):
+            return []
+        out.append((manager, names[0]))
+    return out
 
 
 def direct_call_blocked() -> bool:

@@ -14,7 +14,7 @@ runtime wrapper). Only the guard check and the compiled function are needed. Mea
 Contract:
 - Values are the same: the same compiled function is called with the same arguments (tensors, by
   identity) as dynamo's bytecode passes. Captured once, on the program's second call, by watching that
-  call (the function's global in the GraphModule's module dict, swapped for a recorder for one call); the
+  call (the functions' globals in the GraphModule's module dict, swapped for recorders for one call); the
   capture is used only if every argument is either one of the call's inputs or one of the GraphModule's
   parameters/buffers, and the bytecode's output is rebuilt from the function's result exactly (same leaves,
   same structure). Per call, the GraphModule must still hold those very parameter/buffer objects (an `is`
@@ -24,9 +24,11 @@ Contract:
   parameter's metadata, aliasing, the module tree) on the call's locals; a failed check, arguments that
   do not bind to forward's parameters one to one, global module hooks, an outer trace (dynamo, export,
   fx, jit) or a non-default torch.compiler.set_stance take torch.compile's own path for that call (which
-  recompiles as it always did). Not followed after the capture: torch._dynamo.config.disable switched on
-  later (its read costs ~5 us per call); set it before the first call, or switch ENABLED off too. What torch.compile's call does on entry besides is done too: it starts a
-  new GenerationTracker generation, from which cudagraph trees (cudagraphs=True) tell a new iteration.
+  recompiles as it always did). A direct call runs the entry that ran at the capture whenever that entry's
+  guards pass (its code is valid for any such call, whichever entry dynamo would try first). Not followed
+  after the capture: torch._dynamo.config.disable switched on later (its read costs ~5 us per call).
+- What torch.compile's call does on entry besides is done too: it starts a new GenerationTracker
+  generation, from which cudagraph trees (cudagraphs=True) tell a new iteration.
 - Nothing is skipped silently: ``DirectCall.state`` says "ready" or why it is "off" (debug log).
 
 ``ENABLED = False`` (module attribute; OASES_FX_DIRECT_CALL=0 in the environment) switches it off for every
@@ -87,7 +89,8 @@ class DirectCall:
                     return self._build(self._fn(*full))
             return self.compiled(*args, **kwargs)
         self._calls += 1
-        if self.state == "new" and self._calls >= 2 and ENABLED:  # the first call compiled the program
+        # the first call compiled the program; captured on a training call (grad on), the one to speed up
+        if self.state == "new" and self._calls >= 2 and ENABLED and torch.is_grad_enabled():
             return self._capture(args, kwargs)
         return self.compiled(*args, **kwargs)
 
@@ -106,42 +109,43 @@ class DirectCall:
             self._off("traced, hooked, a non-default compiler stance or dynamo disabled at capture, or no "
                       "compile generation in this torch")
             return self.compiled(*args, **kwargs)
-        found = _compat.dynamo_frame_entry(self._code)
-        if found is None:
-            self._off("not exactly one dynamo cache entry calling one compiled function")
-            return self.compiled(*args, **kwargs)
-        guard, name = found
+        entries = _compat.dynamo_frame_entries(self._code)
         g = type(self.gm).forward.__globals__
-        fn = g.get(name)
-        if fn is None:
-            self._off(f"dynamo's compiled function {name} is not in the GraphModule's globals")
+        fns = {name: g.get(name) for _, name in entries}
+        if not entries or any(fn is None for fn in fns.values()):
+            self._off("no dynamo cache entry calling one compiled function found in the GraphModule's globals")
             return self.compiled(*args, **kwargs)
         seen = []
 
-        def recorder(*a):
-            res = fn(*a)
-            seen.append((a, res))
-            return res
+        def recorder(name, fn):
+            def rec(*a):
+                res = fn(*a)
+                seen.append((name, a, res))
+                return res
+            return rec
 
-        g[name] = recorder
+        for name, fn in fns.items():
+            g[name] = recorder(name, fn)
         try:
             out = self.compiled(*args, **kwargs)
         finally:
-            g[name] = fn
+            g.update(fns)
         try:
-            self._adopt(guard, fn, seen, ins, out)
+            self._adopt(entries, fns, seen, ins, out)
         except Exception as e:  # noqa: BLE001 - an unexpected structure: keep torch.compile's path
             self._off(f"{type(e).__name__}: {e}")
         return out
 
-    def _adopt(self, guard, fn, seen, args, out) -> None:
+    def _adopt(self, entries, fns, seen, args, out) -> None:
         if len(seen) != 1:
             return self._off(f"the compiled function ran {len(seen)} times in one call")
+        name, fargs, res = seen[0]
+        guard = next(gm for gm, n in entries if n == name)  # the entry that ran (several after recompiles)
         f_locals = dict(zip(self._names, args))
         f_locals["self"] = self.gm
         if not guard.check(f_locals):  # the guards just passed in dynamo: this check must agree
             return self._off("dynamo's guard check does not accept the call's own locals")
-        fargs, res = seen[0]
+        fn = fns[name]
         inputs = {id(a): i for i, a in enumerate(args)}
         holders = {}  # id(tensor) -> (the module's _parameters or _buffers dict, key): where bytecode reads it
         for mod in self.gm.modules(remove_duplicate=False):

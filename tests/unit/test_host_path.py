@@ -41,6 +41,7 @@ def test_direct_call_falls_back_when_its_checks_fail():
     want = {"no_grad": 1, "replaced": 1, "hook": 1, "stance": 1}
     assert r["through_torch_compile"] == want, r
     assert r["equal"] == {k: True for k in want}, r
+    assert r["late_capture"] == "ready", r
 
 
 # --- the child processes ------------------------------------------------------------------------
@@ -164,6 +165,19 @@ def _child_fallback():
         h.remove()
     with torch.compiler.set_stance("eager_on_recompile"):
         one("stance")
+    # a program whose second call runs under no_grad (a second dynamo cache entry): captured on the next
+    # training call, from the entry that ran it
+    m2, _ = _build()
+    d2 = direct_call.of(m2.graphs)
+    _, loss = m2(*batch)
+    loss.backward()
+    with torch.no_grad():
+        m2(*batch)
+    for _ in range(2):
+        m2.zero_grad(set_to_none=True)
+        _, loss = m2(*batch)
+        loss.backward()
+    out["late_capture"] = d2.state
     return out
 
 
