@@ -8,6 +8,9 @@ parts it calls), in microseconds per step, the median of many steps:
 
     python -m benchmarks.host_profile --k 1,2,4
     python -m benchmarks.host_profile --k 2 --cprofile 30      # plus cProfile's top functions
+    python -m benchmarks.host_profile --k 2 --interleave       # oases_fx.direct_call on/off, one process
+    python3 -m benchmarks.host_profile --k 1,2,4 --device cuda --shape rank_bench --hidden 1024 \
+        --cudagraphs --interleave --clock wall                  # the same breakdown on a GPU (issue 14)
 
 "Inductor fw/bw call" is the generated code with its kernels (on a GPU with cudagraphs=True a CUDA
 graph replay runs there instead); everything else is the host path that the GPU step also pays. Times
@@ -122,14 +125,16 @@ def _graph_counts(module) -> dict:
 
 
 def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str, cprofile: int,
-              interleave: bool = False) -> dict:
+              interleave: bool = False, shape: str = "tiny", device: str = "cpu", cudagraphs: bool = False) -> dict:
     from benchmarks import rank_bench
     from benchmarks.rank_bench import Case
 
     torch.set_num_threads(1)
-    case = Case(system="oases", hidden=hidden, layers=2, batch=8, seq=8, vocab=64, head_dim=16, k=k,
-                dtype="fp32", backend=backend, collectives=collectives)
-    dev = torch.device("cpu")
+    size = (dict(batch=8, seq=8, vocab=64, head_dim=16, dtype="fp32") if shape == "tiny"
+            else dict(batch=8, seq=2048, vocab=1024, head_dim=64, dtype="bf16"))  # "rank_bench": RESULTS 7's
+    case = Case(system="oases", hidden=hidden, layers=2, k=k, backend=backend, collectives=collectives,
+                options=dict(cudagraphs=True) if cudagraphs else {}, **size)
+    dev = torch.device(device)
     batch = rank_bench.make_batch(case, dev)
     t0 = _now()
     _, module, _ = rank_bench.build(case, dev)
@@ -295,11 +300,15 @@ def main(argv=None) -> int:
     p.add_argument("--interleave", action="store_true",
                    help="in one process, alternate steps with oases_fx.direct_call on and off (an A/B under the "
                         "same load); the off arm is reported as its own column")
+    p.add_argument("--shape", default="tiny", choices=("tiny", "rank_bench"),
+                   help="tiny (b=8, s=8, fp32) or rank_bench (b=8, s=2048, vocab 1024, bf16: with --device cuda)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the same breakdown on a GPU (host time only)")
+    p.add_argument("--cudagraphs", action="store_true", help="CompileConfig.cudagraphs=True (GPU)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one k in this process
     a = p.parse_args(argv)
     kw = dict(steps=a.steps, hidden=a.hidden, backend=a.backend, collectives=a.collectives, cprofile=a.cprofile,
-              interleave=a.interleave)
+              interleave=a.interleave, shape=a.shape, device=a.device, cudagraphs=a.cudagraphs)
     if a.clock == "wall":
         global _now
         _now = time.perf_counter
@@ -316,7 +325,8 @@ def main(argv=None) -> int:
                 root = str(Path(root).resolve())
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(k), "--steps", str(a.steps),
                        "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
-                       "--cprofile", str(a.cprofile), "--clock", a.clock] + (["--interleave"] if a.interleave else [])
+                       "--cprofile", str(a.cprofile), "--clock", a.clock, "--shape", a.shape, "--device", a.device]
+                cmd += (["--interleave"] if a.interleave else []) + (["--cudagraphs"] if a.cudagraphs else [])
                 env = dict(os.environ, PYTHONPATH=root)
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -337,7 +347,8 @@ def main(argv=None) -> int:
             labels.append(f"{label} k={k} direct off".strip())
         results.append(_median_of_rounds(rounds))
         labels.append(f"{label} k={k}".strip())
-    print(f"host path per step, CPU, {a.backend}, collectives={a.collectives}, h={a.hidden}, L=2, b=8, s=8, "
+    print(f"host path per step, {a.device}, {a.backend}, collectives={a.collectives}, h={a.hidden}, L=2, {a.shape} "
+          f"shape, cudagraphs={a.cudagraphs}, "
           f"torch {torch.__version__} (median of {a.steps} steps; median over {a.rounds} round(s))")
     print(_format(results, labels))
     if a.json:
