@@ -204,7 +204,7 @@ class OasesModule(nn.Module):
             if inner is e:
                 raise
             raise inner from None
-        return self._steps.mark(out, self._calls)  # a pre-hook on the outputs' autograd node: see when its backward runs
+        return self._steps.mark(out, self._calls)  # a pre-hook on the outputs' node: when their backward runs
 
     def _backward_failure(self, e):
         """A compiled backward raised `e`: the OasesError naming the peer it waited for, if it is a
