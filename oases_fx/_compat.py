@@ -169,6 +169,17 @@ def _dtensor_new_is_native() -> bool:
 _DTENSOR_NEW_IS_NATIVE = _dtensor_new_is_native()
 
 
+def dtensor_with_spec_fn():
+    """dtensor_with_spec as one callable `make(local, spec)`, its import and branch done once: for loops
+    over every parameter per step (oases_fx.boundary's gradient hand-over)."""
+    from torch.distributed.tensor import DTensor
+
+    if _DTENSOR_NEW_IS_NATIVE:
+        new = DTensor.__new__
+        return lambda local, spec: new(DTensor, local, spec, requires_grad=False)
+    return lambda local, spec: DTensor(local, spec, requires_grad=False)
+
+
 def drop_export_call_hooks(gm) -> int:
     """Remove the forward (pre-)hooks torch.export's ep.module() installs (its input-constraint check and
     nn.Module-input bookkeeping): they run eagerly on every call, outside the compiled program. oases_fx
@@ -453,3 +464,87 @@ def graph_codegen(graph):
     ``Graph._codegen``, present in torch 2.11 and 2.13; oases_fx.layers copies it onto the graph
     that stitches the per-block pieces so the stitched program keeps the model's signature."""
     return graph._codegen
+
+
+# --- calling a torch.compile'd GraphModule's compiled function directly (oases_fx.direct_call) ---------
+def dynamo_frame_entries(code) -> list:
+    """[(guard manager, compiled function's global name)] of dynamo's cache entries of `code` (the
+    GraphModule forward's code object), newest first; [] where this torch lacks the API or an entry does
+    not call exactly one compiled function. Private in 2.11 and 2.13: eval_frame's
+    _debug_get_cache_entry_list, the entry's guard_manager, the transformed code calling a global named
+    __compiled_fn_*."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        entries = _debug_get_cache_entry_list(code)
+    except Exception:  # noqa: BLE001 - a torch without this debug API: no direct call
+        return []
+    out = []
+    for entry in entries:
+        names = [n for n in entry.code.co_names if n.startswith("__compiled_fn")]
+        manager = getattr(entry, "guard_manager", None)
+        if len(names) != 1 or manager is None or not hasattr(manager, "check"):
+            return []
+        out.append((manager, names[0]))
+    return out
+
+
+def direct_call_blocked() -> bool:
+    """Whether torch.compile's own call must run (oases_fx.direct_call): global nn.Module hooks are
+    registered (its module call runs them), the caller is being traced (dynamo, export, fx, jit: torch.compile
+    inlines or refuses there), or a torch.compiler.set_stance other than "default" is active (e.g.
+    "force_eager"). About 1 us. Private in 2.11 and 2.13: nn.modules.module's hook dicts, eval_frame._stance."""
+    if not _BLOCKED:
+        _blocked_init()
+    m, is_fx, frame = _BLOCKED
+    if (m._global_forward_pre_hooks or m._global_forward_hooks or m._global_backward_pre_hooks
+            or m._global_backward_hooks):
+        return True
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None:
+        return True
+    if is_fx():
+        return True
+    stance = getattr(frame, "_stance", None)
+    return stance is not None and getattr(stance, "stance", "default") != "default"
+
+
+_BLOCKED: list = []
+
+
+def _blocked_init() -> None:
+    import torch.nn.modules.module as m
+    from torch._dynamo import eval_frame
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    _BLOCKED[:] = [m, is_fx_symbolic_tracing, eval_frame]
+
+
+def dynamo_disabled() -> bool:
+    """torch._dynamo.config.disable: torch.compile'd callables run the eager code (read at capture only:
+    the config module's attribute read costs ~5 us)."""
+    return bool(torch._dynamo.config.disable)
+
+
+def _dynamo_stance() -> str:
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    return getattr(stance, "stance", "default") if stance is not None else "default"
+
+
+def new_compile_generation() -> None:
+    """What each call of a torch.compile'd function does on entry (dynamo's OptimizeContext on_enter):
+    a new GenerationTracker generation, from which cudagraph trees tell a new invocation (and so a new
+    iteration: the previous one's outputs may be overwritten). Private in 2.11 and 2.13."""
+    from torch._dynamo.mutation_guard import GenerationTracker
+
+    GenerationTracker.generation += 1
+
+
+def has_compile_generation() -> bool:
+    try:
+        from torch._dynamo.mutation_guard import GenerationTracker
+
+        return isinstance(GenerationTracker.generation, int)
+    except (ImportError, AttributeError):
+        return False

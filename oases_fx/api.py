@@ -204,7 +204,7 @@ class OasesModule(nn.Module):
             if inner is e:
                 raise
             raise inner from None
-        return self._steps.mark(out, self._calls)  # one identity autograd node: see when its backward runs
+        return self._steps.mark(out, self._calls)  # a pre-hook on the outputs' node: when their backward runs
 
     def _backward_failure(self, e):
         """A compiled backward raised `e`: the OasesError naming the peer it waited for, if it is a
@@ -391,10 +391,13 @@ def _refuse_autocast(device_type: str) -> None:
 
 
 def _input_key(args, kwargs, training):
+    """What the program is traced for: shapes, and dtype, device and requires_grad (an input that needs a
+    gradient gets Megatron f's backward all-reduce where it enters a region), the train/eval mode and the
+    structure of the call. Per call: positional tensors only (the usual training call) skip pytree."""
+    if not kwargs and all(isinstance(t, torch.Tensor) for t in args):
+        return (bool(training), len(args), tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in args))
     flat, spec = pytree.tree_flatten((args, kwargs))
-    # what the program is traced for: shapes, and dtype, device and requires_grad (an input that needs a
-    # gradient gets Megatron f's backward all-reduce where it enters a region)
-    shapes = tuple((tuple(t.shape), t.dtype, str(t.device), t.requires_grad) if isinstance(t, torch.Tensor)
+    shapes = tuple((t.shape, t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor)
                    else repr(t) for t in flat)
     return (bool(training), str(spec), shapes)
 

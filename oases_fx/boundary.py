@@ -73,6 +73,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from oases_fx import _compat
+from oases_fx import direct_call as _direct_call
 from oases_fx.errors import OasesError
 
 class _Shell(nn.Module):
@@ -242,12 +243,12 @@ class Boundary:
         mode = "sync"
         if self._ddp is not None:
             with _compat.no_ddp_graph_split():
-                out = self._ddp(program.compiled, args, kwargs)
+                out = self._ddp(_direct_call.of(program), args, kwargs)
         elif self.dp_mode == "graph":
             mode = self._graph_mode()
             out = self._call_variant(program, mode, args, kwargs)
         else:
-            out = program.compiled(*args, **kwargs)
+            out = _direct_call.of(program)(*args, **kwargs)  # torch.compile's call less its wrapping
         if self._grads_on and torch.is_grad_enabled():
             start = self._backward_start if mode == "sync" else functools.partial(self._backward_start, mode=mode)
             for t in _tensors(out):
@@ -271,10 +272,10 @@ class Boundary:
 
     def _call_variant(self, program, mode, args, kwargs):
         if mode == "sync":
-            return program.compiled(*args, **kwargs)
+            return _direct_call.of(program)(*args, **kwargs)
         variant = program.variant(mode)
         if mode == "no_sync":
-            return variant.compiled(*args, **kwargs)
+            return _direct_call.of(variant)(*args, **kwargs)
         from oases_fx.meta import graph_meta
 
         buffers, names = variant.gm._buffers, graph_meta(variant.gm).dp_acc
@@ -299,7 +300,11 @@ class Boundary:
         local_of = _compat.local_of
         for plain, param in self._pairs:
             cur = param.grad
-            plain.grad = None if (cur is None or mode == "acc") else local_of(cur)
+            if cur is None or mode == "acc":
+                if plain.grad is not None:  # (setting .grad costs more than reading it)
+                    plain.grad = None
+            else:
+                plain.grad = local_of(cur)
         # DDP queues its finalize (the averages written back) when its last bucket is ready, later in this
         # backward: callbacks run in order, so the hand-over queues itself again from the engine's callback
         _compat.queue_backward_callback(self._after_ddp if self._ddp is not None else self._backward_end)
@@ -313,7 +318,7 @@ class Boundary:
         self._armed = None
         if self.dp_mode == "graph":
             self._unsynced = self._armed_mode == "no_sync"  # left for the next synchronised backward to reduce
-        local_of, wrap = _compat.local_of, _compat.dtensor_with_spec
+        local_of, wrap = _compat.local_of, _make_dtensor()
         for plain, param in self._pairs:
             g = plain.grad
             if g is None:
@@ -409,7 +414,6 @@ class Boundary:
                 self._handed_out = [r for r in self._handed_out if r[0]() is not None]
                 self._handed_out.append((weakref.ref(c), _compat.local_of(c)._version, e))
 
-    @torch.no_grad()
     def sync_handed_out(self) -> None:
         """Write back what was loaded *in place* into the Shard(dim) copies state_dict() handed out.
 
@@ -418,8 +422,11 @@ class Boundary:
         this the load would be silently lost for the fused q/k/v weights. Called by OasesModule.forward
         (one empty-list test per step when nothing was handed out); ranks agree on what changed because
         DCP loads on every rank."""
-        if not self._handed_out:
-            return
+        if self._handed_out:  # (no_grad only then: entering it costs more than the test)
+            with torch.no_grad():
+                self._sync_handed_out()
+
+    def _sync_handed_out(self) -> None:
         keep = []
         for ref, version, e in self._handed_out:
             c = ref()
@@ -439,6 +446,16 @@ class Boundary:
             v = state_dict.get(prefix + name)
             if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
                 state_dict[prefix + name] = _compat.redistribute(v, e.param.device_mesh, e.param.placements)
+
+
+_MAKE = []
+
+
+def _make_dtensor():
+    """_compat.dtensor_with_spec_fn(), made once per process."""
+    if not _MAKE:
+        _MAKE.append(_compat.dtensor_with_spec_fn())
+    return _MAKE[0]
 
 
 class _PlainParams(nn.Module):

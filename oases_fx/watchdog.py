@@ -149,6 +149,7 @@ def current() -> Optional[FaultChannel]:
 
 
 # --- backward: which call's backward this rank owes, runs or finished ------------------------------
+import functools
 import logging
 import threading
 import time
@@ -162,7 +163,8 @@ log = logging.getLogger("oases_fx")
 
 class _BackwardMarker(torch.autograd.Function):
     """Identity on a call's outputs; its backward runs first in that call's backward pass and
-    queues a callback that runs only if the whole backward pass succeeds."""
+    queues a callback that runs only if the whole backward pass succeeds. Used only for outputs
+    that require grad without an autograd node (StepTracker.mark)."""
 
     @staticmethod
     def forward(ctx, tracker, call, *xs):
@@ -176,11 +178,34 @@ class _BackwardMarker(torch.autograd.Function):
         return (None, None) + grads
 
 
+def _output_tensors(out):
+    """The tensors of a call's output (a tensor, or tuples/lists/dicts of them, as Hugging Face's
+    ModelOutput is), or None for any other structure (then pytree's flatten is asked)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        vals = out
+    elif isinstance(out, dict):
+        vals = out.values()
+    else:
+        return None
+    got = []
+    for v in vals:
+        if v is None or isinstance(v, (int, float, bool, str)):
+            continue
+        sub = _output_tensors(v)
+        if sub is None:
+            return None
+        got.extend(sub)
+    return got
+
+
 class StepTracker:
     """Per OasesModule: the state of the last training call's backward on this rank, read before
     the next forward (a backward that started and raised, one that never ran) and by the watchdog
-    thread (a backward that waits long while a peer reported a failure). Per step: one identity
-    autograd node on the outputs and a callback at the end of backward; no store access."""
+    thread (a backward that waits long while a peer reported a failure). Per step: one pre-hook on
+    the autograd node of each grad-requiring output (the compiled program's backward node, shared by
+    its outputs) and a callback at the end of backward; no store access."""
 
     def __init__(self, channel: FaultChannel):
         self.channel = channel
@@ -188,11 +213,42 @@ class StepTracker:
         self.state = "idle"  # "owed" (outputs need grad, no backward yet), "started", "idle"
         self.started_at = 0.0
         self.said: set = set()
+        self._task = None  # the backward pass (graph task) whose start was seen last
 
     def mark(self, out, call: int):
-        """`out` with its grad-requiring tensors passed through the marker (unchanged otherwise)."""
+        """Watch `out`'s backward: a pre-hook on the autograd node of each output that requires grad
+        (the node runs first in any backward through the output; several outputs share one). `out` is
+        returned unchanged, or, where a grad-requiring output has no node (a leaf returned as is) or
+        the structure is not tensors in tuples/lists/dicts, passed through one identity autograd node."""
         if not torch.is_grad_enabled():
             return out
+        flat = _output_tensors(out)
+        nodes = []
+        if flat is not None:
+            for t in flat:
+                if t.requires_grad:
+                    fn = t.grad_fn
+                    if fn is None:  # a leaf: no node to hook
+                        return self._mark_through_node(out, call)
+                    if fn not in nodes:
+                        nodes.append(fn)
+        if not nodes:
+            return out if flat is not None else self._mark_through_node(out, call)
+        hook = functools.partial(self._pre_hook, call)
+        for fn in nodes:
+            fn.register_prehook(hook)
+        self.call, self.state = call, "owed"
+        return out
+
+    def _pre_hook(self, call: int, grad_outputs):
+        task = _compat.current_backward_id()
+        if task != self._task or self.state != "started" or self.call != call:  # once per backward pass
+            self._task = task
+            self._started(call)
+        return None
+
+    def _mark_through_node(self, out, call: int):
+        """`out` with its grad-requiring tensors passed through the marker (unchanged otherwise)."""
         try:
             flat, spec = pytree.tree_flatten(out)
             idx = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.requires_grad]
