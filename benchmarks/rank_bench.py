@@ -410,6 +410,9 @@ def run_case(case: Case, device: torch.device) -> dict:
             row["profile"] = profile_summary(step, batch, device)
     row.update(step_ms=round(statistics.median(dev), 3), step_ms_min=round(min(dev), 3),
                step_ms_max=round(max(dev), 3), host_ms=round(statistics.median(host), 3), loss=loss)
+    if case.system == "oases":  # the host path each program took (oases_fx.direct_call; absent in older code)
+        row["direct_call"] = sorted({str(getattr(p.__dict__.get("direct"), "state", "-"))
+                                     for p in module.__dict__.get("_programs", {}).values()})
     if case.options.get("cudagraphs") and hasattr(module, "explain"):
         row["cudagraphs"] = [ln for ln in module.explain().splitlines() if ln.startswith("CUDA graphs")]
     return row
