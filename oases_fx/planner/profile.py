@@ -91,7 +91,8 @@ class ProfileOptions:
     """Time each op behind a hold (GEMMs queued ahead, so the host's dispatch never shows in the
     events): device-only op times. Off by default: on an H200 (2026-12-04) held times predicted the
     h >= 2048 steps 3-6 % low (the hold runs the op at full boost clock, the step does not), unheld
-    ones within 5 % in 17 of 27 TP=2 cells (benchmarks/results/rank_bench/planner_measured_*)."""
+    ones within 5 % in 17 of 27 TP=2 cells (measured during the planner work of 2026-12-04; the raw
+    tables were not kept)."""
     copy_bytes: int = 256 * 1024 * 1024
     """Size of the device-to-device copy that measures StepConstants.copy_bw_bytes_per_s."""
 
