@@ -15,6 +15,7 @@ from the same profile; --degrees all and --vocab-parallel auto widen it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional
 
@@ -144,7 +145,7 @@ def _plan(argv: Optional[list] = None) -> int:
         Profile, analytical_profile, choose_plan, describe_model, explain_plan, load_cached_profile,
     )
     from oases_fx.plan import Plan
-    from oases_fx.timeline import DeviceConstants
+    from oases_fx.planner.profile import PLANNER_DEVICE, StepConstants
 
     k_choices = tuple(int(x) for x in args.k.split(",") if x.strip())
     spec = args.degrees.strip()
@@ -162,9 +163,11 @@ def _plan(argv: Optional[list] = None) -> int:
     model = describe_model(traced.gm, regions, tp=args.tp, batch=args.batch, k_choices=k_choices, degrees=degrees,
                            vocab=True in vp_choices)
 
+    # the planner's default device (PLANNER_DEVICE, its host terms too); --comm-gbps changes only the link
+    device = dataclasses.replace(PLANNER_DEVICE, group_size=args.tp, **(
+        {"comm_bus_bw_bytes_per_s": args.comm_gbps * 1e9} if args.comm_gbps else {}))
     analytical = lambda: analytical_profile(  # noqa: E731
-        model, constants=DeviceConstants(group_size=args.tp, **(
-            {"comm_bus_bw_bytes_per_s": args.comm_gbps * 1e9} if args.comm_gbps else {})))
+        model, constants=device, step=StepConstants.analytical(mem_bw_bytes_per_s=device.mem_bw_bytes_per_s))
     if args.profile == "analytical":
         profile = analytical()
     elif args.profile == "cached":

@@ -272,9 +272,10 @@ def meta_load_auto_vocab(rank, world_size, *, kind, folder, vocab):
                 vocab_parallel=m.plan.vocab_parallel, bytes_read=rep.bytes_read, checkpoint_bytes=rep.checkpoint_bytes)
 
 
-def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2):
-    """The plain GPT (oases_fx.models) built under torch.device("meta"), compiled, filled with
-    load_full_state_dict from an identically seeded full model: loss, logits, grads vs that model."""
+def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2, compile_kwargs=None):
+    """The plain GPT (oases_fx.models) built under torch.device("meta"), compiled (with
+    `compile_kwargs`, e.g. compile_layers="reuse"), filled with load_full_state_dict from an
+    identically seeded full model: loss, logits, grads vs that model, and explain()."""
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
     ref = build_model("gpt", cfg)
     with torch.device("meta"):
@@ -283,7 +284,7 @@ def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2):
     idx = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
     tgt = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
     m = oases_fx.compile(meta, mesh, example_inputs=(idx, tgt), num_sub_batches=k, plan="megatron",
-                         backend="aot_eager", verbose=False)
+                         backend="aot_eager", verbose=False, **(compile_kwargs or {}))
     m.load_full_state_dict(ref.state_dict())
     logits, loss = m(idx, tgt)
     loss.backward()
@@ -293,7 +294,8 @@ def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2):
     if rank != 0:
         return None
     return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
-                grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()}, buffers={}, ref_buffers={})
+                grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()}, buffers={}, ref_buffers={},
+                explain=m.explain())
 
 
 def meta_dcp_load(rank, world_size, *, cfg, batch, seq, path):
