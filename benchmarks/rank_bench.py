@@ -104,9 +104,9 @@ class Case:
     compile, so gradients stay on the compiled program's plain shards; the step-time difference
     to boundary=True is what the boundary (oases_fx/boundary.py) costs per step."""
     code: str = ""
-    """A source tree whose oases_fx this case imports (put first on the case process's PYTHONPATH:
-    a folder holding an `oases_fx/` package in the installed layout, passes inside), so one run
-    measures two versions side by side (say which in `label`). Empty: the checkout's own."""
+    """A source tree whose oases_fx this case imports (the case process loads it first, through
+    RANK_BENCH_CODE: a folder holding an `oases_fx/` package in the installed layout, passes inside),
+    so one run measures two versions side by side (say which in `label`). Empty: the checkout's own."""
 
     def key(self) -> str:
         opt = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.rank_bench import Case, _sync, build, device_step_times, gpu_lock, make_batch
+from benchmarks.rank_bench import Case, _sync, build, device_step_times, gpu_lock, kernel_family, make_batch
 
 
 def family(name: str) -> str:
+    """rank_bench.kernel_family's attention and GEMM, the rest told apart finer (its "copy" also
+    holds fused Triton kernels whose name has "cat", which are not copies)."""
+    base = kernel_family(name)
+    if base in ("attention", "gemm"):
+        return base
     n = name.lower()
-    if any(s in n for s in ("flash", "fmha", "attention", "sdpa")):
-        return "attention"
-    if any(s in n for s in ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "matmul", "splitk")):
-        return "gemm"
     if "memcpy" in n or "memset" in n:
         return "memcpy/memset"
     if n.startswith("triton"):

@@ -525,13 +525,6 @@ def dynamo_disabled() -> bool:
     return bool(torch._dynamo.config.disable)
 
 
-def _dynamo_stance() -> str:
-    from torch._dynamo import eval_frame
-
-    stance = getattr(eval_frame, "_stance", None)
-    return getattr(stance, "stance", "default") if stance is not None else "default"
-
-
 def new_compile_generation() -> None:
     """What each call of a torch.compile'd function does on entry (dynamo's OptimizeContext on_enter):
     a new GenerationTracker generation, from which cudagraph trees tell a new invocation (and so a new

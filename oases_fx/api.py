@@ -405,6 +405,7 @@ def _input_key(args, kwargs, training):
 class _Program:
     def __init__(self, gm, compiled, aot):
         self.gm, self.compiled, self.aot = gm, compiled, aot
+        self.layers = None  # oases_fx.layers.LayerReport where compiled per block (compile_layers)
         self.called = False
         self.variants: dict = {}  # dp_reduce="graph": "no_sync" / "acc" -> _Program (compiled at first use)
         self.make_variant = None  # mode -> _Program

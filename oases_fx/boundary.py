@@ -448,14 +448,10 @@ class Boundary:
                 state_dict[prefix + name] = _compat.redistribute(v, e.param.device_mesh, e.param.placements)
 
 
-_MAKE = []
-
-
+@functools.cache
 def _make_dtensor():
     """_compat.dtensor_with_spec_fn(), made once per process."""
-    if not _MAKE:
-        _MAKE.append(_compat.dtensor_with_spec_fn())
-    return _MAKE[0]
+    return _compat.dtensor_with_spec_fn()
 
 
 class _PlainParams(nn.Module):

@@ -51,7 +51,6 @@ from oases_fx import _compat, meta
 
 log = logging.getLogger("oases_fx")
 
-MODES = ("whole", "reuse", "each")
 SIG_KEY = "oases_input_sig"
 
 
@@ -190,12 +189,6 @@ def cut(gm: fx.GraphModule) -> list:
         pos = {n: i for i, n in enumerate(pc.nodes)}
         pc.outputs.sort(key=pos.__getitem__)
     return pieces
-
-
-def build_piece_module(gm: fx.GraphModule, pc: Piece) -> fx.GraphModule:
-    """pc as a GraphModule: placeholders (activations, then parameters), its nodes, a tuple output."""
-    graph, subs = build_piece_graph(gm, pc)
-    return fx.GraphModule(subs, graph, class_name="OasesPiece")
 
 
 def build_piece_graph(gm: fx.GraphModule, pc: Piece):

@@ -94,10 +94,9 @@ class DPReduceRecord:
     def summary(self) -> str:
         total = sum(b.bytes for b in self.buckets)
         cap = (f"{self.bucket_bytes / 2**20:g} MiB" if self.bucket_bytes >= 2**20 else f"{self.bucket_bytes / 1024:.1f} KiB")
-        head = (f"{len(self.buckets)} bucket(s), {total / 2**20:.3f} MiB of gradients, cap {cap}, averaged over "
+        return (f"{len(self.buckets)} bucket(s), {total / 2**20:.3f} MiB of gradients, cap {cap}, averaged over "
                 f"dp={self.dp}"
                 + (" [all-reduces SKIPPED: floor benchmark]" if self.skipped else ""))
-        return head
 
     def lines(self) -> list:
         return [f"bucket {b.index}: {len(b.outputs)} gradient(s), {b.bytes / 1024:.1f} KiB {b.dtype}, issued after "
@@ -126,8 +125,6 @@ def is_backward_compute(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is not operator.getitem and not (
         _compat.is_all_reduce(n) or _compat.is_wait(n)) and oases_meta.get(n).role != ROLE
 
-
-_is_compute = is_backward_compute
 
 
 # --- finding the gradients and their buckets ----------------------------------------------------------
@@ -162,7 +159,7 @@ def dp_reduce_pass(gm: fx.GraphModule, *, group_name: str, dp: int,
         raise AssertionError(f"dp_reduce: the backward graph returns {len(outs)} values but the forward's trainable "
                              f"parameters are inputs {positions}: AOTAutograd's calling convention changed")
     pos = {n: i for i, n in enumerate(nodes)}
-    compute = [n for n in nodes if _is_compute(n)]
+    compute = [n for n in nodes if is_backward_compute(n)]
     compute_pos = {n: i for i, n in enumerate(compute)}
     members = []
     for i in positions:
@@ -200,7 +197,7 @@ def dp_reduce_pass(gm: fx.GraphModule, *, group_name: str, dp: int,
         buf = after(aten.div.Tensor, buf, dp)
         ar = buf if skip else after(c10d.all_reduce.default, buf, "sum", group_name)
         issued.append((bucket, ar))
-        producer = last if _is_compute(last) else next(
+        producer = last if is_backward_compute(last) else next(
             (n for n in reversed(compute) if pos[n] <= pos[last]), None)
         rec.buckets.append(DPBucket(
             index=b_idx, outputs=tuple(m[1] for m in bucket), numel=sum(m[2] for m in bucket),

@@ -1073,9 +1073,6 @@ class CostCache:
         self._cache: dict = {}
         self._sigs = [r.signature for r in model.regions]
 
-    def op(self, o: OpSpec) -> tuple:
-        return self.profile.op_time(o.key)
-
     def region(self, ri: int, k: int, state) -> _PartCosts:
         """Costs of region ri at k sub-batches; state: a degree d, REPLICATED, or a bool (shard at
         the full degree / replicate)."""
@@ -1148,15 +1145,17 @@ class CostCache:
             n += k * (kern[0] + kern[1] + re) + (k - 1) * kern[4]
         return n
 
-    def host_us(self, choice: "Choice") -> float:
+    def host_us(self, choice: "Choice", kernels: Optional[float] = None) -> float:
         """Host issue time of one step: StepConstants.host_step_us, host_per_kernel_us per kernel
-        and host_per_checkpoint_us per recomputed (region, sub-batch) segment."""
+        (`kernels`: step_kernels(choice), counted here when not given) and host_per_checkpoint_us
+        per recomputed (region, sub-batch) segment."""
         step = self.profile.step
         if step.host_step_us <= 0 and step.host_per_kernel_us <= 0 and step.host_per_checkpoint_us <= 0:
             return 0.0
         segments = 0 if choice.recompute == "none" else len(self.model.regions) * choice.num_sub_batches
-        return (step.host_step_us + step.host_per_kernel_us * self.step_kernels(choice)
-                + step.host_per_checkpoint_us * segments)
+        if kernels is None:
+            kernels = self.step_kernels(choice)
+        return step.host_step_us + step.host_per_kernel_us * kernels + step.host_per_checkpoint_us * segments
 
     def vocab_comm(self) -> dict:
         """Costs of vocab_parallel's collectives (microseconds)."""
@@ -1553,7 +1552,8 @@ def predict(model: ModelSpec, choice: Choice, profile: "Profile", *,
         raise ValueError(f"choice has {len(choice.shard)} shard decisions for {len(model.regions)} regions")
     cache = cache or CostCache(model, profile)
     tl, owner = simulate_choice(model, choice, profile, cache=cache)
-    host = cache.host_us(choice)
+    kernels = cache.step_kernels(choice)
+    host = cache.host_us(choice, kernels)
     mem = memory(model, choice)
     parts = breakdown(tl, owner, len(model.regions))
     per_region = tuple(
@@ -1561,7 +1561,7 @@ def predict(model: ModelSpec, choice: Choice, profile: "Profile", *,
         for (c, e, h), mb in zip(parts, mem.per_region))
     return Prediction(choice=choice, step_us=max(tl.makespan_us, host), memory=mem,
                       memory_budget_bytes=memory_budget_bytes, per_region=per_region, timeline=tl,
-                      device_us=tl.makespan_us, host_us=host, kernels=cache.step_kernels(choice))
+                      device_us=tl.makespan_us, host_us=host, kernels=kernels)
 
 
 def predict_plan(model: ModelSpec, plan: Plan, profile: "Profile", *,

@@ -968,7 +968,7 @@ def measure_step_constants(device: torch.device, *, options: "ProfileOptions" = 
     host = None
     if options.measure_host and device.type == "cuda":  # on CPU the ops' own times hold the host
         try:
-            host = _measure_host_constants(device, dtype if device.type == "cuda" else torch.float32)
+            host = _measure_host_constants(device, dtype)
         except Exception as e:  # no working Inductor here: say so, and fall back
             log.warning("oases_fx: host probe failed (%s: %s); analytical host constants used", type(e).__name__, e)
     if host is not None:
