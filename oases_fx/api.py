@@ -523,10 +523,10 @@ def schedule_constants(plan: Plan, tp: int):
                            comm_interference=max(1.0, float(inter.get("comm", 1.0))))
 
 
-def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, keep=None, *, dp_reduce: bool = False):
+def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, *, dp_reduce: bool = False):
     """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both; with
-    `dp_reduce`, the dp gradient all-reduce after it in the backward, reading the parameter positions from
-    `keep`, the backend's CompiledGraphs)."""
+    `dp_reduce`, the dp gradient all-reduce after it in the backward, reading the parameter positions that
+    the backend puts in each graph's meta)."""
     from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
     from oases_fx.timeline import AnalyticalCostModel
 
@@ -539,7 +539,7 @@ def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, keep=None, *, dp_
 
         bw.append(_backend.GraphPass("dp_reduce", functools.partial(
             dp_reduce_pass, group_name=_compat.group_name(info.dp_group), dp=info.dp,
-            param_inputs=lambda: keep.param_inputs, bucket_bytes=bucket_bytes_of(cfg.dp_bucket_mb),
+            bucket_bytes=bucket_bytes_of(cfg.dp_bucket_mb),
             skip=cfg.skip_collectives)))
     return [sched], bw
 
@@ -597,7 +597,7 @@ def _dp_in_graph(info: MeshInfo, cfg: CompileConfig) -> bool:
 
 def _compile_program(gm, info, plan, cfg, *, dp_reduce: bool):
     keep = _backend.CompiledGraphs()
-    fw, bw = aot_passes(info, plan, cfg, keep, dp_reduce=dp_reduce)
+    fw, bw = aot_passes(info, plan, cfg, dp_reduce=dp_reduce)
     fn = _backend.make_backend(backend=cfg.backend, fw_passes=fw, bw_passes=bw,
                                disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep, cudagraphs=cfg.cudagraphs)
     layers = "whole" if _dp_in_graph(info, cfg) else cfg.compile_layers  # dp buckets span layers (oases_fx.layers)

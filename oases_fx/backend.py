@@ -216,23 +216,38 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
     if cudagraphs and backend != "inductor":
         raise OasesError(f"cudagraphs=True needs backend='inductor', not {backend!r}")
 
-    def apply(gm, is_backward):
-        passes = bw_passes if is_backward else fw_passes
-        gm = run_passes(gm, passes, disabled=disabled, debug=debug,
-                        stage="backward" if is_backward else "forward", records=keep.records)
-        (keep.backward if is_backward else keep.forward).append(gm)
-        return gm
+    def passes_for(positions: tuple):
+        """The pass runner of one dynamo graph's compile: its forward now, its backward lazily at the
+        first backward(). ``positions`` (that graph's trainable-parameter inputs) travel in the
+        closure, not in ``keep``: a second graph compiled before the first's backward (a recompile
+        for another shape or mode, another layer piece) must not hand its positions to the first's
+        backward passes (dp_reduce reads them from ``gm.meta[PARAM_INPUTS_KEY]``)."""
+
+        def apply(gm, is_backward):
+            gm.meta[PARAM_INPUTS_KEY] = positions
+            passes = bw_passes if is_backward else fw_passes
+            gm = run_passes(gm, passes, disabled=disabled, debug=debug,
+                            stage="backward" if is_backward else "forward", records=keep.records)
+            (keep.backward if is_backward else keep.forward).append(gm)
+            return gm
+
+        return apply
 
     partition = _compat.default_partition()
     if backend == "aot_eager":
 
-        def fw(gm, example_inputs):
-            return _compat.make_boxed_func(apply(gm, False).forward)
+        def aot_eager_backend(gm, example_inputs, positions):
+            apply = passes_for(positions)
 
-        def bw(gm, example_inputs):
-            return _guard_backward(_compat.make_boxed_func(apply(gm, True).forward), keep)
+            def fw(gm, example_inputs):
+                return _compat.make_boxed_func(apply(gm, False).forward)
 
-        return _recording_inputs(_compat.aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition), keep)
+            def bw(gm, example_inputs):
+                return _guard_backward(_compat.make_boxed_func(apply(gm, True).forward), keep)
+
+            return _compat.aot_autograd(fw_compiler=fw, bw_compiler=bw, partition_fn=partition)(gm, example_inputs)
+
+        return _recording_inputs(aot_eager_backend, keep)
 
     assert backend == "inductor", backend
     inner = _compat.inductor_inner_compile()
@@ -241,23 +256,26 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
     if choices_cls is None:
         log.warning("oases_fx: this torch has no Inductor choices hook; kernels of different sub-batches "
                     "may be fused across a collective's wait (less overlap, same values)")
+    patches = inductor_config_patches(cudagraphs=cudagraphs)
 
-    def inner_compile(gm, example_inputs, **kwargs):
-        # Called for the forward and, lazily at the first backward(), the backward graph: the
-        # fusion fence is installed here so it covers both.
-        is_backward = bool(kwargs.get("is_backward", False))
-        on_entry = bool(kwargs.get("cudagraphs"))  # one flag for forward and backward: off here if the forward declined
-        gm = apply(gm, is_backward)
-        if choices_cls is None:
-            out = inner(gm, example_inputs, **kwargs)
-        else:
-            with _compat.inductor_choices_handler(choices_cls()):
+    def inductor_backend(gm, example_inputs, positions):
+        apply = passes_for(positions)
+
+        def inner_compile(gm, example_inputs, **kwargs):
+            # Called for the forward and, lazily at the first backward(), the backward graph: the
+            # fusion fence is installed here so it covers both.
+            is_backward = bool(kwargs.get("is_backward", False))
+            on_entry = bool(kwargs.get("cudagraphs"))  # one flag for forward and backward: off here if the forward declined
+            gm = apply(gm, is_backward)
+            if choices_cls is None:
                 out = inner(gm, example_inputs, **kwargs)
-        if cudagraphs:
-            record_cudagraphs(out, kwargs, "backward" if is_backward else "forward", keep, on_entry=on_entry)
-        return _guard_backward(out, keep) if is_backward else out
+            else:
+                with _compat.inductor_choices_handler(choices_cls()):
+                    out = inner(gm, example_inputs, **kwargs)
+            if cudagraphs:
+                record_cudagraphs(out, kwargs, "backward" if is_backward else "forward", keep, on_entry=on_entry)
+            return _guard_backward(out, keep) if is_backward else out
 
-    def inductor_backend(gm, example_inputs):
         # No AOTAutograd cache: a hit returns compiled forward/backward code without calling our
         # passes, whose result depends on more than its key sees (the plan's measured link, the
         # schedule options); Inductor's own FX graph cache still applies, keyed on our output.
@@ -265,19 +283,24 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
             return _compat.inductor_compile_fx(gm, example_inputs, inner_compile=inner_compile,
                                                config_patches=patches)
 
-    patches = inductor_config_patches(cudagraphs=cudagraphs)
-
     return _recording_inputs(inductor_backend, keep)
 
 
+PARAM_INPUTS_KEY = "oases_param_inputs"
+"""gm.meta key of an AOT forward/backward graph: the positions of its dynamo graph's inputs that are
+trainable parameters (the backward returns one gradient per input, in input order)."""
+
+
 def _recording_inputs(backend_fn, keep: CompiledGraphs):
-    """The backend, noting which of dynamo's graph inputs are trainable parameters (keep.param_inputs)
-    before AOTAutograd runs: the backward graph returns one gradient per input, in input order."""
+    """The backend: notes which of dynamo's graph inputs are trainable parameters before AOTAutograd
+    runs, hands them to this graph's passes (backend_fn's third argument) and keeps the last ones in
+    keep.param_inputs (for explain() and tests)."""
 
     def fn(gm, example_inputs):
-        keep.param_inputs = tuple(i for i, t in enumerate(example_inputs)
-                                  if isinstance(t, torch.nn.Parameter) and t.requires_grad)
-        return backend_fn(gm, example_inputs)
+        positions = tuple(i for i, t in enumerate(example_inputs)
+                          if isinstance(t, torch.nn.Parameter) and t.requires_grad)
+        keep.param_inputs = positions
+        return backend_fn(gm, example_inputs, positions)
 
     return fn
 

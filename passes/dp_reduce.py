@@ -6,8 +6,10 @@ Kind: ACT (adds nodes; values change from this rank's gradient to the dp average
 Contract
   Preconditions: an AOTAutograd backward graph (aten, functional collectives) whose output tuple
   holds one entry per forward input, in the order of the forward's inputs (AOTAutograd's calling
-  convention; checked), and ``param_inputs``: the positions of the forward inputs that are trainable
-  parameters (read by the backend from dynamo's example inputs). Run after schedule_overlap: the
+  convention; checked), and the positions of the forward inputs that are trainable parameters: the
+  backend reads them from this graph's dynamo example inputs and puts them in
+  ``gm.meta["oases_param_inputs"]`` (per compiled graph, so a recompile before this graph's lazy
+  backward compile cannot hand it another graph's positions); ``param_inputs`` overrides (tests). Run after schedule_overlap: the
   TMP schedule is left exactly as that pass made it, and the dp collectives are placed into it.
   Invariant: every trainable parameter's gradient output becomes its average over the dp group
   (divided by dp, then summed: what DDP's reducer does); every other output is unchanged. Each
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -58,6 +60,7 @@ __all__ = ["DPBucket", "DPReduceRecord", "dp_reduce_pass", "dp_accumulated_input
            "DEFAULT_BUCKET_MB"]
 
 RECORD_KEY = "oases_dp_reduce"
+PARAM_INPUTS_KEY = "oases_param_inputs"  # = oases_fx.backend.PARAM_INPUTS_KEY (set there per compiled graph)
 ROLE = "dp_reduce"
 """node.meta["oases"].role of every node this pass adds (bucket copies, all-reduce, wait, split, views)."""
 DEFAULT_BUCKET_MB = 25.0
@@ -145,11 +148,16 @@ def _buckets(members, bucket_bytes: int):
 
 
 def dp_reduce_pass(gm: fx.GraphModule, *, group_name: str, dp: int,
-                   param_inputs: Union[tuple, Callable[[], tuple]], bucket_bytes: int,
+                   bucket_bytes: int, param_inputs: Optional[tuple] = None,
                    skip: bool = False) -> fx.GraphModule:
     """Average every trainable parameter's gradient over the dp group inside the backward graph,
     bucketed and overlapped with the rest of the backward (see the module docstring); returns gm."""
-    positions = tuple(param_inputs() if callable(param_inputs) else param_inputs)
+    if param_inputs is None:
+        if PARAM_INPUTS_KEY not in gm.meta:
+            raise AssertionError("dp_reduce: the backward graph carries no gm.meta['oases_param_inputs'] (the "
+                                 "positions of its trainable parameters); oases_fx.backend sets it per compile")
+        param_inputs = gm.meta[PARAM_INPUTS_KEY]
+    positions = tuple(param_inputs)
     graph = gm.graph
     nodes = list(graph.nodes)
     out = nodes[-1]

@@ -37,10 +37,11 @@ def _compiled(model, bucket_bytes, *, dp=2, skip=False):
     got = {"params": (), "bw": []}
 
     def backend(gm, example_inputs):
-        got["params"] = tuple(i for i, t in enumerate(example_inputs) if isinstance(t, nn.Parameter) and t.requires_grad)
+        params = tuple(i for i, t in enumerate(example_inputs) if isinstance(t, nn.Parameter) and t.requires_grad)
+        got["params"] = params
 
         def bw(g, _):
-            g = dp_reduce_pass(g, group_name=_compat.group_name(group), dp=dp, param_inputs=lambda: got["params"],
+            g = dp_reduce_pass(g, group_name=_compat.group_name(group), dp=dp, param_inputs=params,
                                bucket_bytes=bucket_bytes, skip=skip)
             got["bw"].append(g)
             return _compat.make_boxed_func(g.forward)
@@ -147,3 +148,34 @@ def test_options_are_checked_with_the_choices_named():
         with pytest.raises(OasesError, match="dp_bucket_mb"):
             CompileConfig(dp_bucket_mb=bad)
     assert bucket_bytes_of(25) == 25 * 2 ** 20 and bucket_bytes_of(None) == 25 * 2 ** 20
+
+
+@pytest.mark.parametrize("backend_name", ["aot_eager", "inductor"])
+def test_each_backward_gets_its_own_graphs_parameter_positions(backend_name):
+    """The backward graph is compiled lazily, at the first backward(): a second dynamo graph compiled
+    after the first's forward but before its backward (a recompile for another shape or mode, another
+    layer piece) must not hand the first's backward passes its own parameter positions. Here the two
+    graphs take their Parameter at different positions; the old keep.param_inputs, read at backward
+    compile, gave the first backward the second graph's (0,) instead of its (1,)."""
+    from oases_fx import backend as _backend
+
+    seen = []
+
+    def probe(gm):
+        seen.append(gm.meta[_backend.PARAM_INPUTS_KEY])
+        return gm
+
+    keep = _backend.CompiledGraphs()
+    fn = _backend.make_backend(backend=backend_name, fw_passes=[], bw_passes=[_backend.GraphPass("probe", probe)],
+                               keep=keep)
+    w = nn.Parameter(torch.randn(4, 4))
+    x = torch.randn(3, 4)
+    first = torch.compile(lambda x, w: (x @ w).tanh().sum(), backend=fn, fullgraph=True, dynamic=False)
+    # dynamo orders a graph's inputs by first use: the Parameter is input 0 here
+    second = torch.compile(lambda w, x: (w.t() @ x.t()).sin().sum(), backend=fn, fullgraph=True, dynamic=False)
+    loss1 = first(x, w)
+    loss2 = second(w, x)
+    assert keep.param_inputs == (0,)  # the last compile's, as explain() shows
+    loss1.backward()
+    loss2.backward()
+    assert seen == [(1,), (0,)]
