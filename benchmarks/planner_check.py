@@ -97,18 +97,20 @@ def _one_rank_profile():
 
 def measured_steps(paths) -> dict:
     """(tp, hidden, layers, batch, seq, k, recompute) -> {step_ms, host_ms, file}, from rank_bench
-    results (oases, collectives skipped, no options or cudagraphs off, not traced). A case in
-    several files: the last file listed wins."""
-    got = {}
+    results (oases, collectives skipped, no options or cudagraphs off). A case in several files:
+    the last file listed wins. A traced row (Case.trace: profiled after its timed steps, which the
+    profiler does not touch) counts only where no file has the case untraced."""
+    got, traced = {}, {}
     for p in paths:
         for r in json.loads(Path(p).read_text())["rows"]:
             c = r["case"]
             opts = {k: v for k, v in (c.get("options") or {}).items() if not (k == "cudagraphs" and v is False)}
             if ("step_ms" in r and c["system"] == "oases" and c["collectives"] == "skip" and not opts
-                    and not c.get("trace") and c.get("boundary", True) and c.get("dp", 1) == 1):
-                got[(c["tp"], c["hidden"], c["layers"], c["batch"], c["seq"], c["k"], c["recompute"])] = dict(
+                    and c.get("boundary", True) and c.get("dp", 1) == 1):
+                (traced if c.get("trace") else got)[
+                    (c["tp"], c["hidden"], c["layers"], c["batch"], c["seq"], c["k"], c["recompute"])] = dict(
                     step_ms=r["step_ms"], host_ms=r.get("host_ms"), file=str(p))
-    return got
+    return {**traced, **got}
 
 
 def main(argv=None) -> int:

@@ -238,3 +238,22 @@ def test_planner_check_writes_rows_and_re_predicts_from_its_profiles(tmp_path):
                     "--hidden", "1024"], check=True, capture_output=True, cwd=root)
     cases = json.loads(grid.read_text())
     assert len(cases) == 18 and all(c["collectives"] == "skip" and c["system"] == "oases" for c in cases)
+
+
+def test_planner_check_reads_a_traced_row_only_where_no_untraced_one_is(tmp_path):
+    import json
+
+    from benchmarks.planner_check import measured_steps
+
+    def row(step, trace, k=2):
+        case = dict(system="oases", tp=4, hidden=4096, layers=2, batch=8, seq=2048, k=k, recompute="none",
+                    collectives="skip", options={}, trace=trace)
+        return dict(case=case, step_ms=step, host_ms=1.0)
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(dict(rows=[row(26.0, False), row(21.0, True, k=4)])))
+    b.write_text(json.dumps(dict(rows=[row(20.0, True)])))  # listed last, but traced
+    got = measured_steps([a, b])
+    assert got[(4, 4096, 2, 8, 2048, 2, "none")]["step_ms"] == 26.0  # the untraced row wins
+    assert got[(4, 4096, 2, 8, 2048, 4, "none")]["step_ms"] == 21.0  # traced, and the only one
+    assert measured_steps([b])[(4, 4096, 2, 8, 2048, 2, "none")]["step_ms"] == 20.0
