@@ -12,7 +12,9 @@ With --measured (rank_bench results.json files, comma-separated) it prints each 
 against the measured step time of the same case (oases, collectives skipped, no options), with the
 predicted device and host times and the kernels counted (step = max(device, host)). --out writes
 the rows, the step constants and the profiles; --profile-from re-predicts from such a file on any
-machine (the same measurement under the current cost model).
+machine (the same measurement under the current cost model). --fit-host FILES fits the host
+constants to those files' host_ms at this --tp and --hidden (and says which cells were fitted);
+--host-constants predicts with given ones (a fit made at another TP: the held-out check).
 """
 from __future__ import annotations
 
