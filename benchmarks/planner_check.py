@@ -12,7 +12,9 @@ With --measured (rank_bench results.json files, comma-separated) it prints each 
 against the measured step time of the same case (oases, collectives skipped, no options), with the
 predicted device and host times and the kernels counted (step = max(device, host)). --out writes
 the rows, the step constants and the profiles; --profile-from re-predicts from such a file on any
-machine (the same measurement under the current cost model).
+machine (the same measurement under the current cost model). --fit-host FILES fits the host
+constants to those files' host_ms at this --tp and --hidden (and says which cells were fitted);
+--host-constants predicts with given ones (a fit made at another TP: the held-out check).
 """
 from __future__ import annotations
 
@@ -97,18 +99,20 @@ def _one_rank_profile():
 
 def measured_steps(paths) -> dict:
     """(tp, hidden, layers, batch, seq, k, recompute) -> {step_ms, host_ms, file}, from rank_bench
-    results (oases, collectives skipped, no options or cudagraphs off, not traced). A case in
-    several files: the last file listed wins."""
-    got = {}
+    results (oases, collectives skipped, no options or cudagraphs off). A case in several files:
+    the last file listed wins. A traced row (Case.trace: profiled after its timed steps, which the
+    profiler does not touch) counts only where no file has the case untraced."""
+    got, traced = {}, {}
     for p in paths:
         for r in json.loads(Path(p).read_text())["rows"]:
             c = r["case"]
             opts = {k: v for k, v in (c.get("options") or {}).items() if not (k == "cudagraphs" and v is False)}
             if ("step_ms" in r and c["system"] == "oases" and c["collectives"] == "skip" and not opts
-                    and not c.get("trace") and c.get("boundary", True) and c.get("dp", 1) == 1):
-                got[(c["tp"], c["hidden"], c["layers"], c["batch"], c["seq"], c["k"], c["recompute"])] = dict(
+                    and c.get("boundary", True) and c.get("dp", 1) == 1):
+                (traced if c.get("trace") else got)[
+                    (c["tp"], c["hidden"], c["layers"], c["batch"], c["seq"], c["k"], c["recompute"])] = dict(
                     step_ms=r["step_ms"], host_ms=r.get("host_ms"), file=str(p))
-    return got
+    return {**traced, **got}
 
 
 def main(argv=None) -> int:
@@ -134,6 +138,13 @@ def main(argv=None) -> int:
                    help="write the rank_bench cases this check compares with (oases, coll=skip, every k and "
                         "recompute at --tp and --hidden) as a JSON grid file for `rank_bench --grid FILE`, and exit")
     p.add_argument("--measured", default="", help="comma-separated rank_bench results.json files")
+    p.add_argument("--fit-host", default="",
+                   help="comma-separated rank_bench results.json files: fit the host constants (host_step_us, "
+                        "host_per_kernel_us, host_per_checkpoint_us) by least squares to their host_ms column (the "
+                        "host issue time, not the step) at this --tp and --hidden, and predict with them; the "
+                        "table counts the fitted cells and the held-out ones apart")
+    p.add_argument("--host-constants", default=None, metavar="STEP_US,PER_KERNEL_US,PER_CHECKPOINT_US",
+                   help="predict with these host constants (e.g. a --fit-host printed at another TP)")
     p.add_argument("--out", default=None, help="write the rows (and the step constants used) as JSON here")
     args = p.parse_args(argv)
     if args.write_grid:
@@ -144,9 +155,12 @@ def main(argv=None) -> int:
         Path(args.write_grid).write_text(json.dumps(cases, indent=1))
         print(f"{len(cases)} cases -> {args.write_grid}")
         return 0
+    if args.fit_host and args.host_constants:
+        raise SystemExit("--fit-host and --host-constants both set the host constants: pass one")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     measured = measured_steps([s for s in args.measured.split(",") if s])
-    rows, constants, profiles = [], {}, {}
+    fit_steps = measured_steps([s for s in args.fit_host.split(",") if s])
+    rows, constants, profiles, cells = [], {}, {}, []
     saved = json.loads(Path(args.profile_from).read_text())["profiles"] if args.profile_from else {}
     for h in [int(x) for x in args.hidden.split(",") if x]:
         kw = dict(tp=args.tp, hidden=h, layers=args.layers, batch=args.batch, seq=args.seq)
@@ -159,21 +173,65 @@ def main(argv=None) -> int:
         profiles[str(h)] = prof.to_dict()
         print(f"# h={h}: step constants {json.dumps(constants[str(h)])}", flush=True)
         for k, rc, pred in preds:
-            m = measured.get((case.tp, case.hidden, case.layers, case.batch, case.seq, k, rc)) or {}
-            ms = pred.step_us / 1e3
-            meas = m.get("step_ms")
-            rows.append(dict(tp=case.tp, hidden=h, layers=case.layers, k=k, recompute=rc, profile=args.profile,
-                             predicted_ms=round(ms, 3), device_ms=round(pred.device_us / 1e3, 3),
-                             host_ms=round(pred.host_us / 1e3, 3), kernels=round(pred.kernels),
-                             measured_ms=meas, measured_host_ms=m.get("host_ms"), measured_file=m.get("file"),
-                             error_pct=None if meas is None else round(100 * (ms / meas - 1), 1)))
-            print(json.dumps(rows[-1]), flush=True)
+            key = (case.tp, case.hidden, case.layers, case.batch, case.seq, k, rc)
+            segments = 0 if rc == "none" else len(pred.per_region) * k  # CostCache.host_us's segments
+            cells.append((h, k, rc, pred, segments, measured.get(key) or {}, fit_steps.get(key)))
+    host_fit = None
+    if args.fit_host:
+        pts = [(pred.kernels, seg, f["host_ms"] * 1e3) for _, _, _, pred, seg, _, f in cells
+               if f and f.get("host_ms") is not None]
+        host_fit = dict(files=args.fit_host, cells=len(pts),
+                        constants=fit_host_constants(pts, prof.step.host_per_checkpoint_us))
+    elif args.host_constants:
+        vals = [float(x) for x in args.host_constants.split(",")]
+        if len(vals) != 3:
+            raise SystemExit(f"--host-constants {args.host_constants!r}: expected STEP_US,PER_KERNEL_US,PER_CHECKPOINT_US")
+        host_fit = dict(files=None, cells=0, constants=vals)
+    if host_fit is not None:
+        print(f"# host constants (us): step {host_fit['constants'][0]:.1f}, per kernel {host_fit['constants'][1]:.2f}, "
+              f"per checkpoint {host_fit['constants'][2]:.1f}" + (f" (fitted to {host_fit['cells']} host_ms values "
+              f"of {args.fit_host})" if args.fit_host else " (given)"), flush=True)
+    for h, k, rc, pred, segments, m, f in cells:
+        host_us = pred.host_us
+        if host_fit is not None:
+            c0, c1, c2 = host_fit["constants"]
+            host_us = c0 + c1 * pred.kernels + c2 * segments
+        ms = max(pred.device_us, host_us) / 1e3  # predict()'s step = max(device, host)
+        meas = m.get("step_ms")
+        rows.append(dict(tp=args.tp, hidden=h, layers=case.layers, k=k, recompute=rc, profile=args.profile,
+                         predicted_ms=round(ms, 3), device_ms=round(pred.device_us / 1e3, 3),
+                         host_ms=round(host_us / 1e3, 3), kernels=round(pred.kernels),
+                         measured_ms=meas, measured_host_ms=m.get("host_ms"), measured_file=m.get("file"),
+                         error_pct=None if meas is None else round(100 * (ms / meas - 1), 1),
+                         host_fitted=bool(f and f.get("host_ms") is not None) if args.fit_host else None))
+        print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(rows=rows, step_constants=constants, device=str(device),
-                                                  torch=torch.__version__, argv=sys.argv[1:], profiles=profiles),
-                                             indent=1))
+                                                  torch=torch.__version__, argv=sys.argv[1:], profiles=profiles,
+                                                  host_fit=host_fit), indent=1))
     print(table(rows))
     return 0
+
+
+def fit_host_constants(points, per_checkpoint_us: float) -> list:
+    """[host_step_us, host_per_kernel_us, host_per_checkpoint_us] minimising the squared error of
+    step + per_kernel * kernels + per_checkpoint * segments against the measured host times
+    (points: (kernels, segments, host_us)). Without a recomputing point the per-checkpoint
+    constant cannot be fitted: it stays per_checkpoint_us (the profile's) and the others absorb
+    nothing of it."""
+    import numpy as np
+
+    if len({round(kn) for kn, _, _ in points}) < 2:
+        raise SystemExit(f"--fit-host: {len(points)} host_ms values with fewer than 2 kernel counts fix no "
+                         "per-kernel constant; give files that measure several k (or recompute policies) at this "
+                         "--tp and --hidden (oases rows, collectives skipped, no options)")
+    y = np.array([hu for _, _, hu in points], dtype=float)
+    if any(seg for _, seg, _ in points):
+        x = np.array([[1.0, kn, seg] for kn, seg, _ in points], dtype=float)
+        return [float(v) for v in np.linalg.lstsq(x, y, rcond=None)[0]]
+    x = np.array([[1.0, kn] for kn, _, _ in points], dtype=float)
+    c0, c1 = np.linalg.lstsq(x, y, rcond=None)[0]
+    return [float(c0), float(c1), float(per_checkpoint_us)]
 
 
 def table(rows) -> str:
@@ -187,10 +245,15 @@ def table(rows) -> str:
         out.append(f"| {r['tp']} | {r['hidden']} | {r['layers']} | {r['k']} | {r['recompute']} | {r['profile']} | "
                    f"{r['predicted_ms']:.2f} | {r['device_ms']:.2f} / {r['host_ms']:.2f} | {r['kernels']} | {meas} | "
                    f"{mh} | {err} |")
-    errs = [abs(r["error_pct"]) for r in rows if r["error_pct"] is not None]
-    if errs:
-        out.append(f"\nwithin 5 %: {sum(e <= 5 for e in errs)} of {len(errs)} measured cells; "
-                   f"median |error| {sorted(errs)[len(errs) // 2]:.1f} %, max {max(errs):.1f} %")
+    groups = [("", [r for r in rows])]
+    if any(r.get("host_fitted") is not None for r in rows):  # --fit-host: the fitted cells and the rest apart
+        groups += [(" (host constants fitted here)", [r for r in rows if r.get("host_fitted")]),
+                   (" (held out of the host fit)", [r for r in rows if r.get("host_fitted") is False])]
+    for what, rs in groups:
+        errs = [abs(r["error_pct"]) for r in rs if r["error_pct"] is not None]
+        if errs:
+            out.append(f"\nwithin 5 %{what}: {sum(e <= 5 for e in errs)} of {len(errs)} measured cells; "
+                       f"median |error| {sorted(errs)[len(errs) // 2]:.1f} %, max {max(errs):.1f} %")
     return "\n".join(out)
 
 

@@ -53,12 +53,14 @@ this order against the pass's on a graph of k sub-batch chains).
 Per-step terms (issue 14; the constants are Profile.step, profile.StepConstants; all zero: off):
 
     kernels    price_ops: Inductor's view of a part's ops. Library ops (GEMMs, fused attention)
-               are kernels of their own (a linear: 1 forward, dgrad + wgrad + bias-grad backward);
+               are kernels of their own (a linear: 1 forward, dgrad + wgrad + bias-grad backward;
+               fused attention: 1 forward, ATTENTION_BACKWARD_KERNELS backward);
                a run of other ops is one fused kernel each way (+1 backward per norm for its weight
                grads, +1 per embedding for its scatter); dropout(p=0) is dropped (free). An input
                made by the previous op of the same fused kernel is not read from memory: that op's
                time shrinks by those bytes' share of its traffic. Roofline times get
-               kernel_overhead_us per kernel (measured times already hold it).
+               kernel_overhead_us per kernel, and library kernels library_kernel_us more
+               (measured times already hold both).
     recompute  R (fine) re-runs only the ops whose outputs backward reads (OpSpec.recomputed:
                attention keeps its output, linears and norms their inputs); a row linear's output
                feeds only the all-reduce and the adds, so fine never re-runs it. Full re-runs the
@@ -935,13 +937,19 @@ def _is_extern(key: str) -> bool:
     return name in _EXTERN or any(name.startswith(w) for w in ("_scaled_mm", "_addmm")) or "attention" in name
 
 
+ATTENTION_BACKWARD_KERNELS = 3
+"""Kernels of a fused attention backward: cuDNN's SDPA backward (the H200's path under torch 2.11)
+launches a dot(dO, O) row-sum kernel, the flash backward kernel and a dQ fp32 -> 16-bit
+conversion (benchmarks/results/split_trace: per attention backward, h=2048, k=1 and k=2)."""
+
+
 def extern_kernels(key: str) -> tuple:
     """(forward, backward) kernels of a library op: a linear is one GEMM (bias in the epilogue)
     forward, and a dgrad GEMM, a wgrad GEMM and (with a bias) the bias-grad reduction backward;
-    fused attention one kernel each way."""
+    fused attention one kernel forward and ATTENTION_BACKWARD_KERNELS backward."""
     name = _op_name(key)
     if "attention" in name:
-        return 1, 1
+        return 1, ATTENTION_BACKWARD_KERNELS
     n_in = key.split("(", 1)[1].split(")", 1)[0].count("[") if "(" in key else 2
     bias = name in ("addmm", "baddbmm") or (name == "linear" and n_in >= 3)
     return 1, 2 + int(bias)
@@ -964,9 +972,11 @@ def price_ops(ops: Sequence, profile: "Profile") -> list:
     the scatter of an embedding's backward); an input produced by the previous op of the same fused
     kernel is not read from memory, so that op's time shrinks by those bytes' share of its traffic
     (memory-bound ops scale with bytes moved). Roofline op times get the kernel overhead per
-    kernel; measured ones (timed one op at a time) already carry it."""
+    kernel, library kernels StepConstants.library_kernel_us more; measured ones (timed one op at a
+    time) already carry both."""
     step = profile.step
     per_kernel = 0.0 if step.op_times_include_overhead else step.kernel_overhead_us
+    per_library = 0.0 if step.op_times_include_overhead else step.library_kernel_us
     out = []
     group: set = set()  # names of the ops in the current fused kernel
     for o in ops:
@@ -979,6 +989,7 @@ def price_ops(ops: Sequence, profile: "Profile") -> list:
         if _is_extern(o.key):
             group = set()
             kf, kb = extern_kernels(o.key)
+            f, b = f + kf * per_library, b + kb * per_library
         else:
             inside = [src for src in o.sources if src in group]
             kf, kb = (0, 0) if group else (1, 1)
@@ -1571,7 +1582,7 @@ def predict_plan(model: ModelSpec, plan: Plan, profile: "Profile", *,
 
 
 __all__ = [
-    "OpSpec", "OpCost", "price_ops", "is_identity_op", "extern_kernels", "RegionVariant", "RegionSpec", "ModelSpec",
+    "OpSpec", "OpCost", "price_ops", "is_identity_op", "extern_kernels", "ATTENTION_BACKWARD_KERNELS", "RegionVariant", "RegionSpec", "ModelSpec",
     "VocabSpec", "VocabPattern", "REPLICATED", "divisors",
     "find_vocab_pattern", "describe_model", "Choice", "choice_of",
     "simulate_choice", "MemoryBreakdown", "memory", "region_memory_bytes", "region_kept_bytes",

@@ -121,6 +121,11 @@ class StepConstants:
     stream plus the ramp and tail of a grid. Added per kernel to roofline op times; a measured op
     time already contains it (CUDA events around the op), so there it is added only to kernels
     the profile did not time (split/cat and accumulation copies)."""
+    library_kernel_us: float = 0.0
+    """Device time per library kernel (cuBLAS GEMM, cuDNN attention) beyond its roofline and
+    kernel_overhead_us: a tiled kernel's fixed prologue (descriptors, pipeline fill) and epilogue
+    drain, which a flop roofline omits and k sub-batches pay k times. Added to roofline op times
+    only (a measured op time already contains it)."""
     host_step_us: float = 0.0
     """Host time of a step that does not grow with its kernels: the compiled module's call path,
     guards, the autograd engine's start and end, gradient hand-over."""
@@ -146,19 +151,30 @@ class StepConstants:
         kernel_overhead_us = 3 us: NVIDIA H100/H200-class parts run back-to-back kernels of one
         stream 1-2 us apart (launch latency hidden by the queue), plus ~1 us of ramp and tail for a
         grid that does not fill its last wave.
-        host_step_us = 5000, host_per_kernel_us = 23, host_per_checkpoint_us = 440: the host's side
+        library_kernel_us = 2.5: fitted (least squares of the relative error, 0.25 us grid) to the
+        device time of the CUDA-graph rows (cudagraphs=True: the replays hide the host, so the step
+        is the device's) at TP=2, h=2048, k in {1, 2, 4}, L=2, collectives skipped:
+        benchmarks/results/rank_bench run2 (k=1, 2, 4) and final1 (k=2, 4; its k=1 row's step
+        max/min is 1.9, contaminated). Held out: the other graph rows (TP=2 h=1024 and 4096, TP=4
+        h=2048; 10 rows) fall within 2.6 % of the device prediction with it, 4 of 10 within 5 %
+        without it (the roofline misses the half-size GEMMs' fixed cost: 7.10 of RESULTS.md).
+        host_step_us = 5070, host_per_kernel_us = 21.8, host_per_checkpoint_us = 447: the host's side
         of an Inductor-compiled oases_fx step (torch 2.11, one H200 host whose CPUs other compiles
         shared). A least-squares fit of host = step + per_kernel * kernels + per_checkpoint *
         segments to the host_ms column (host issue time, not the step time) of
         benchmarks/results/rank_bench/run1, TP=2, h=2048, the 9 rows k in {1, 2, 4} x recompute in
         {none, fine, full}, kernels counted by cost_model.price_ops. No step time was used; the
-        kernel count is this model's (Inductor launches about twice as many: copies and layout
-        kernels are not counted), so per_kernel is per *counted* kernel. The measured profile
-        replaces step and per_kernel with the host probe's (ProfileOptions.measure_host).
-        copy_bw = the roofline's memory bandwidth (PLANNER_DEVICE's: a measured copy).
+        kernel count is this model's (Inductor launches about twice as many: memsets, eager
+        bias-grad reductions and layout kernels are not counted), so per_kernel is per *counted*
+        kernel. Held out (every other oases row, L=2, collectives skipped, of run1, run2 and final1):
+        median |error| of the host time 12 %; the same code's host time itself moves by up to 30 %
+        between runs (torch.compile's, the same program in every run: 4.45-4.98 ms at h=1024 TP=2).
+        The measured profile replaces step and per_kernel with the host probe's
+        (ProfileOptions.measure_host). copy_bw = the roofline's memory bandwidth (PLANNER_DEVICE's:
+        a measured copy).
         """
-        return cls(kernel_overhead_us=3.0, host_step_us=5000.0, host_per_kernel_us=23.0,
-                   host_per_checkpoint_us=440.0,
+        return cls(kernel_overhead_us=3.0, library_kernel_us=2.5, host_step_us=5070.0, host_per_kernel_us=21.8,
+                   host_per_checkpoint_us=447.0,
                    copy_bw_bytes_per_s=mem_bw_bytes_per_s, op_times_include_overhead=False,
                    source="analytical defaults (StepConstants.analytical)")
 

@@ -18,7 +18,9 @@ from oases_fx.planner import (
     AlphaBeta, Choice, ModelSpec, OpSpec, Profile, RegionSpec, RegionVariant, analytical_profile, describe_model,
     predict,
 )
-from oases_fx.planner.cost_model import CostCache, is_identity_op, price_ops
+from oases_fx.planner.cost_model import (
+    ATTENTION_BACKWARD_KERNELS, CostCache, _is_extern, extern_kernels, is_identity_op, price_ops,
+)
 from oases_fx.planner.profile import StepConstants, measure_step_constants
 from oases_fx.tracing import capture
 
@@ -83,6 +85,43 @@ def test_kernel_overhead_is_per_kernel_and_only_for_roofline_times():
     assert roof.step_us - base.step_us == pytest.approx(2 * 5.0)
     timed = dataclasses.replace(prof, step=StepConstants(kernel_overhead_us=5.0, op_times_include_overhead=True))
     assert predict(model, _choice(model, 1), timed).step_us == pytest.approx(base.step_us)
+
+
+def test_library_kernels_get_their_fixed_time_only_on_roofline_times(traced):
+    model = _spec(traced)
+    prof = analytical_profile(model)
+    ops = model.regions[0].variants[(1, True)].ops  # the attention block: qkv, sdpa, proj, glue
+    no_lib = dataclasses.replace(prof, step=dataclasses.replace(prof.step, library_kernel_us=0.0))
+    lib = dataclasses.replace(prof, step=dataclasses.replace(prof.step, library_kernel_us=7.0))
+    base, more = price_ops(ops, no_lib), price_ops(ops, lib)
+    externs = [i for i, o in enumerate(ops) if _is_extern(o.key)]
+    assert len(externs) == 3  # qkv, attention, proj
+    for i, (a, b) in enumerate(zip(base, more)):
+        if i in externs:  # each library kernel pays the constant once, forward and backward
+            assert b.fwd_us - a.fwd_us == pytest.approx(7.0 * a.fwd_kernels)
+            assert b.bwd_us - a.bwd_us == pytest.approx(7.0 * a.bwd_kernels)
+        else:
+            assert (b.fwd_us, b.bwd_us) == (a.fwd_us, a.bwd_us)
+    sdpa = next(p for p in base if "attention" in p.op.key)
+    assert (sdpa.fwd_kernels, sdpa.bwd_kernels) == (1, ATTENTION_BACKWARD_KERNELS) == extern_kernels(sdpa.op.key)
+    # op times measured one op at a time hold the constant already
+    timed = [dataclasses.replace(p, step=dataclasses.replace(p.step, op_times_include_overhead=True))
+             for p in (no_lib, lib)]
+    assert [(c.fwd_us, c.bwd_us) for c in price_ops(ops, timed[0])] == [(c.fwd_us, c.bwd_us)
+                                                                        for c in price_ops(ops, timed[1])]
+
+
+def test_planner_check_fits_the_host_constants_it_was_given():
+    from benchmarks.planner_check import fit_host_constants
+
+    truth = (4000.0, 20.0, 300.0)
+    pts = [(kn, seg, truth[0] + truth[1] * kn + truth[2] * seg) for kn, seg in ((60, 0), (120, 0), (240, 0), (70, 4),
+                                                                                (140, 8), (280, 16))]
+    assert fit_host_constants(pts, 999.0) == pytest.approx(truth)
+    # no recomputing point: the per-checkpoint constant is the one given, the others are fitted
+    assert fit_host_constants([p for p in pts if not p[1]], 999.0) == pytest.approx([truth[0], truth[1], 999.0])
+    with pytest.raises(SystemExit, match="fewer than 2 kernel counts"):
+        fit_host_constants([(60, 0, 5000.0), (60, 0, 5100.0)], 0.0)
 
 
 def test_host_bound_step_predicts_the_host_floor(traced):
@@ -199,3 +238,22 @@ def test_planner_check_writes_rows_and_re_predicts_from_its_profiles(tmp_path):
                     "--hidden", "1024"], check=True, capture_output=True, cwd=root)
     cases = json.loads(grid.read_text())
     assert len(cases) == 18 and all(c["collectives"] == "skip" and c["system"] == "oases" for c in cases)
+
+
+def test_planner_check_reads_a_traced_row_only_where_no_untraced_one_is(tmp_path):
+    import json
+
+    from benchmarks.planner_check import measured_steps
+
+    def row(step, trace, k=2):
+        case = dict(system="oases", tp=4, hidden=4096, layers=2, batch=8, seq=2048, k=k, recompute="none",
+                    collectives="skip", options={}, trace=trace)
+        return dict(case=case, step_ms=step, host_ms=1.0)
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(dict(rows=[row(26.0, False), row(21.0, True, k=4)])))
+    b.write_text(json.dumps(dict(rows=[row(20.0, True)])))  # listed last, but traced
+    got = measured_steps([a, b])
+    assert got[(4, 4096, 2, 8, 2048, 2, "none")]["step_ms"] == 26.0  # the untraced row wins
+    assert got[(4, 4096, 2, 8, 2048, 4, "none")]["step_ms"] == 21.0  # traced, and the only one
+    assert measured_steps([b])[(4, 4096, 2, 8, 2048, 2, "none")]["step_ms"] == 20.0
