@@ -1,0 +1,249 @@
+"""accumulate_grads (passes/accumulate_grads.py): a sum of matmuls in the backward graph becomes one
+in-place accumulation (oases_fx::mm_accumulate), with the values of Inductor's addmm chain.
+
+What is checked: the finder on a hand-built graph (what it takes, what it leaves, in which order it
+accumulates) and the op's values against the addmm chain Inductor makes of the original graph,
+bitwise, fp32 and bf16; the compiled GPT at k=1/2/4 on two gloo ranks (aot_eager): one rewrite per
+TMP weight matrix (none at k=1), gradients equal to the pass-off run and to the unsharded eager
+model; and under Inductor (rank 0 of a fake TP=2 group, in a subprocess: the group is process-wide)
+loss and every gradient bitwise equal to the pass-off run, fp32 at k=2 and bf16 at k=4.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from oases_fx import meta as oases_meta
+from oases_fx.passes.accumulate_grads import MM_ACCUMULATE, RECORD_KEY, accumulate_grads_pass, find_accumulations
+
+ROOT = Path(__file__).resolve().parents[2]
+aten = torch.ops.aten
+
+# Against the unsharded eager model: the tolerances of tests/distributed/test_equivalence.py (sharding
+# reorders fp32 sums; see there).
+ATOL, RTOL = 2e-5, 1e-4
+# aot_eager, pass on vs off, rewritten gradients only: the original graph rounds each mm's result
+# before adding (round(round(m0) + round(m1))), the op adds each term inside the GEMM; the results
+# differ by about one fp32 rounding (2^-24 relative) of the partial sums per term. The partial sums
+# of these gradients are < 1e-1, so |difference| < 4 x 1e-1 x 2^-24 ~ 2.4e-8 at k = 4: 1e-7 leaves
+# headroom and is still 1e5 below the gradient's size, far from a dropped or doubled sub-batch.
+ACC_ATOL = 1e-7
+
+
+# --- the finder and the op on a hand-built graph --------------------------------------------------
+
+def _sums(g0, x0, g1, x1, g2, x2, g3, x3, w):
+    def m(g, x):
+        return g.t() @ x  # a weight gradient: dY^T X
+
+    two = m(g0, x0).t().t() + m(g1, x1).t().t()        # through two transposes (what AOTAutograd emits)
+    four = ((m(g0, x0) + m(g1, x1)) + m(g2, x2)) + m(g3, x3)
+    right = m(g2, x2) + (m(g0, x0) + m(g1, x1))        # the chain as the second operand
+    balanced = (m(g0, x0) + m(g1, x1)) + (m(g2, x2) + m(g3, x3))  # outer add left; each inner sum taken
+    odd = m(g0, x0).t() + m(g1, x1).t()                # an odd number of transposes: left alone
+    shared_mm = m(g0, x0)
+    shared = shared_mm + m(g1, x1)                     # its mm has another user: left alone
+    mixed = m(g0, x0) + w                              # a term that is no mm: left alone
+    return two, four, right, balanced, odd, shared, shared_mm, mixed
+
+
+def _inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    T, M, N = 24, 8, 8
+    args = []
+    for _ in range(4):
+        args += [torch.randn(T, M, generator=g, dtype=dtype), torch.randn(T, N, generator=g, dtype=dtype)]
+    return args + [torch.randn(M, N, generator=g, dtype=dtype)]
+
+
+def _addmm_chain(pairs):
+    """What Inductor makes of mm_0 + mm_1 + ...: addmm(...addmm(mm(a_0, b_0), a_1, b_1)..., a_i, b_i)."""
+    out = torch.mm(*pairs[0])
+    for a, b in pairs[1:]:
+        out = torch.addmm(out, a, b)
+    return out
+
+
+def _traced(dtype):
+    args = _inputs(dtype)
+    gm = make_fx(_sums, tracing_mode="fake")(*args)
+    return gm, args
+
+
+def test_finder_takes_chains_of_mms_and_leaves_the_rest():
+    gm, _ = _traced(torch.float32)
+    found = find_accumulations(gm.graph)
+    # two, four, right, and balanced's two inner sums; not odd, shared, mixed, nor balanced's outer add
+    assert sorted(len(a.mms) for a in found) == [2, 2, 2, 3, 4], [(a.root.name, len(a.mms)) for a in found]
+    outs = list(gm.graph.nodes)[-1].args[0]
+    roots = {a.root for a in found}
+    assert outs[0] in roots and outs[1] in roots and outs[2] in roots
+    assert outs[3] not in roots and set(outs[3].args) <= roots  # balanced: both inner sums, not the outer
+    assert not roots & {outs[4], outs[5], outs[7]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rewrite_gives_inductors_addmm_chain_bitwise(dtype):
+    gm, args = _traced(dtype)
+    want_graph = gm(*args)
+    new = accumulate_grads_pass(copy.deepcopy(gm))
+    assert len(new.meta[RECORD_KEY].rewritten) == 5
+    assert sum(n.target is MM_ACCUMULATE for n in new.graph.nodes) == 5
+    got = new(*args)
+    g0, x0, g1, x1, g2, x2, g3, x3, w = args
+    p0, p1, p2, p3 = [(g.t(), x) for g, x in ((g0, x0), (g1, x1), (g2, x2), (g3, x3))]
+    want = {0: _addmm_chain([p0, p1]), 1: _addmm_chain([p0, p1, p2, p3]), 2: _addmm_chain([p0, p1, p2]),
+            3: _addmm_chain([p0, p1]) + _addmm_chain([p2, p3])}
+    for i, w_i in want.items():
+        assert torch.equal(got[i], w_i), f"output {i}: not the addmm chain's value"
+    for i in (4, 5, 6, 7):  # not rewritten: bitwise the original graph's
+        assert torch.equal(got[i], want_graph[i]), f"output {i} changed"
+    # the original graph rounds each mm before adding, the rewrite adds inside the GEMM: they differ by
+    # at most one rounding per term of a partial sum, elementwise <= k * eps * sum_i |a_i| @ |b_i|
+    eps = torch.finfo(dtype).eps
+    for i, pairs in ((0, [p0, p1]), (1, [p0, p1, p2, p3]), (2, [p0, p1, p2])):
+        bound = len(pairs) * eps * sum(a.abs().float() @ b.abs().float() for a, b in pairs)
+        err = (got[i].float() - want_graph[i].float()).abs()
+        assert (err <= bound).all(), f"output {i}: {(err - bound).max().item()} over the rounding bound"
+
+
+def test_rewritten_node_takes_the_last_mms_place_and_meta():
+    gm, _ = _traced(torch.float32)
+    (acc,) = [a for a in find_accumulations(gm.graph) if len(a.mms) == 4]
+    old = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    last = max(acc.mms, key=lambda m: old[m.name])
+    for i, m in enumerate(acc.mms):
+        oases_meta.update(m, stream="compute", start_us=float(i), end_us=float(i) + 0.5)
+    root = acc.root.name
+    accumulate_grads_pass(gm)
+    (rec,) = [r for r in gm.meta[RECORD_KEY].rewritten if r[1] == root]
+    new = next(n for n in gm.graph.nodes if n.name == rec[0])
+    assert oases_meta.get(new).stream == "compute" and oases_meta.get(new).start_us == 3.0  # the last mm's
+    for n in gm.graph.nodes:  # everything before it came before the last mm, everything after came after
+        if n is new or n.name not in old:
+            continue
+        before = list(gm.graph.nodes).index(n) < list(gm.graph.nodes).index(new)
+        assert before == (old[n.name] < old[last.name]), f"{n.name} moved across the rewritten node"
+
+
+def test_no_sum_of_mms_is_a_no_op():
+    def f(g, x, w):
+        return g.t() @ x + w, (g.t() @ x).t()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(4, 3), torch.randn(4, 3), torch.randn(3, 3))
+    code = gm.code
+    accumulate_grads_pass(gm)
+    assert gm.code == code and gm.meta[RECORD_KEY].rewritten == []
+
+
+# --- the compiled GPT on two gloo ranks (aot_eager), against the pass-off run and the eager model --
+
+CFG = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+
+def compiled_grads(rank, world_size, *, k):
+    """Rank task (tests/pool.py): the GPT compiled at k sub-batches with the pass on and off, one
+    step on the same weights and batch; the gathered gradients, what the pass rewrote, the unsharded
+    eager model's gradients, and the TMP weight matrices (2-D sharded parameters)."""
+    import oases_fx
+    from torch.distributed.device_mesh import init_device_mesh
+    from tests import tasks
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = tasks.build_model("gpt", CFG)
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
+    tgt = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
+    out = {}
+    for run, disabled in (("on", ()), ("off", ("accumulate_grads",))):
+        m = oases_fx.compile(copy.deepcopy(ref), mesh, example_inputs=(idx, tgt), backend="aot_eager", verbose=False,
+                             plan="megatron", num_sub_batches=k, disabled_passes=disabled)
+        _, loss = m(idx, tgt)
+        loss.backward()
+        bw = m.graphs.aot.backward[-1]
+        rec = bw.meta.get(RECORD_KEY)
+        ops = [n for n in bw.graph.nodes if n.target is MM_ACCUMULATE]
+        out[run] = dict(loss=loss.detach(), grads=m.full_grads(), ops=len(ops),
+                        rewritten=None if rec is None else len(rec.rewritten),
+                        streams=sorted({str(oases_meta.get(n).stream) for n in ops}),
+                        timed=all(n.name in {iv.name for ivs in bw.meta["oases_timeline"].streams.values() for iv in ivs}
+                                  for n in ops),
+                        tmp=sorted(n for n, (_, _, shape) in m.graphs.gm.meta["oases"]["sharded_params"].items()
+                                   if len(shape) == 2))
+    _, r_loss = ref(idx, tgt)
+    r_loss.backward()
+    out["ref"] = dict(loss=r_loss.detach(), grads={n: p.grad for n, p in ref.named_parameters()})
+    return out if rank == 0 else None
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gpt_gradients_with_the_pass_equal_pass_off_and_eager(pool2, k):
+    r = pool2.run(compiled_grads, k=k)[0]
+    on, off, ref = r["on"], r["off"], r["ref"]
+    tmp = on["tmp"]
+    assert len(tmp) == 4 * CFG["n_layer"], tmp  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    # one rewrite per TMP weight matrix whose gradient is summed over sub-batches; none at k=1
+    assert on["rewritten"] == on["ops"] == (len(tmp) if k > 1 else 0), (on["rewritten"], on["ops"], k)
+    assert off["ops"] == 0 and off["rewritten"] is None
+    if k > 1:
+        assert on["streams"] == ["compute"] and on["timed"], on["streams"]  # in the re-simulated timeline
+    assert torch.equal(on["loss"], off["loss"])
+    for name, g_off in off["grads"].items():
+        if name in tmp:
+            torch.testing.assert_close(on["grads"][name], g_off, atol=ACC_ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(on["grads"][name], g_off), f"{name}: not rewritten, yet changed"
+    torch.testing.assert_close(on["loss"], ref["loss"], atol=ATOL, rtol=RTOL)
+    for name, g_ref in ref["grads"].items():
+        torch.testing.assert_close(on["grads"][name], g_ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {name}: {m}")
+
+
+# --- Inductor: bitwise the pass-off run (fake TP=2 group, in a subprocess) ------------------------
+
+def _inductor_run(spec: dict) -> dict:
+    """In the subprocess: per (k, dtype), the GPT compiled by Inductor with the pass on and off."""
+    torch.set_num_threads(1)
+    from benchmarks.rank_bench import Case, build, make_batch
+
+    out = {}
+    for k, dtype in spec["cases"]:
+        got = {}
+        for run, disabled in (("on", []), ("off", ["accumulate_grads"])):
+            case = Case(system="oases", tp=2, hidden=32, layers=2, batch=4, seq=8, vocab=64, head_dim=16, k=k,
+                        collectives="fake", dtype=dtype, backend="inductor", options=dict(disabled_passes=disabled))
+            torch.manual_seed(0)
+            step, module, _ = build(case, torch.device("cpu"))
+            loss = step(*make_batch(case, torch.device("cpu")))
+            bw = module.graphs.aot.backward[-1]
+            got[run] = dict(loss=float(loss), grads={n: p.grad.to_local().float().flatten().tolist()
+                                                     for n, p in module.named_parameters() if p.grad is not None},
+                            ops=sum(n.target is MM_ACCUMULATE for n in bw.graph.nodes))
+        out[f"k={k} {dtype}"] = got
+    return out
+
+
+@pytest.mark.parametrize("cases", [[[2, "fp32"], [4, "bf16"]]])
+def test_gpt_under_inductor_is_bitwise_the_pass_off_run(cases):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_accumulate_grads", json.dumps(dict(cases=cases))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    for what, r in res.items():
+        on, off = r["on"], r["off"]
+        assert on["ops"] == 4 * 2 and off["ops"] == 0, (what, on["ops"], off["ops"])  # 4 TMP weights x 2 layers
+        assert on["loss"] == off["loss"], what
+        assert set(on["grads"]) == set(off["grads"]), what
+        for name in on["grads"]:
+            assert on["grads"][name] == off["grads"][name], f"{what}: gradient of {name} differs (not bitwise)"
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(_inductor_run(json.loads(sys.argv[1]))), flush=True)
