@@ -147,33 +147,41 @@ def test_no_sum_of_mms_is_a_no_op():
 CFG = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
 
-def compiled_grads(rank, world_size, *, k):
+def compiled_grads(rank, world_size, *, k, mesh_shape=None, extra=None):
     """Rank task (tests/pool.py): the GPT compiled at k sub-batches with the pass on and off, one
-    step on the same weights and batch; the gathered gradients, what the pass rewrote, the unsharded
-    eager model's gradients, and the TMP weight matrices (2-D sharded parameters)."""
+    step on the same weights and batch (4 sequences per dp rank); the gathered gradients, what the pass
+    rewrote, the unsharded eager model's gradients on the whole batch, and the TMP weight matrices
+    (2-D sharded parameters). With a (dp, tp) mesh_shape, extra=dict(dp_reduce="graph") puts the dp
+    all-reduce into the backward graph after this pass."""
     import oases_fx
     from torch.distributed.device_mesh import init_device_mesh
     from tests import tasks
 
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    names = ("dp", "tp") if mesh_shape else ("tp",)
+    mesh = init_device_mesh("cpu", tuple(mesh_shape or (world_size,)), mesh_dim_names=names)
+    dp = mesh.size(0) if mesh_shape else 1
+    local = slice(4 * (mesh.get_local_rank("dp") if mesh_shape else 0), None)
     ref = tasks.build_model("gpt", CFG)
     g = torch.Generator().manual_seed(1234)
-    idx = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
-    tgt = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
+    idx = torch.randint(0, CFG["vocab_size"], (4 * dp, 8), generator=g)
+    tgt = torch.randint(0, CFG["vocab_size"], (4 * dp, 8), generator=g)
+    x, y = idx[local][:4], tgt[local][:4]
     out = {}
     for run, disabled in (("on", ()), ("off", ("accumulate_grads",))):
-        m = oases_fx.compile(copy.deepcopy(ref), mesh, example_inputs=(idx, tgt), backend="aot_eager", verbose=False,
-                             plan="megatron", num_sub_batches=k, disabled_passes=disabled)
-        _, loss = m(idx, tgt)
+        m = oases_fx.compile(copy.deepcopy(ref), mesh, example_inputs=(x, y), backend="aot_eager", verbose=False,
+                             plan="megatron", num_sub_batches=k, disabled_passes=disabled, **(extra or {}))
+        _, loss = m(x, y)
         loss.backward()
         bw = m.graphs.aot.backward[-1]
         rec = bw.meta.get(RECORD_KEY)
         ops = [n for n in bw.graph.nodes if n.target is MM_ACCUMULATE]
+        dp_rec = bw.meta.get("oases_dp_reduce")
         out[run] = dict(loss=loss.detach(), grads=m.full_grads(), ops=len(ops),
                         rewritten=None if rec is None else len(rec.rewritten),
                         streams=sorted({str(oases_meta.get(n).stream) for n in ops}),
                         timed=all(n.name in {iv.name for ivs in bw.meta["oases_timeline"].streams.values() for iv in ivs}
                                   for n in ops),
+                        dp_buckets=None if dp_rec is None else len(dp_rec.buckets),
                         tmp=sorted(n for n, (_, _, shape) in m.graphs.gm.meta["oases"]["sharded_params"].items()
                                    if len(shape) == 2))
     _, r_loss = ref(idx, tgt)
@@ -182,9 +190,7 @@ def compiled_grads(rank, world_size, *, k):
     return out if rank == 0 else None
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_gpt_gradients_with_the_pass_equal_pass_off_and_eager(pool2, k):
-    r = pool2.run(compiled_grads, k=k)[0]
+def _check(r, k, dp=1):
     on, off, ref = r["on"], r["off"], r["ref"]
     tmp = on["tmp"]
     assert len(tmp) == 4 * CFG["n_layer"], tmp  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
@@ -199,9 +205,22 @@ def test_gpt_gradients_with_the_pass_equal_pass_off_and_eager(pool2, k):
             torch.testing.assert_close(on["grads"][name], g_off, atol=ACC_ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
         else:
             assert torch.equal(on["grads"][name], g_off), f"{name}: not rewritten, yet changed"
-    torch.testing.assert_close(on["loss"], ref["loss"], atol=ATOL, rtol=RTOL)
+    if dp == 1:  # with dp, the reference's loss is the mean of the dp ranks' losses
+        torch.testing.assert_close(on["loss"], ref["loss"], atol=ATOL, rtol=RTOL)
     for name, g_ref in ref["grads"].items():
         torch.testing.assert_close(on["grads"][name], g_ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gpt_gradients_with_the_pass_equal_pass_off_and_eager(pool2, k):
+    _check(pool2.run(compiled_grads, k=k)[0], k)
+
+
+def test_dp_reduce_in_the_graph_averages_the_accumulated_gradients(pool4):
+    # dp=2 x tp=2, dp_reduce="graph": dp_reduce runs after this pass and buckets the mm_accumulate outputs
+    r = pool4.run(compiled_grads, k=2, mesh_shape=(2, 2), extra=dict(dp_reduce="graph"))[0]
+    assert r["on"]["dp_buckets"] and r["off"]["dp_buckets"], (r["on"]["dp_buckets"], r["off"]["dp_buckets"])
+    _check(r, 2, dp=2)
 
 
 # --- Inductor: bitwise the pass-off run (fake TP=2 group, in a subprocess) ------------------------
