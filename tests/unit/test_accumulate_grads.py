@@ -216,6 +216,12 @@ def test_gpt_gradients_with_the_pass_equal_pass_off_and_eager(pool2, k):
     _check(pool2.run(compiled_grads, k=k)[0], k)
 
 
+@pytest.mark.parametrize("recompute", ["fine", "full"])
+def test_recomputed_forward_in_the_backward_keeps_the_rewrites_exact(pool2, recompute):
+    # the backward graph holds the recomputed forward too: only the weight-gradient sums are rewritten
+    _check(pool2.run(compiled_grads, k=2, extra=dict(recompute=recompute))[0], 2)
+
+
 def test_dp_reduce_in_the_graph_averages_the_accumulated_gradients(pool4):
     # dp=2 x tp=2, dp_reduce="graph": dp_reduce runs after this pass and buckets the mm_accumulate outputs
     r = pool4.run(compiled_grads, k=2, mesh_shape=(2, 2), extra=dict(dp_reduce="graph"))[0]
