@@ -23,8 +23,8 @@ Contract
   the schedule (every operand exists there), meta from that mm (schedule_overlap's stream and times,
   re-simulated when the graph carries a timeline); the root add's users read it; the adds, views and
   mms of the match are erased.
-  Not matched (left to Inductor as before): an odd number of transposes (Inductor would not fuse
-  those into addmm either, so they have no copy to remove), balanced trees (add(add(a, b), add(c, d))),
+  Not matched (left to Inductor as before): an odd number of transposes (Inductor's addmm fusion
+  matches an add of an mm itself, not of its transpose, so these have no copy to remove), balanced trees (add(add(a, b), add(c, d))),
   terms that are not mms (a tied embedding's gradient plus the LM head's mm), fp32 bias sums.
   Records ``gm.meta["oases_accumulate_grads"]``: an :class:`AccumulateRecord`.
 
@@ -176,6 +176,8 @@ def find_accumulations(graph: fx.Graph) -> list[Accumulation]:
         if got is None:
             continue
         mms, nodes = got
+        if len(set(nodes)) != len(nodes):
+            continue  # a term added to itself (add(m, m)): left to Inductor
         vals = [_val(m) for m in mms]
         if any(not isinstance(v, torch.Tensor) for v in vals) or len({(v.dtype, v.device) for v in vals}) != 1:
             continue

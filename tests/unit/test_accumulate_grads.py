@@ -50,7 +50,9 @@ def _sums(g0, x0, g1, x1, g2, x2, g3, x3, w):
     shared_mm = m(g0, x0)
     shared = shared_mm + m(g1, x1)                     # its mm has another user: left alone
     mixed = m(g0, x0) + w                              # a term that is no mm: left alone
-    return two, four, right, balanced, odd, shared, shared_mm, mixed
+    twice = m(g2, x2)
+    twice = twice + twice                              # one mm added to itself: left alone
+    return two, four, right, balanced, odd, shared, shared_mm, mixed, twice
 
 
 def _inputs(dtype):
@@ -85,7 +87,7 @@ def test_finder_takes_chains_of_mms_and_leaves_the_rest():
     roots = {a.root for a in found}
     assert outs[0] in roots and outs[1] in roots and outs[2] in roots
     assert outs[3] not in roots and set(outs[3].args) <= roots  # balanced: both inner sums, not the outer
-    assert not roots & {outs[4], outs[5], outs[7]}
+    assert not roots & {outs[4], outs[5], outs[7], outs[8]}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -102,7 +104,7 @@ def test_rewrite_gives_inductors_addmm_chain_bitwise(dtype):
             3: _addmm_chain([p0, p1]) + _addmm_chain([p2, p3])}
     for i, w_i in want.items():
         assert torch.equal(got[i], w_i), f"output {i}: not the addmm chain's value"
-    for i in (4, 5, 6, 7):  # not rewritten: bitwise the original graph's
+    for i in (4, 5, 6, 7, 8):  # not rewritten: bitwise the original graph's
         assert torch.equal(got[i], want_graph[i]), f"output {i} changed"
     # the original graph rounds each mm before adding, the rewrite adds inside the GEMM: they differ by
     # at most one rounding per term of a partial sum, elementwise <= k * eps * sum_i |a_i| @ |b_i|
