@@ -5,8 +5,10 @@ What is checked: the finder on a hand-built graph (what it takes, what it leaves
 accumulates) and the op's values against the addmm chain Inductor makes of the original graph,
 bitwise, fp32 and bf16; the compiled GPT at k=1/2/4 on two gloo ranks (aot_eager): one rewrite per
 TMP weight matrix (none at k=1), gradients equal to the pass-off run and to the unsharded eager
-model; and under Inductor (rank 0 of a fake TP=2 group, in a subprocess: the group is process-wide)
-loss and every gradient bitwise equal to the pass-off run, fp32 at k=2 and bf16 at k=4.
+model (also with fine/full recompute, and dp=2 with dp_reduce="graph" after the pass); and under
+Inductor (rank 0 of a fake TP=2 group, in a subprocess: the group is process-wide; on the GPU where
+there is one) loss and every gradient bitwise equal to the pass-off run, fp32 at k=2 and bf16 at k=4.
+On a GPU, the op is also checked bitwise against the addmm chain on cuBLAS.
 """
 import copy
 import json
@@ -113,6 +115,16 @@ def test_rewrite_gives_inductors_addmm_chain_bitwise(dtype):
         bound = len(pairs) * eps * sum(a.abs().float() @ b.abs().float() for a, b in pairs)
         err = (got[i].float() - want_graph[i].float()).abs()
         assert (err <= bound).all(), f"output {i}: {(err - bound).max().item()} over the rounding bound"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (cuBLAS)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_on_the_gpu_is_bitwise_the_addmm_chain(dtype):
+    # weight-gradient layouts: a = dY^T (a transposed view), b = X; k = 4 terms
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = [torch.randn(2048, 1536, device="cuda", dtype=dtype, generator=g).t() for _ in range(4)]
+    b = [torch.randn(2048, 1024, device="cuda", dtype=dtype, generator=g) for _ in range(4)]
+    assert torch.equal(MM_ACCUMULATE(a, b), _addmm_chain(list(zip(a, b))))
 
 
 def test_rewritten_node_takes_the_last_mms_place_and_meta():
@@ -234,9 +246,12 @@ def test_dp_reduce_in_the_graph_averages_the_accumulated_gradients(pool4):
 # --- Inductor: bitwise the pass-off run (fake TP=2 group, in a subprocess) ------------------------
 
 def _inductor_run(spec: dict) -> dict:
-    """In the subprocess: per (k, dtype), the GPT compiled by Inductor with the pass on and off."""
+    """In the subprocess: per (k, dtype), the GPT compiled by Inductor with the pass on and off (on the
+    GPU where there is one: the same claim on cuBLAS and Triton)."""
     torch.set_num_threads(1)
     from benchmarks.rank_bench import Case, build, make_batch
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     out = {}
     for k, dtype in spec["cases"]:
@@ -245,10 +260,10 @@ def _inductor_run(spec: dict) -> dict:
             case = Case(system="oases", tp=2, hidden=32, layers=2, batch=4, seq=8, vocab=64, head_dim=16, k=k,
                         collectives="fake", dtype=dtype, backend="inductor", options=dict(disabled_passes=disabled))
             torch.manual_seed(0)
-            step, module, _ = build(case, torch.device("cpu"))
-            loss = step(*make_batch(case, torch.device("cpu")))
+            step, module, _ = build(case, dev)
+            loss = step(*make_batch(case, dev))
             bw = module.graphs.aot.backward[-1]
-            got[run] = dict(loss=float(loss), grads={n: p.grad.to_local().float().flatten().tolist()
+            got[run] = dict(loss=float(loss), grads={n: p.grad.to_local().float().flatten().cpu().tolist()
                                                      for n, p in module.named_parameters() if p.grad is not None},
                             ops=sum(n.target is MM_ACCUMULATE for n in bw.graph.nodes))
         out[f"k={k} {dtype}"] = got
