@@ -23,6 +23,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from oases_fx import meta as oases_meta
 from oases_fx.passes.accumulate_grads import MM_ACCUMULATE, RECORD_KEY, accumulate_grads_pass, find_accumulations
+from oases_fx.timeline import node_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 aten = torch.ops.aten
@@ -135,10 +136,12 @@ def test_rewritten_node_takes_the_last_mms_place_and_meta():
     for i, m in enumerate(acc.mms):
         oases_meta.update(m, stream="compute", start_us=float(i), end_us=float(i) + 0.5)
     root = acc.root.name
+    flops = sum(node_flops(m) for m in acc.mms)
     accumulate_grads_pass(gm)
     (rec,) = [r for r in gm.meta[RECORD_KEY].rewritten if r[1] == root]
     new = next(n for n in gm.graph.nodes if n.name == rec[0])
     assert oases_meta.get(new).stream == "compute" and oases_meta.get(new).start_us == 3.0  # the last mm's
+    assert node_flops(new) == flops == 4 * 2 * 8 * 8 * 24  # the schedule prices it as its GEMMs
     for n in gm.graph.nodes:  # everything before it came before the last mm, everything after came after
         if n is new or n.name not in old:
             continue
