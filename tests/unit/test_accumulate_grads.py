@@ -275,12 +275,7 @@ def _inductor_run(spec: dict) -> dict:
 
 @pytest.mark.parametrize("cases", [[[2, "fp32"], [4, "bf16"]]])
 def test_gpt_under_inductor_is_bitwise_the_pass_off_run(cases):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_accumulate_grads", json.dumps(dict(cases=cases))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = _subprocess(dict(cases=cases))
     for what, r in res.items():
         on, off = r["on"], r["off"]
         assert on["ops"] == 4 * 2 and off["ops"] == 0, (what, on["ops"], off["ops"])  # 4 TMP weights x 2 layers
@@ -290,5 +285,61 @@ def test_gpt_under_inductor_is_bitwise_the_pass_off_run(cases):
             assert on["grads"][name] == off["grads"][name], f"{what}: gradient of {name} differs (not bitwise)"
 
 
+# --- the schedule: the rewrite does not make the predicted backward slower ----------------------
+
+def _schedule_run(spec: dict) -> dict:
+    """In the subprocess: the k-sub-batch GPT's backward as schedule_overlap gets it, scheduled and then
+    rewritten (the pipeline's order), under scaled H100-like constants (tasks.schedule_memory's) on an
+    NVLink-like and a PCIe-class link; predicted makespan and peak live bytes with the pass and without."""
+    torch.set_num_threads(1)
+    from benchmarks.rank_bench import Case, build, make_batch
+    from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
+    from oases_fx.timeline import AnalyticalCostModel, DeviceConstants, peak_live_bytes, simulate
+
+    case = Case(system="oases", tp=2, hidden=64, layers=2, batch=4, seq=16, vocab=64, head_dim=16, k=spec["k"],
+                collectives="fake", dtype="fp32", backend="aot_eager",
+                options=dict(disabled_passes=["schedule_overlap", "accumulate_grads"]))
+    torch.manual_seed(0)
+    step, module, _ = build(case, torch.device("cpu"))
+    step(*make_batch(case, torch.device("cpu")))
+    bw = module.graphs.aot.backward[-1]
+    out = {}
+    for link in (250.0, 27.5):
+        cm = AnalyticalCostModel(DeviceConstants(peak_flops=800e12 / 4096, mem_bw_bytes_per_s=3e12 / 4096,
+                                                 comm_alpha_us=1.0, comm_bus_bw_bytes_per_s=link * 1e9 / 4096))
+        g = schedule_overlap_pass(copy.deepcopy(bw), options=ScheduleOptions(), cost_model=cm)
+        off = simulate(list(g.graph.nodes), cm)
+        off_peak = peak_live_bytes(list(g.graph.nodes))
+        g = accumulate_grads_pass(g, cost_model=cm)
+        on = g.meta["oases_timeline"]
+        out[str(link)] = dict(off=off.makespan_us, on=on.makespan_us, off_peak=off_peak,
+                              on_peak=peak_live_bytes(list(g.graph.nodes)), ops=len(g.meta[RECORD_KEY].rewritten))
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_rewrite_does_not_slow_the_predicted_backward_nor_grow_its_memory(k):
+    # The rewrite moves the earlier sub-batches' weight-gradient GEMMs to the last one's place, so less
+    # compute may sit under an early all-reduce; the predicted makespan must not grow (what the GPU's step
+    # sees; the share of communication hidden can drop where the adds removed were compute under it), and
+    # the earlier terms' mm results no longer live until the sum: the predicted peak must not grow.
+    res = _subprocess(dict(mode="schedule", k=k))
+    for link, r in res.items():
+        assert r["ops"] == 4 * 2, r
+        assert r["on"] <= r["off"] * (1 + 1e-9), f"{link} GB/s: predicted makespan {r['on']} vs {r['off']} us"
+        assert r["on_peak"] <= r["off_peak"], f"{link} GB/s: predicted peak {r['on_peak']} vs {r['off_peak']} B"
+
+
+def _subprocess(spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_accumulate_grads", json.dumps(spec)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(_inductor_run(json.loads(sys.argv[1]))), flush=True)
+    spec = json.loads(sys.argv[1])
+    run = _schedule_run if spec.get("mode") == "schedule" else _inductor_run
+    print("RESULT " + json.dumps(run(spec)), flush=True)
