@@ -24,31 +24,35 @@ Contract
   re-simulated when the graph carries a timeline); the root add's users read it; the adds, views and
   mms of the match are erased.
   Not matched (left to Inductor as before): an odd number of transposes (Inductor's addmm fusion
-  matches an add of an mm itself, not of its transpose, so these have no copy to remove), balanced trees (add(add(a, b), add(c, d))),
-  terms that are not mms (a tied embedding's gradient plus the LM head's mm), fp32 bias sums.
+  matches an add of an mm itself, not of its transpose, so these have no copy to remove), balanced
+  trees (add(add(a, b), add(c, d)): each inner sum is matched), a term added to itself, terms that
+  are not mms (a tied embedding's gradient plus the LM head's mm: the one copy left at k=1 too), and
+  the fp32 bias-gradient sums (per-sub-batch reductions of disjoint buffers: joining them needs a cat,
+  itself a copy).
   Records ``gm.meta["oases_accumulate_grads"]``: an :class:`AccumulateRecord`.
 
 Numerics
   Inductor: the same values, bitwise: its addmm chain and mm_accumulate make the same GEMM calls
-  (the first term by mm into a contiguous buffer, each later one by a beta=1 GEMM into that buffer).
-  aot_eager: the original graph adds rounded mm results (round(round(m_0) + round(m_1))), the op
-  accumulates in the GEMM (round(m_0 + round(...)) through the GEMM's C input), so a rewritten
-  gradient may differ from the pass-off aot_eager run in its last bits (one rounding per term); in
-  bf16 the op keeps the GEMM's fp32 accumulator for each term, as Inductor's addmm does.
+  (the first term by mm into a contiguous buffer, each later one by a beta=1 GEMM into that buffer;
+  tests/unit/test_accumulate_grads.py checks it on CPU, and on cuBLAS where a GPU runs it).
+  aot_eager: the original graph rounds each mm's result and then adds (round(round(m_0) + round(m_1))),
+  the op adds each later term inside its GEMM (round(round(m_0) + m_1), m_1 not rounded on its own),
+  so a rewritten gradient may differ from the pass-off aot_eager run by one rounding per term; in bf16
+  the op keeps each term in the GEMM's fp32 accumulator, as Inductor's addmm does.
 
 Before / after (k=2, one weight)
-    mm_7  = mm(t_13, view_23)          # sub-batch 0         (erased)
-    ...
-    mm_11 = mm(t_21, view_19)          # sub-batch 1         mm_accumulate = mm_accumulate([t_13, t_21], [view_23, view_19])
-    t_22 = t(mm_11); t_24 = t(t_22)                          (erased)
-    add_11 = add(t_16, t_24)                                 (erased; users read mm_accumulate)
+    before                                      after
+    mm_7 = mm(t_13, view_23)    # sub-batch 0   (erased)
+    ...                                         ...
+    mm_11 = mm(t_21, view_19)   # sub-batch 1   acc = mm_accumulate([t_13, t_21], [view_23, view_19])
+    t_24 = t(t(mm_11))                          (erased, as t_16 = t(t(mm_7)))
+    add_11 = add(t_16, t_24)                    (erased; its users read acc)
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.fx as fx

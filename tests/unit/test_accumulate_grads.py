@@ -193,11 +193,11 @@ def compiled_grads(rank, world_size, *, k, mesh_shape=None, extra=None):
         rec = bw.meta.get(RECORD_KEY)
         ops = [n for n in bw.graph.nodes if n.target is MM_ACCUMULATE]
         dp_rec = bw.meta.get("oases_dp_reduce")
+        timed = {iv.name for ivs in bw.meta["oases_timeline"].streams.values() for iv in ivs}
         out[run] = dict(loss=loss.detach(), grads=m.full_grads(), ops=len(ops),
                         rewritten=None if rec is None else len(rec.rewritten),
                         streams=sorted({str(oases_meta.get(n).stream) for n in ops}),
-                        timed=all(n.name in {iv.name for ivs in bw.meta["oases_timeline"].streams.values() for iv in ivs}
-                                  for n in ops),
+                        timed=all(n.name in timed for n in ops),
                         dp_buckets=None if dp_rec is None else len(dp_rec.buckets),
                         tmp=sorted(n for n, (_, _, shape) in m.graphs.gm.meta["oases"]["sharded_params"].items()
                                    if len(shape) == 2))
