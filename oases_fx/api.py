@@ -300,6 +300,9 @@ class OasesModule(nn.Module):
                 tl = g[0].meta.get("oases_timeline") if g else None
                 if tl is not None:
                     lines.append(f"Schedule ({stage}, analytical compute, {comm_src}): {tl.summary()}")
+            acc = aot.backward[-1].meta.get("oases_accumulate_grads") if aot.backward else None
+            if acc is not None:
+                lines.append(f"Weight-gradient accumulation (backward): {acc.summary()}")
         else:
             lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
         if self._info.dp_group is not None:
@@ -524,16 +527,18 @@ def schedule_constants(plan: Plan, tp: int):
 
 
 def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, *, dp_reduce: bool = False):
-    """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both; with
-    `dp_reduce`, the dp gradient all-reduce after it in the backward, reading the parameter positions that
-    the backend puts in each graph's meta)."""
+    """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both; in the
+    backward, accumulate_grads after it, and with `dp_reduce` the dp gradient all-reduce last, reading the
+    parameter positions that the backend puts in each graph's meta)."""
+    from oases_fx.passes.accumulate_grads import accumulate_grads_pass
     from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
     from oases_fx.timeline import AnalyticalCostModel
 
     cost = AnalyticalCostModel(schedule_constants(plan, info.tp))
     sched = _backend.GraphPass("schedule_overlap", functools.partial(
         schedule_overlap_pass, options=ScheduleOptions(**cfg.schedule), cost_model=cost))
-    bw = [sched]
+    # after the schedule (its order decides where each sum runs), before dp_reduce (reads the gradients)
+    bw = [sched, _backend.GraphPass("accumulate_grads", functools.partial(accumulate_grads_pass, cost_model=cost))]
     if dp_reduce:  # after the schedule: the TMP order stays as schedule_overlap made it
         from oases_fx.passes.dp_reduce import bucket_bytes_of, dp_reduce_pass
 

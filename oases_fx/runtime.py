@@ -157,6 +157,23 @@ COLLECTIVE_FNS = (copy_to_tp, reduce_from_tp, skip_copy_to_tp, skip_reduce_from_
                   batch_scatter, batch_gather, skip_batch_scatter, skip_batch_gather)
 
 
+# --- weight-gradient accumulation over sub-batches (accumulate_grads) --------------------------
+
+@torch.library.custom_op("oases_fx::mm_accumulate", mutates_args=())
+def mm_accumulate(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i a[i] @ b[i], accumulated in one buffer: mm for the first term, then addmm_ (beta=1) in
+    place. The same GEMM calls as Inductor's addmm chain for mm_0 + mm_1 + ..., without the copy of
+    the accumulator into a new output that aten's out-of-place addmm makes before each GEMM."""
+    out = torch.mm(a[0], b[0])
+    for x, y in zip(a[1:], b[1:]):
+        out.addmm_(x, y)
+    return out
+
+
+@mm_accumulate.register_fake
+def _(a, b):
+    return a[0].new_empty((a[0].shape[0], b[0].shape[1]))  # contiguous, as torch.mm's result
+
 # --- recomputation (recompute_policy) ----------------------------------------------------------
 
 def _fine_policy(ctx, op, *args, **kwargs):

@@ -304,6 +304,8 @@ def node_flops(node: fx.Node) -> float:
         a = node.args[1] if name in ("aten.addmm", "aten.baddbmm", "aten._addmm_activation") else node.args[0]
         a_shape = _shape(a)
         return 2.0 * _numel(node) * a_shape[-1] if a_shape else 0.0
+    if name == "oases_fx.mm_accumulate":  # sum_i a[i] @ b[i] (passes/accumulate_grads.py)
+        return sum(2.0 * _numel(node) * (_shape(a) or (0,))[-1] for a in node.args[0])
     if "scaled_dot_product" in name or name.startswith(("aten._flash_attention", "aten._efficient_attention")):
         return _attention_flops(node, name)
     if name in _CONV_OPS or name == "aten.convolution_backward":
