@@ -464,10 +464,10 @@ def main(argv=None) -> int:
     print(_format(results, labels))
     if any("against" in r for r in results):
         print(f"\n{'--saved-views ab' if a.saved_views == 'ab' else '--against ' + a.against}: uninstrumented "
-              "step, us, the two arms alternated in one process "
-              f"({results[0]['against'].get('swapped', '')})")
+              "step, us, the two arms alternated in one process")
         names = [n for n in results[0]["against"] if n != "swapped"]
         print("| us per step | " + " | ".join(labels) + " |\n|---|" + "---|" * len(results))
+        print("| arms differ by | " + " | ".join(r["against"].get("swapped", "") for r in results) + " |")
         for n in names:
             print(f"| {n} | " + " | ".join(f"{r['against'][n]:.0f}" for r in results) + " |")
     if a.json:
