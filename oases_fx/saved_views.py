@@ -123,17 +123,19 @@ def wrap_partition(partition):
     return fn
 
 
-def inductor_partitioner():
-    """A torch._inductor.config.custom_partitioner_fn: Inductor's default (min-cut) partition, then
-    dedupe_saved_views. None where this torch has no such hook."""
-    try:
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
-        from torch._inductor.custom_graph_pass import CustomPartitionerFn
-    except ImportError:
-        return None
+try:  # Inductor's partitioner hook (torch._inductor.config.custom_partitioner_fn)
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn as _PartitionerBase
+except ImportError:  # a torch without it
+    _PartitionerBase = None
 
-    class Partitioner(CustomPartitionerFn):
+if _PartitionerBase is not None:
+    class Partitioner(_PartitionerBase):
+        """Inductor's default (min-cut) partition, then dedupe_saved_views (module level: Inductor's cache
+        key pickles its config, this object included)."""
+
         def __init__(self):
+            from torch._functorch.partitioners import min_cut_rematerialization_partition
+
             self.fn = wrap_partition(min_cut_rematerialization_partition)
             self.stats = self.fn.stats
 
@@ -145,4 +147,14 @@ def inductor_partitioner():
 
             return get_hash_for_files((__file__,))
 
-    return Partitioner()
+        def __getstate__(self):  # the cache key pickles the config: the code identifies it, not the stats
+            return {}
+
+        def __setstate__(self, state):
+            self.__init__()
+
+
+def inductor_partitioner():
+    """A torch._inductor.config.custom_partitioner_fn: Inductor's default (min-cut) partition, then
+    dedupe_saved_views. None where this torch has no such hook."""
+    return Partitioner() if _PartitionerBase is not None else None
