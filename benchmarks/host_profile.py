@@ -18,6 +18,13 @@ are this thread's CPU time by default (--clock cpu), so a step preempted by othe
 CPU is not charged for the wait; --rounds N alternates the trees of --roots N times (medians over rounds).
 
     python -m benchmarks.host_profile --k 1,2,4 --roots before=/tmp/base,after=. --rounds 2
+    python -m benchmarks.host_profile --k 1,2,4 --against /tmp/base   # one process: old/new host functions, alternated
+    python -m benchmarks.host_profile --k 2 --saved-views            # saved views -> their base (oases_fx.saved_views)
+
+--against PATH loads oases_fx/boundary.py and oases_fx/direct_call.py of the tree at PATH beside this tree's and
+alternates, step by step in one process on one compiled program, this tree's per-call functions (AGAINST) with
+PATH's: the A/B a shared CPU allows (separate processes differ by more than the change). Its columns are the
+uninstrumented step time per arm.
 Each k runs in its own process (one fake world per process). No number here is a test assertion.
 """
 from __future__ import annotations
@@ -107,6 +114,48 @@ def _install(clock):
     return lambda: [setattr(c, a, o) for c, a, o in undo]
 
 
+# the per-call functions --against swaps: (module, class, attribute)
+AGAINST = (("boundary", "Boundary", "call"), ("boundary", "Boundary", "_backward_start"),
+           ("boundary", "Boundary", "_backward_end"), ("direct_call", "DirectCall", "__call__"))
+
+
+def _against(path):
+    """[(class, attribute, this tree's function, PATH's function)] for AGAINST (PATH's modules loaded under
+    other names; they import the rest of oases_fx from this tree)."""
+    import importlib.util
+
+    got = []
+    mods = {}
+    for mod, cls, attr in AGAINST:
+        if mod not in mods:
+            spec = importlib.util.spec_from_file_location(f"_against_{mod}", Path(path) / "oases_fx" / f"{mod}.py")
+            m = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(m)
+            mods[mod] = m
+        new_cls = getattr(__import__(f"oases_fx.{mod}", fromlist=[cls]), cls)
+        old_cls = getattr(mods[mod], cls, None)
+        if old_cls is not None and attr in vars(old_cls) and attr in vars(new_cls):
+            got.append((new_cls, attr, vars(new_cls)[attr], vars(old_cls)[attr]))
+    return got
+
+
+def _install_saved_views():
+    """oases_fx.saved_views on every partition compiled from here on (aot_eager's partition_fn, Inductor's
+    custom_partitioner_fn); returns the list of results per partition."""
+    from oases_fx import _compat, saved_views
+
+    orig = _compat.default_partition
+    part = saved_views.wrap_partition(orig())
+    _compat.default_partition = lambda: part
+    ind = saved_views.inductor_partitioner()
+    if ind is None:
+        raise SystemExit("--saved-views: this torch has no torch._inductor.config.custom_partitioner_fn")
+    import torch._inductor.config as icfg
+
+    icfg.custom_partitioner_fn = ind
+    return part.stats, ind.stats
+
+
 def _graph_counts(module) -> dict:
     """Inputs and outputs of the last compiled forward and backward graphs (what the runtime wrappers and
     cudagraph trees handle per call)."""
@@ -125,11 +174,13 @@ def _graph_counts(module) -> dict:
 
 
 def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str, cprofile: int,
-              interleave: bool = False, shape: str = "tiny", device: str = "cpu", cudagraphs: bool = False) -> dict:
+              interleave: bool = False, shape: str = "tiny", device: str = "cpu", cudagraphs: bool = False,
+              against: str = "", saved_views: bool = False) -> dict:
     from benchmarks import rank_bench
     from benchmarks.rank_bench import Case
 
     torch.set_num_threads(1)
+    views = _install_saved_views() if saved_views is True else None
     size = (dict(batch=8, seq=8, vocab=64, head_dim=16, dtype="fp32") if shape == "tiny"
             else dict(batch=8, seq=2048, vocab=1024, head_dim=64, dtype="bf16"))  # "rank_bench": RESULTS 7's
     case = Case(system="oases", hidden=hidden, layers=2, k=k, backend=backend, collectives=collectives,
@@ -159,6 +210,46 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
         t = _now()
         step(*batch)
         totals.append(_now() - t)
+
+    ab = None
+    if saved_views == "ab":  # a second program compiled with oases_fx.saved_views; steps alternate between them
+        views = _install_saved_views()
+        _, module2, _ = rank_bench.build(case, dev)
+        params2 = [p for p in module2.parameters() if p.requires_grad]
+
+        def step2(idx, targets):
+            for p in params2:
+                p.grad = None
+            _, loss = module2(idx, targets)
+            loss.backward()
+
+        for _ in range(10):
+            step2(*batch)
+        arm_t = {"plain": [], "saved views": []}
+        for i in range(2 * steps):
+            arm = "plain" if i % 2 == 0 else "saved views"
+            t = _now()
+            (step if arm == "plain" else step2)(*batch)
+            arm_t[arm].append(_now() - t)
+        ab = {f"step, {arm} (median)": statistics.median(v) * 1e6 for arm, v in arm_t.items()}
+        ab.update({f"step, {arm} (p20)": sorted(v)[len(v) // 5] * 1e6 for arm, v in arm_t.items()})
+        c2 = _graph_counts(module2)
+        ab["swapped"] = f"fw_outputs {_graph_counts(module)['fw_outputs']} -> {c2['fw_outputs']}"
+    elif against:  # the same steps, alternating this tree's per-call functions with PATH's (uninstrumented)
+        swaps = _against(against)
+        arm_t = {"this tree": [], "against": []}
+        for i in range(2 * steps):
+            arm = "this tree" if i % 2 == 0 else "against"
+            for cls, attr, new_fn, old_fn in swaps:
+                setattr(cls, attr, new_fn if arm == "this tree" else old_fn)
+            t = _now()
+            step(*batch)
+            arm_t[arm].append(_now() - t)
+        for cls, attr, new_fn, _ in swaps:
+            setattr(cls, attr, new_fn)
+        ab = {f"step, {arm} (median)": statistics.median(v) * 1e6 for arm, v in arm_t.items()}
+        ab.update({f"step, {arm} (p20)": sorted(v)[len(v) // 5] * 1e6 for arm, v in arm_t.items()})
+        ab["swapped"] = ", ".join(f"{c.__name__}.{a}" for c, a, _, _ in swaps)
 
     undo = _install(clock)
 
@@ -208,6 +299,10 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
                direct=getattr(direct, "state", "-"))
     if len(arms) == 2:
         res["us_direct_off"] = comps[False]
+    if ab is not None:
+        res["against"] = ab
+    if views is not None:
+        res["saved_views"] = [x for got in views for x in got]
     if cprofile:
         import cProfile
         import io
@@ -266,6 +361,9 @@ def _format(results, labels) -> str:
     for key in ("fw_inputs", "fw_outputs", "bw_inputs", "bw_outputs", "params"):
         lines.append(f"| {key} | " + " | ".join(str(r["counts"].get(key, "-")) for r in results) + " |")
     lines.append("| direct call | " + " | ".join(str(r.get("direct", "-")) for r in results) + " |")
+    if any("saved_views" in r for r in results):
+        lines.append("| saved_views: fewer saved tensors per partition | " + " | ".join(
+            str(r.get("saved_views", "-")) for r in results) + " |")
     lines.append("| guard check (standalone) | " + " | ".join(
         "; ".join(f"{v.get('check_us', v.get('error'))} us" for v in r["guards"].values()) or "-"
         for r in results) + " |")
@@ -278,6 +376,9 @@ def _median_of_rounds(rounds):
     names = {n for r in rounds for n in r["us"]}
     out["us"] = {n: statistics.median(r["us"].get(n, 0.0) for r in rounds) for n in rounds[0]["us"]}
     out["us"].update({n: statistics.median(r["us"].get(n, 0.0) for r in rounds) for n in names - set(out["us"])})
+    if all("against" in r for r in rounds):
+        out["against"] = {n: (v if isinstance(v, str) else statistics.median(r["against"][n] for r in rounds))
+                          for n, v in rounds[0]["against"].items()}
     return out
 
 
@@ -304,11 +405,19 @@ def main(argv=None) -> int:
                    help="tiny (b=8, s=8, fp32) or rank_bench (b=8, s=2048, vocab 1024, bf16: with --device cuda)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the same breakdown on a GPU (host time only)")
     p.add_argument("--cudagraphs", action="store_true", help="CompileConfig.cudagraphs=True (GPU)")
+    p.add_argument("--against", default="",
+                   help="PATH of another tree: alternate its per-call host functions (AGAINST) with this tree's, "
+                        "step by step in one process; prints the step time per arm")
+    p.add_argument("--saved-views", nargs="?", const="on", default="", choices=("on", "ab"),
+                   help="compile with oases_fx.saved_views (saved views replaced by their base, saved once); "
+                        "'ab': a second program with it beside the plain one, steps alternated in one process")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one k in this process
     a = p.parse_args(argv)
     kw = dict(steps=a.steps, hidden=a.hidden, backend=a.backend, collectives=a.collectives, cprofile=a.cprofile,
-              interleave=a.interleave, shape=a.shape, device=a.device, cudagraphs=a.cudagraphs)
+              interleave=a.interleave, shape=a.shape, device=a.device, cudagraphs=a.cudagraphs,
+              against=str(Path(a.against).resolve()) if a.against else "",
+              saved_views={"on": True, "ab": "ab"}.get(a.saved_views, False))
     if a.clock == "wall":
         global _now
         _now = time.perf_counter
@@ -327,6 +436,8 @@ def main(argv=None) -> int:
                        "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
                        "--cprofile", str(a.cprofile), "--clock", a.clock, "--shape", a.shape, "--device", a.device]
                 cmd += (["--interleave"] if a.interleave else []) + (["--cudagraphs"] if a.cudagraphs else [])
+                cmd += (["--against", str(Path(a.against).resolve())] if a.against else [])
+                cmd += ["--saved-views", a.saved_views] if a.saved_views else []
                 env = dict(os.environ, PYTHONPATH=root)
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -351,6 +462,14 @@ def main(argv=None) -> int:
           f"shape, cudagraphs={a.cudagraphs}, "
           f"torch {torch.__version__} (median of {a.steps} steps; median over {a.rounds} round(s))")
     print(_format(results, labels))
+    if any("against" in r for r in results):
+        print(f"\n{'--saved-views ab' if a.saved_views == 'ab' else '--against ' + a.against}: uninstrumented "
+              "step, us, the two arms alternated in one process")
+        names = [n for n in results[0]["against"] if n != "swapped"]
+        print("| us per step | " + " | ".join(labels) + " |\n|---|" + "---|" * len(results))
+        print("| arms differ by | " + " | ".join(r["against"].get("swapped", "") for r in results) + " |")
+        for n in names:
+            print(f"| {n} | " + " | ".join(f"{r['against'][n]:.0f}" for r in results) + " |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump([dict(r, label=lab) for r, lab in zip(results, labels)], f, indent=1)

@@ -251,9 +251,12 @@ class Boundary:
             out = _direct_call.of(program)(*args, **kwargs)  # torch.compile's call less its wrapping
         if self._grads_on and torch.is_grad_enabled():
             start = self._backward_start if mode == "sync" else functools.partial(self._backward_start, mode=mode)
+            nodes = []  # the outputs share the program's backward node: one hook per node, not per output
             for t in _tensors(out):
-                if t.grad_fn is not None:
-                    t.grad_fn.register_prehook(start)
+                fn = t.grad_fn
+                if fn is not None and fn not in nodes:
+                    nodes.append(fn)
+                    fn.register_prehook(start)
         return out
 
     # --- dp_reduce="graph": which variant of the program runs (passes/dp_reduce.py) -------------------
@@ -298,13 +301,17 @@ class Boundary:
         self._armed = task
         self._armed_mode = mode
         local_of = _compat.local_of
-        for plain, param in self._pairs:
-            cur = param.grad
-            if cur is None or mode == "acc":
+        if mode == "acc":
+            for plain, _ in self._pairs:
                 if plain.grad is not None:  # (setting .grad costs more than reading it)
                     plain.grad = None
-            else:
-                plain.grad = local_of(cur)
+        else:
+            for plain, param in self._pairs:
+                cur = param.grad
+                if cur is not None:
+                    plain.grad = local_of(cur)
+                elif plain.grad is not None:
+                    plain.grad = None
         # DDP queues its finalize (the averages written back) when its last bucket is ready, later in this
         # backward: callbacks run in order, so the hand-over queues itself again from the engine's callback
         _compat.queue_backward_callback(self._after_ddp if self._ddp is not None else self._backward_end)

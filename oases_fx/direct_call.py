@@ -37,6 +37,7 @@ program: the old path (tests, benchmarks).
 from __future__ import annotations
 
 import logging
+import operator
 import os
 
 import torch
@@ -63,6 +64,7 @@ class DirectCall:
         self._code = type(gm).forward.__code__
         self._names = self._code.co_varnames[1:self._code.co_argcount]  # forward's parameters after self
         self._guard = self._fn = self._static = self._slots = self._build = self._held = None
+        self._held_at = self._held_t = None  # _held as ((dicts), (keys)) and (tensors): one C-level identity test
 
     def _ordered(self, args, kwargs):
         """The call's inputs in forward's parameter order, or None where they do not bind one to one."""
@@ -81,7 +83,7 @@ class DirectCall:
             if ins is not None and not _compat.direct_call_blocked():
                 f_locals = dict(zip(self._names, ins))
                 f_locals["self"] = self.gm
-                if self._guard.check(f_locals) and all(d.get(k) is t for d, k, t in self._held):
+                if self._guard.check(f_locals) and all(map(operator.is_, map(dict.get, *self._held_at), self._held_t)):
                     full = list(self._static)
                     for pos, i in self._slots:
                         full[pos] = ins[i]
@@ -176,6 +178,8 @@ class DirectCall:
             return self._off("the program's output structure cannot be rebuilt")
         self._guard, self._fn, self._static, self._slots, self._build = guard, fn, static, slots, build
         self._held = held  # checked per call: the module still holds the very tensors passed here
+        self._held_at = (tuple(d for d, _, _ in held), tuple(k for _, k, _ in held))
+        self._held_t = tuple(t for _, _, t in held)
         self.state = "ready"
 
 

@@ -44,6 +44,17 @@ def test_direct_call_falls_back_when_its_checks_fail():
     assert r["late_capture"] == "ready", r
 
 
+def test_gradient_hand_over_runs_once_per_backward_and_accumulates():
+    r = _run("handover")
+    # the program's outputs (logits, loss) share its backward node: the hand-over's start is registered once
+    # on it, so it runs once per backward (not once per output, the second call returning early)
+    assert r["start_calls"] == [1, 1, 1], r
+    # a backward without zero_grad adds to the DTensor gradient in place: x + x is exact in floating point
+    assert r["accumulated_is_twice"], r
+    assert r["same_grad_objects"], r  # accumulated into the user's gradient tensors, not new ones
+    assert r["reset_equal"], r  # after zero_grad the gradients are one step's again
+
+
 # --- the child processes ------------------------------------------------------------------------
 
 def _build(k=2, seed=0):
@@ -181,9 +192,40 @@ def _child_fallback():
     return out
 
 
+def _child_handover():
+    import torch
+
+    m, batch = _build()
+    b = m._boundary
+    calls = _Counter(b._backward_start)
+    b._backward_start = calls  # an instance attribute: what Boundary.call registers for a "sync" call
+    out = {"start_calls": []}
+
+    def backward():
+        before = calls.n
+        _, loss = m(*batch)
+        loss.backward()
+        out["start_calls"].append(calls.n - before)
+        return [p.grad.to_local().clone() for p in m.parameters()]
+
+    m.zero_grad(set_to_none=True)
+    one = backward()  # compiles (forward; backward at its first run)
+    m.zero_grad(set_to_none=True)
+    one = backward()
+    held = [p.grad for p in m.parameters()]
+    two = backward()  # no zero_grad: accumulated
+    out["accumulated_is_twice"] = all(torch.equal(t, o + o) for t, o in zip(two, one))
+    out["same_grad_objects"] = all(p.grad is h for p, h in zip(m.parameters(), held))
+    m.zero_grad(set_to_none=True)
+    _, loss = m(*batch)
+    loss.backward()
+    out["reset_equal"] = all(torch.equal(p.grad.to_local(), o) for p, o in zip(m.parameters(), one))
+    return out
+
+
 if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)
-    got = {"equal": _child_equal, "fallback": _child_fallback}[sys.argv[1]]()
+    got = {"equal": _child_equal, "fallback": _child_fallback, "handover": _child_handover}[sys.argv[1]]()
     print("RESULT " + json.dumps(got))
