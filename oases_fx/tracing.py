@@ -184,15 +184,22 @@ def _check_custom_functions(model, calls) -> list:
 def _reentrant_checkpoint(model, where, signature) -> str:
     """The function a reentrant torch.utils.checkpoint ran (CheckpointFunction.apply(fn, preserve, *args)):
     its module name in `model` and the source line of its forward, else the function and `where`."""
+    import functools
     import inspect
 
     args = signature[0]
     fn = args[0] if args else None
+    target = None
+    while isinstance(fn, functools.partial):  # HF's GradientCheckpointingLayer: partial(forward, layer, ...)
+        if fn.args and isinstance(fn.args[0], torch.nn.Module):
+            target = fn.args[0]
+        fn = fn.func
+    target = target if target is not None else getattr(fn, "__self__", fn)  # a bound forward: its module
     names = {id(m): n for n, m in model.named_modules()}
-    target = getattr(fn, "__self__", fn)  # a bound forward: its module
     label = (f"module '{names[id(target)]}' ({type(target).__name__})" if id(target) in names
              else f"{getattr(fn, '__qualname__', type(fn).__name__)}")
-    code = getattr(type(target), "forward", None) if isinstance(target, torch.nn.Module) else fn
+    code = type(target).forward if isinstance(target, torch.nn.Module) else fn
+    code = inspect.unwrap(code)  # through functools.wraps decorators to the model's own def
     try:
         line = f"{inspect.getsourcefile(code)}:{inspect.getsourcelines(code)[1]}"
     except (TypeError, OSError):

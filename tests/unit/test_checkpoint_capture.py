@@ -45,6 +45,19 @@ def test_reentrant_checkpoint_is_refused_naming_the_module_line_and_fix():
     assert f"{__file__}:{line}" in msg and "use_reentrant=False" in msg and "recompute=" in msg, msg
 
 
+def test_hf_gradient_checkpointing_reentrant_names_the_decoder_layer():
+    # transformers checkpoints functools.partial(layer.__call__, ...) (GradientCheckpointingLayer)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    idx = torch.randint(0, 32, (2, 4))
+    with pytest.raises(OasesError, match=r"module 'model.layers.0' \(LlamaDecoderLayer\), forward at .*modeling_llama.py"):
+        capture(model, (), dict(input_ids=idx, labels=idx))
+
+
 def test_non_reentrant_checkpoint_traces_to_the_same_gradients():
     torch.manual_seed(0)
     net, x = _Net(reentrant=False), torch.randn(2, 4, 8)
