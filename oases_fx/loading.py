@@ -406,7 +406,7 @@ def load_pretrained(module, folder, *, strict: bool = True) -> LoadReport:
     if missing and strict:
         raise OasesError(f"load_pretrained: {len(missing)} tensors of the model are not in {folder} (nor any key tied "
                          f"to them): {missing[:6]}. Fix: pass the save_pretrained folder of this model, or "
-                         "strict=False to leave them as they are." + moe.checkpoint_hint(missing, files))
+                         "strict=False to leave them as they are." + moe.checkpoint_hint(missing, files, own))
     return report
 
 

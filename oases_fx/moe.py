@@ -170,18 +170,25 @@ def trace_hint(model) -> str:
             if impl == "eager" else "")
 
 
-def checkpoint_hint(missing: list, keys) -> str:
-    """Why load_pretrained finds no 3-D expert tensor: save_pretrained writes Hugging Face's per-expert
-    layout (experts.0.w1.weight, ...; transformers converts it while loading), which is not the model's
-    own keys; say what to do instead, else ""."""
-    if not any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")) for k in missing):
+def checkpoint_hint(missing: list, keys, model_keys=()) -> str:
+    """Why load_pretrained finds a model tensor in no file of the folder: save_pretrained wrote it under
+    other keys that transformers converts while loading (its checkpoint conversion for the architecture:
+    the per-expert layout experts.0.w1.weight, ...; GraniteMoe's input_linear / router.layer); say what
+    to do instead, else "". `keys`: the checkpoint's keys; `model_keys`: the model's."""
+    fix = ("load_pretrained reads only tensors stored under the model's keys. Fix: model.load_full_state_dict("
+           "AutoModelForCausalLM.from_pretrained(folder).state_dict()), or a DCP checkpoint of the compiled model.")
+    if (any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")) for k in missing)
+            and any(".experts.0." in k for k in keys)):
+        return (" The checkpoint stores the experts one by one (Hugging Face's per-expert layout, converted to the "
+                "3-D gate_up_proj / down_proj by transformers while loading); " + fix)
+    owners = {k.rsplit(".", 2)[0] for k in missing if k.count(".") >= 2}  # the module above each missing tensor's
+    own = set(model_keys) | set(missing)
+    other = sorted(k for k in keys if k not in own and any(k.startswith(o + ".") for o in owners))
+    if not other:
         return ""
-    if not any(".experts.0." in k for k in keys):
-        return ""
-    return (" The checkpoint stores the experts one by one (Hugging Face's per-expert layout, converted to the "
-            "3-D gate_up_proj / down_proj by transformers while loading); load_pretrained reads only tensors stored "
-            "under the model's keys. Fix: model.load_full_state_dict(AutoModelForCausalLM.from_pretrained(folder)"
-            ".state_dict()), or a DCP checkpoint of the compiled model.")
+    return (f" The checkpoint holds other tensors under the same modules ({', '.join(other[:4])}"
+            f"{', ...' if len(other) > 4 else ''}): transformers renames or converts this architecture's "
+            "checkpoint keys while loading (its checkpoint conversion mapping); " + fix)
 
 
 def num_experts(node) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
 from oases_fx import _compat, moe
@@ -139,7 +140,7 @@ def _check_custom_functions(model, calls) -> list:
     do not (a straight-through estimator, a gradient clip or reversal). Each Function is checked
     numerically at its traced shapes: one that agrees is kept (returned as explain() notes), one
     that does not is refused with the difference."""
-    seen, notes, bad = {}, [], []
+    seen, notes, bad, bad_checkpoint = {}, [], [], []
     for cls, where, signature in calls:
         # torch.library.custom_op + register_autograd runs through a generated Function that export keeps
         # whole (the custom op is one node, AOTAutograd applies its registered backward): not dropped
@@ -150,11 +151,24 @@ def _check_custom_functions(model, calls) -> list:
             continue
         seen[key] = True
         name = f"{cls.__module__}.{cls.__qualname__}"
+        if cls is getattr(torch.utils.checkpoint, "CheckpointFunction", None):
+            bad_checkpoint.append(_reentrant_checkpoint(model, where, signature))
+            continue
         reason, checked = _backward_matches_forward(cls, signature)
         if reason is None:
             notes.append(f"custom autograd.Function {name} (applied at {where}) traced through its forward: {checked}")
         else:
             bad.append(f"{name} (applied at {where}): {reason}")
+    if bad_checkpoint:
+        raise OasesError(
+            f"{type(model).__name__} calls torch.utils.checkpoint with use_reentrant=True on "
+            f"{'; '.join(bad_checkpoint)}. That checkpoint runs the function under torch.no_grad() inside an "
+            "autograd.Function whose backward torch.export (non-strict) does not keep, so the traced program "
+            "would compute no gradient through it. Fix: torch.utils.checkpoint.checkpoint(fn, *args, "
+            "use_reentrant=False) (traced exactly; HF: model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})), or no checkpoint and "
+            "oases_fx.compile(..., recompute='full' or 'fine'), which recomputes inside the compiled program."
+        )
     if bad:
         raise OasesError(
             f"{type(model).__name__} applies a custom torch.autograd.Function whose backward is not autograd of "
@@ -165,6 +179,32 @@ def _check_custom_functions(model, calls) -> list:
             "torch.export keeps whole."
         )
     return notes
+
+
+def _reentrant_checkpoint(model, where, signature) -> str:
+    """The function a reentrant torch.utils.checkpoint ran (CheckpointFunction.apply(fn, preserve, *args)):
+    its module name in `model` and the source line of its forward, else the function and `where`."""
+    import functools
+    import inspect
+
+    args = signature[0]
+    fn = args[0] if args else None
+    target = None
+    while isinstance(fn, functools.partial):  # HF's GradientCheckpointingLayer: partial(forward, layer, ...)
+        if fn.args and isinstance(fn.args[0], torch.nn.Module):
+            target = fn.args[0]
+        fn = fn.func
+    target = target if target is not None else getattr(fn, "__self__", fn)  # a bound forward: its module
+    names = {id(m): n for n, m in model.named_modules()}
+    label = (f"module '{names[id(target)]}' ({type(target).__name__})" if id(target) in names
+             else f"{getattr(fn, '__qualname__', type(fn).__name__)}")
+    code = type(target).forward if isinstance(target, torch.nn.Module) else fn
+    code = inspect.unwrap(code)  # through functools.wraps decorators to the model's own def
+    try:
+        line = f"{inspect.getsourcefile(code)}:{inspect.getsourcelines(code)[1]}"
+    except (TypeError, OSError):
+        line = where
+    return f"{label}, forward at {line}"
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:

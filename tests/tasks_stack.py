@@ -404,3 +404,67 @@ def set_redistribute_fallback(rank, world_size, *, on: bool):
 
     _compat.FORCE_REDISTRIBUTE_FALLBACK = on
     return on
+
+
+def zoo_loop(rank, world_size, *, name, path, steps=3, accum=2, batch=4, seq=8, k=2, plan="megatron"):
+    """A user's loop on a zoo family (tests/zoo.py): AdamW, clip_grad_norm_, a LambdaLR schedule, `accum`
+    micro-batches per step whose attention_mask pads (left in row 0, right in row 1) and whose labels are
+    -100 at the padding and the first two positions, and a DCP save after step 1 resumed into a model compiled
+    from other weights (model, optimizer and scheduler state), against the unsharded eager model: every
+    micro-batch's loss, the full gradients and the clipped norm of every step, the parameters at the end."""
+    from tests import zoo
+
+    mesh = _mesh(world_size, None)
+    g = torch.Generator().manual_seed(4321)
+    idx = torch.randint(0, zoo.VOCAB, (steps, accum, batch, seq), generator=g)
+    mask = torch.ones_like(idx)
+    mask[:, :, 0, :3] = 0
+    mask[:, :, 1, -2:] = 0
+    tgt = torch.where(mask > 0, idx, -100)
+    tgt[..., :2] = -100
+
+    def kw(s, a):
+        return dict(input_ids=idx[s, a], attention_mask=mask[s, a], labels=tgt[s, a])
+
+    def make(seed):
+        m = oases_fx.compile(zoo.build(name, seed=seed), mesh, example_kwargs=kw(0, 0), plan=plan, num_sub_batches=k,
+                             backend="aot_eager", verbose=False)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+
+    ref = zoo.build(name)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 1.0 / (1 + s))
+    m, opt, sched = make(0)
+    losses, ref_losses, grads, ref_grads, norms, ref_norms = [], [], [], [], [], []
+    for s in range(steps):
+        for a in range(accum):
+            loss = m(**kw(s, a)).loss
+            (loss / accum).backward()
+            r_loss = ref(**kw(s, a)).loss
+            (r_loss / accum).backward()
+            losses.append(loss.detach())
+            ref_losses.append(r_loss.detach())
+        grads.append(m.full_grads())
+        ref_grads.append({n: p.grad.clone() for n, p in ref.named_parameters()})
+        n = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5))
+        for o, sc in ((opt, sched), (ref_opt, ref_sched)):
+            o.step()
+            sc.step()
+            o.zero_grad()
+        if s == 1:  # checkpoint, then resume into a model compiled from other weights
+            msd, osd = get_state_dict(m, opt)
+            dcp.save({"model": msd, "optim": osd, "sched": sched.state_dict()}, checkpoint_id=path)
+            m, opt, sched = make(5)
+            msd, osd = get_state_dict(m, opt)
+            state = {"model": msd, "optim": osd, "sched": sched.state_dict()}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            sched.load_state_dict(state["sched"])
+    full = m.full_state_dict()
+    out = dict(losses=torch.stack(losses), ref_losses=torch.stack(ref_losses), grads=grads, ref_grads=ref_grads,
+               norms=torch.stack(norms), ref_norms=torch.stack(ref_norms), params=full, ref_params=ref.state_dict(),
+               lr=(opt.param_groups[0]["lr"], ref_opt.param_groups[0]["lr"]))
+    return out

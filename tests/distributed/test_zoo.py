@@ -28,9 +28,11 @@ from tests.distributed.test_equivalence import assert_matches
 # mixtral, olmoe: 3-D expert parameters through grouped_mm, gate_up column-parallel per piece and
 # down_proj row-parallel for every expert, the routing replicated (oases_fx/moe.py); one block per expert.
 FULL_TP2 = ["gpt_neox", "phi3", "falcon", "gpt_bigcode", "mistral", "qwen2", "olmo2", "cohere", "qwen3", "gemma3",
-            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe"]
+            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe",
+            "granite", "codegen", "starcoder2", "smollm3", "glm", "qwen2_moe"]
 FULL_TP4 = ["gpt_neox", "phi3", "falcon", "gpt_bigcode", "mistral", "qwen2", "olmo2", "cohere", "qwen3", "gemma3",
-            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe"]
+            "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe",
+            "granite", "codegen", "starcoder2", "smollm3", "glm", "qwen2_moe"]
 # One family per construct, every CI run (the rest: OASES_FX_EXTENDED=1).
 CI_FAMILIES = {
     "gpt_neox": "fused per-head qkv view (B,S,heads,3,hd), parallel residual",
