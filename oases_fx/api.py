@@ -136,6 +136,18 @@ def _resolve_plan(plan, find_regions, *, tp, num_sub_batches, recompute, planner
     return plan
 
 
+_INIT_AFTER_COMPILE = ("init_weights", "_init_weights", "reset_parameters", "post_init")
+
+
+def _init_after_compile_message(what: str) -> str:
+    """torchtitan's order (meta model -> parallelize -> to_empty -> init_weights) does not apply here."""
+    return (f"{what} on a compiled OasesModule: compile() already allocated this rank's shards, and the "
+            "model's own initialisation cannot run on them. Fix: initialise the unsharded model before "
+            "oases_fx.compile (on meta: to_empty(device=...) then init_weights() / reset_parameters() on the "
+            "model itself, then compile), or fill the shards after compile with model.load_full_state_dict(sd), "
+            "oases_fx.load_pretrained(model, folder) or a DCP checkpoint (README: Loading weights / meta-device init).")
+
+
 class OasesModule(nn.Module):
     """The compiled, sharded model. Call it like the original; its parameters are this rank's shards."""
 
@@ -239,7 +251,12 @@ class OasesModule(nn.Module):
         except AttributeError:
             if name in _generation.DELEGATED and "_model" in self.__dict__:
                 return getattr(self.__dict__["_model"], name)
+            if name in _INIT_AFTER_COMPILE:
+                raise OasesError(_init_after_compile_message(f"{name}()")) from None
             raise
+
+    def to_empty(self, *, device=None, recurse=True):
+        raise OasesError(_init_after_compile_message("to_empty()"))
 
     def _apply(self, fn, recurse=True):  # .to(dtype), .half(), .bfloat16(), .to(device): oases_fx.generation
         return _generation.convert_compiled(self, fn, lambda f: self._boundary.apply(f, self))  # DTensors re-wrapped

@@ -416,7 +416,7 @@ def _declined_blocks(gm, declined) -> dict:
     owners = {}  # module holding 3-D (expert) parameters -> E
     for n in gm.graph.nodes:
         v = n.meta.get("val") if n.op == "get_attr" else None
-        if isinstance(v, torch.Tensor) and v.dim() == 3:
+        if isinstance(v, torch.Tensor) and v.dim() == 3 and _used_as_experts(n):
             owners[str(n.target).rsplit(".", 1)[0]] = int(v.shape[0])
     out = {}
     for name, _ in declined:
@@ -424,6 +424,29 @@ def _declined_blocks(gm, declined) -> dict:
         if e > 1:
             out[name] = e
     return out
+
+
+def _used_as_experts(n: fx.Node) -> bool:
+    """A 3-D parameter used as E expert matrices: the weight of a grouped matmul (moe.expert_matmul_parts),
+    or indexed per expert on dim 0 (HF's eager expert loop: ``self.gate_up_proj[expert_idx]``), directly
+    or through dtype casts and transposes. Not, e.g., LFM2's short-conv weight (64, 1, 3): channels."""
+    todo, seen = [n], set()
+    while todo:
+        u = todo.pop()
+        for user in u.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if moe.expert_matmul_parts(user) is not None:
+                return True
+            t = user.target
+            if t in (torch.ops.aten.select.int, torch.ops.aten.index.Tensor) and (
+                    t is torch.ops.aten.index.Tensor or (len(user.args) > 1 and user.args[1] in (0, -3))):
+                return True
+            if t in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout,
+                     torch.ops.aten.transpose.int, torch.ops.aten.permute.default):
+                todo.append(user)
+    return False
 
 
 PLAN_DECISIONS = ("replicated by the plan", "not in the plan: replicated")

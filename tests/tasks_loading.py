@@ -285,6 +285,13 @@ def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2, co
     tgt = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
     m = oases_fx.compile(meta, mesh, example_inputs=(idx, tgt), num_sub_batches=k, plan="megatron",
                          backend="aot_eager", verbose=False, **(compile_kwargs or {}))
+    # torchtitan's order (to_empty + init_weights after parallelising) is refused, naming the fix
+    refused = []
+    for call in (lambda: m.to_empty(device="cpu"), lambda: m.init_weights(), lambda: m.reset_parameters()):
+        try:
+            call()
+        except oases_fx.OasesError as e:
+            refused.append(str(e))
     m.load_full_state_dict(ref.state_dict())
     logits, loss = m(idx, tgt)
     loss.backward()
@@ -295,7 +302,7 @@ def meta_plain_gpt_full_state_dict(rank, world_size, *, cfg, batch, seq, k=2, co
         return None
     return dict(loss=loss.detach(), ref_loss=r_loss.detach(), logits=logits.detach(), ref_logits=r_logits.detach(),
                 grads=grads, ref_grads={k: p.grad for k, p in ref.named_parameters()}, buffers={}, ref_buffers={},
-                explain=m.explain())
+                explain=m.explain(), refused=refused)
 
 
 def meta_dcp_load(rank, world_size, *, cfg, batch, seq, path):

@@ -86,6 +86,8 @@ def test_meta_plain_gpt_load_full_state_dict():
     cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=True)
     r = get_pool(2).run(tasks_loading.meta_plain_gpt_full_state_dict, cfg=cfg, batch=4, seq=8)[0]
     _assert_matches_reference(r)
+    assert len(r["refused"]) == 3, r["refused"]  # to_empty, init_weights, reset_parameters after compile
+    assert all("before oases_fx.compile" in e and "load_full_state_dict" in e for e in r["refused"]), r["refused"]
 
 
 def test_meta_gpt2_auto_plan_vocab_parallel_reads_vocab_slices(tmp_path):

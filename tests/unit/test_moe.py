@@ -152,3 +152,39 @@ def test_a_sharded_input_to_a_column_expert_matmul_is_incompatible():
     st.placement[linear_parts(col)[0]] = 1  # the activation arrives sharded on its hidden dim
     with pytest.raises(Incompatible, match="gets a sharded input"):
         propagate_node(col, st)
+
+
+def test_declined_block_count_takes_expert_matrices_not_every_3d_parameter():
+    """coverage's "N of M blocks" counts a declined MoE region once per expert, from its 3-D
+    parameters. Only parameters used as expert matrices count: LFM2's short-conv weight (C, 1, K),
+    squeezed and used per channel, once counted as C blocks ("3 of 67 blocks sharded")."""
+    from oases_fx.passes.annotate_sharding import _declined_blocks
+    from oases_fx.tracing import capture
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 8, 8))
+
+        def forward(self, x):
+            return sum(x @ self.w[e] for e in range(self.w.shape[0]))  # HF's eager expert loop
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 1, 3))
+
+        def forward(self, x):  # a depthwise causal conv written by hand, as HF's reference kernel
+            w = self.weight.squeeze(1)
+            return x * w[:, 0] + x.roll(1, -1) * w[:, 1]
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts, self.conv = Experts(), Conv()
+
+        def forward(self, x):
+            return self.conv(self.experts(x)).sum()
+
+    gm = capture(M(), (torch.randn(2, 8),), {}).gm
+    assert _declined_blocks(gm, [("experts", "why"), ("conv", "why")]) == {"experts": 4}
