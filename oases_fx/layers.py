@@ -47,7 +47,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from oases_fx import _compat, meta
+from oases_fx import _compat, meta, moe
+from oases_fx.passes.graph_utils import region_span
 
 log = logging.getLogger("oases_fx")
 
@@ -103,21 +104,69 @@ class LayerReport:
 # Cutting the graph
 # ---------------------------------------------------------------------------------------------
 
-def _block_of_region(region: str) -> str:
+def block_of_region(region: str) -> str:
+    """The repeated block a TMP region is part of: its name without the last part
+    ("transformer.h.3.attn" -> "transformer.h.3")."""
     return region.rpartition(".")[0] or region
 
 
-def _regions_in(n: fx.Node, gm: fx.GraphModule) -> list:
-    """TMP regions of a node, or of the nodes of a submodule it calls (recompute's outlines)."""
-    r = meta.get(n).region
-    if r is not None:
-        return [r]
-    out = []
+class Blocks:
+    """The repeated blocks of a graph (those of its TMP regions, in graph order) and the block a
+    node belongs to: its region's, else the innermost block whose module path holds the node's
+    (nn_module_stack: a block's layer norms and residual adds lie outside its TMP regions), else
+    None. split_sub_batches' chunks and cats belong to no block (they join sub-batches, though a
+    cat carries the module record of the node it joins)."""
+
+    def __init__(self, nodes):
+        self.index: dict = {}
+        for n in nodes:
+            r = meta.get(n).region if n.op == "call_function" else None
+            if r is not None:
+                self.index.setdefault(block_of_region(r), len(self.index))
+
+    def of(self, n: fx.Node) -> Optional[str]:
+        if n.op != "call_function":
+            return None
+        m = meta.get(n)
+        if m.role in ("chunk", "cat"):
+            return None
+        if m.region is not None:
+            return block_of_region(m.region)
+        p = moe._module_path(n)
+        while p:
+            if p in self.index:
+                return p
+            p = p.rpartition(".")[0]
+        return None
+
+
+def block_span(graph: fx.Graph) -> list:
+    """region_span widened to the whole first and last block: the call_function nodes of the first
+    region's block just before it (GPT: block 0's ln_1) and of the last region's block just after
+    it (the last residual add), in graph order. Where a block starts or ends with ops of its own
+    outside its regions, the span then starts and ends at block boundaries."""
+    span = region_span(graph)
+    if not span:
+        return span
+    blocks = Blocks(span)
+    nodes = list(graph.nodes)
+    lo, hi = nodes.index(span[0]), nodes.index(span[-1])
+    first, last = blocks.of(span[0]), blocks.of(span[-1])
+    while lo > 0 and nodes[lo - 1].op == "call_function" and blocks.of(nodes[lo - 1]) == first:
+        lo -= 1
+    while hi + 1 < len(nodes) and nodes[hi + 1].op == "call_function" and blocks.of(nodes[hi + 1]) == last:
+        hi += 1
+    return nodes[lo:hi + 1]
+
+
+def _inner(n: fx.Node, gm: fx.GraphModule) -> list:
+    """n, and the nodes of each submodule it calls (recompute's outlines)."""
+    out = [n]
     for a in n.args:
         if isinstance(a, fx.Node) and a.op == "get_attr":
             sub = _attr(gm, a.target)
             if isinstance(sub, fx.GraphModule):
-                out += [meta.get(m).region for m in sub.graph.nodes if meta.get(m).region is not None]
+                out += [m for m in sub.graph.nodes if m.op == "call_function"]
     return out
 
 
@@ -136,24 +185,24 @@ def cut(gm: fx.GraphModule) -> list:
     """The pieces of `gm` (see the module docstring), in execution order."""
     nodes = list(gm.graph.nodes)
     work = [n for n in nodes if n.op in ("call_function", "call_method", "call_module")]
-    block_index: dict = {}
-    region_block = {}
+    inner = {n: _inner(n, gm) for n in work}
+    blocks = Blocks(m for n in work for m in inner[n])
+    own_block = {}  # node -> index of the block it belongs to (its regions', else its module path's)
     for n in work:
-        regions = _regions_in(n, gm)
-        if regions:
-            for r in regions:
-                block_index.setdefault(_block_of_region(r), len(block_index))
-            region_block[n] = max(block_index[_block_of_region(r)] for r in regions)
-    last_region = max((i for i, n in enumerate(nodes) if n in region_block), default=-1)
+        got = [blocks.index[b] for b in map(blocks.of, inner[n]) if b is not None]
+        if got:
+            own_block[n] = max(got)
+    block_index = blocks.index
+    last_block = max((i for i, n in enumerate(nodes) if n in own_block), default=-1)
     epilogue = len(block_index)
     at = {n: i for i, n in enumerate(nodes)}
     piece_of: dict = {}
     for n in work:
         before = [piece_of[a] for a in n.all_input_nodes if a in piece_of]
         p = max(before, default=-1)
-        if n.target is not operator.getitem and n in region_block:
-            p = max(p, region_block[n])  # a multi-output node's getitems stay with it
-        elif n not in region_block and at[n] > last_region >= 0:
+        if n.target is not operator.getitem and n in own_block:
+            p = max(p, own_block[n])  # a multi-output node's getitems stay with it
+        elif n not in own_block and at[n] > last_block >= 0:
             p = epilogue
         piece_of[n] = p
     names = {i: b for b, i in block_index.items()}

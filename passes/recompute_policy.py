@@ -26,7 +26,9 @@ import torch.fx as fx
 
 from oases_fx import meta, runtime
 from oases_fx.meta import graph_meta
-from oases_fx.passes.graph_utils import is_segment_end, outline, region_span, stable_topo_sort
+from oases_fx.layers import block_span
+from oases_fx.passes.graph_utils import outline, stable_topo_sort
+from oases_fx.passes.split_sub_batches import SegmentCounter
 
 def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
     """Outline each (TMP segment, sub-batch) under checkpoint with the policy's marks."""
@@ -34,7 +36,7 @@ def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
     if policy == "none":
         return gm
     wrapper = {"fine": runtime.checkpoint_fine, "full": runtime.checkpoint_full}[policy]
-    span = region_span(gm.graph)
+    span = block_span(gm.graph)
     if not span:
         notes.append("no TMP region: nothing to recompute")
         return gm
@@ -43,7 +45,7 @@ def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
         if n.op == "placeholder" or any(a in activation for a in n.all_input_nodes):
             activation.add(n)
     groups: dict = {}
-    seg: dict = {}
+    segments = SegmentCounter(gm.graph)
     for n in span:
         if n.op != "call_function" or meta.get(n).role in ("chunk", "cat"):
             continue
@@ -52,10 +54,8 @@ def recompute_policy_pass(gm: fx.GraphModule, *, policy: str) -> fx.GraphModule:
             continue  # a join of sub-batches: stays outside
         if sb is None and n not in activation:
             continue  # batch-independent (weights, tables): computed once, outside
-        key = (seg.get(sb, 0), -1 if sb is None else sb)
-        groups.setdefault(key, []).append(n)
-        if is_segment_end(n):
-            seg[sb] = seg.get(sb, 0) + 1
+        stream = -1 if sb is None else sb
+        groups.setdefault((segments.at(n, stream), stream), []).append(n)
     for (s, sb), group in sorted(groups.items()):
         outline(gm, group, f"oases_ckpt_{s}_" + ("all" if sb < 0 else f"sb{sb}"), wrapper)
     stable_topo_sort(gm.graph)
