@@ -10,15 +10,16 @@ but of our rewritten graph, so each piece keeps both sub-batches and schedule_ov
 sub-batch A's collectives with B's compute inside it.
 
     before:  prog = torch.compile(gm)                      # one graph of L layers
-    after:   piece_pro(idx) -> x0, x1                      # embeddings, ln_1 of block 0, split
-             layer(x0, x1, W_0...) -> x0', x1'             # block i, both sub-batches: compiled once,
-             layer(x0', x1', W_1...) -> ...                #   called L-1 times
-             layer_last(...) ; piece_epi(...) -> loss      # the last block (no next ln_1), the head
+    after:   piece_pro(idx) -> x0, x1                      # embeddings, split of the residual stream
+             layer(x0, x1, W_0...) -> x0', x1'             # block i (ln_1 .. last residual add), both
+             layer(x0', x1', W_1...) -> ...                #   sub-batches: compiled once, called L times
+             piece_epi(...) -> loss                        # cat, ln_f, the head, the loss
 
-Pieces: a node of a TMP region belongs to its block (the region's name without the last part:
-"transformer.h.3.attn" -> "transformer.h.3"); every other node goes to the latest piece among its
-inputs (ASAP), so the layer norm between two blocks goes with the earlier one; nodes after the
-last region node form the epilogue. Each piece's inputs come from earlier pieces only, so running
+Pieces: a node belongs to its block (Blocks): a node of a TMP region to its region's (the region's
+name without the last part: "transformer.h.3.attn" -> "transformer.h.3"), any other node to the
+block whose module path holds its own (nn_module_stack: ln_1, ln_2, the residual adds); a node of
+no block goes to the latest piece among its inputs (ASAP), or to the epilogue after the last block
+node. A node is never put before a piece it reads (its piece is at least its inputs'), so running
 the pieces in order is a topological order of the graph.
 
 Limits:
@@ -29,10 +30,13 @@ Limits:
   ~0.25 ms at 256 GB/s). Not yet done: cutting before the last sub-batch's last all-reduce so it is
   issued at the start of the next piece, behind the other sub-batch's attention (costs one more
   distinct block structure: block 0 would have no pending all-reduce).
-- Distinct structures at k >= 2: block 0 is the middle blocks' (with recompute it is not: its first
-  checkpoint starts after ln_1, which split_sub_batches computes on the whole batch), the last block
-  is its own (no next layer norm; its residual add follows the cat). Moving the split before block
-  0's ln_1 and the cat after the last residual add would make every block one structure.
+- Distinct structures at k >= 2: three (prologue, one block, epilogue), since split_sub_batches
+  splits on block 0's input (its ln_1 runs per sub-batch) and cats after the last block's last
+  residual add (block_span), and its segments, which recompute_policy checkpoints, end at block
+  boundaries (SegmentCounter). Where block 0's own ops before its first region, or the last
+  block's after its last, mix batch rows, the split (or cat) stays inside that block (said in
+  the sub-batch notes) and that block is a structure of its own. At k = 1 without recompute also
+  three; with recompute at k = 1 the first block's checkpoint starts at its ln_1 as well.
 - The dp all-reduce inside the graph (dp_reduce="graph") buckets across layers: such a program is
   compiled whole (logged, and said in explain()). cudagraphs=True is refused (config.py).
 """

@@ -5,20 +5,24 @@ turns into node.meta["recompute"] on the joint graph and its partitioner obeys).
 insert_collectives (and split_sub_batches, if k > 1) have run. Invariant: values are unchanged;
 only what backward keeps versus recomputes changes.
 
-The batch-parallel span is cut into segments, one per TMP region (its end is the post-all-reduce
-output: g plus the row bias), and per sub-batch. Each (segment, sub-batch) is outlined into a
+The batch-parallel span (oases_fx.layers.block_span: the first block from its own first op, the
+last block through its last) is cut into segments, one per TMP region (its end is the
+post-all-reduce output: g plus the row bias; a block's own ops after its last region join that
+region's segment, so no segment spans two blocks: split_sub_batches.SegmentCounter), and per
+sub-batch. Each (segment, sub-batch) is outlined into a
 submodule called under checkpoint:
   - "fine" (Oases): collectives' outputs MUST_SAVE, everything else PREFER_RECOMPUTE, so the
-    recomputation in backward needs no communication; segment inputs (post-all-reduce outputs
-    of the previous segment) are saved.
+    recomputation in backward needs no communication; segment inputs (outputs of the previous
+    segment: post-all-reduce outputs, the residual stream) are saved.
   - "full": plain checkpoint; the forward all-reduces run again in backward.
   - "none": unchanged.
 RNG: torch.utils.checkpoint stashes and restores the RNG state (preserve_rng_state=True), and
 under torch.compile AOTAutograd's partitioner saves random ops' outputs instead of recomputing
 them, so dropout masks in the recomputation equal the forward's (tests check bitwise equality).
 
-    before:  ... f0 = copy_to_tp(h0); q = linear(f0, Wqkv) ... y0 = reduce_from_tp(.); z0 = add(y0, b)
-    after:   ckpt = checkpoint_fine(oases_ckpt_0_0, h0, Wqkv, ..., b); z0 = getitem(ckpt, 0)
+    before:  h0 = layer_norm(x0, w, c); f0 = copy_to_tp(h0); q = linear(f0, Wqkv) ... y0 = reduce_from_tp(.)
+             z0 = add(y0, b)
+    after:   ckpt = checkpoint_fine(oases_ckpt_0_sb0, x0, w, c, Wqkv, ..., b); z0 = getitem(ckpt, 0)
 """
 from __future__ import annotations
 
