@@ -35,8 +35,8 @@ Limits:
   residual add (block_span), and its segments, which recompute_policy checkpoints, end at block
   boundaries (SegmentCounter). Where block 0's own ops before its first region, or the last
   block's after its last, mix batch rows, the split (or cat) stays inside that block (said in
-  the sub-batch notes) and that block is a structure of its own. At k = 1 without recompute also
-  three; with recompute at k = 1 the first block's checkpoint starts at its ln_1 as well.
+  the sub-batch notes) and that block is a structure of its own. At k = 1 three as well (recompute
+  checkpoints block_span there too).
 - The dp all-reduce inside the graph (dp_reduce="graph") buckets across layers: such a program is
   compiled whole (logged, and said in explain()). cudagraphs=True is refused (config.py).
 """
