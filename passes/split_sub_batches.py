@@ -12,13 +12,13 @@ widened to block boundaries (oases_fx.layers.block_span): over the first region'
 before it (GPT: block 0's ln_1, so the split is on the block's input, the residual stream) and the
 last region's block's ops after it (its dropout and residual add, so the cat is on the block's
 output). Every repeated block is then split alike, one structure for compile_layers. An op inside
-that mixes batch rows (a sum or mean over the batch dim too) ends the region early (logged, and listed by explain()); one in the widening
-before the first region keeps the split where it was, at that region (logged too). Region inputs
-that carry the batch are split into k pieces; nodes that do not depend on the batch (weights,
-rotary tables) are computed once and shared; region values used later are joined by cat. Copies
-are emitted interleaved node by node (A0 B0 A1 B1 ...), then ordered segment by segment
-(SegmentCounter: a segment ends at a TMP region's all-reduce output or at its block's end);
-schedule_overlap then orders them for overlap.
+that mixes batch rows (a sum or mean over the batch dim too) ends the region early (logged, and
+listed by explain()); one in the widening before the first region keeps the split where it was,
+at that region (logged too). Region inputs that carry the batch are split into k pieces; nodes
+that do not depend on the batch (weights, rotary tables) are computed once and shared; region
+values used later are joined by cat. Copies are emitted interleaved node by node (A0 B0 A1 B1
+...), then ordered segment by segment (SegmentCounter: a segment ends at a TMP region's
+all-reduce output, or at its block's end); schedule_overlap then orders them for overlap.
 
     before:  h = layer_norm(x); y = block(h); z = loss(y)
     after:   x0, x1 = split(x, B/2); h0 = layer_norm(x0); h1 = layer_norm(x1); y0 = block(h0);
