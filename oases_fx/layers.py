@@ -10,15 +10,16 @@ but of our rewritten graph, so each piece keeps both sub-batches and schedule_ov
 sub-batch A's collectives with B's compute inside it.
 
     before:  prog = torch.compile(gm)                      # one graph of L layers
-    after:   piece_pro(idx) -> x0, x1                      # embeddings, ln_1 of block 0, split
-             layer(x0, x1, W_0...) -> x0', x1'             # block i, both sub-batches: compiled once,
-             layer(x0', x1', W_1...) -> ...                #   called L-1 times
-             layer_last(...) ; piece_epi(...) -> loss      # the last block (no next ln_1), the head
+    after:   piece_pro(idx) -> x0, x1                      # embeddings, split of the residual stream
+             layer(x0, x1, W_0...) -> x0', x1'             # block i (ln_1 .. last residual add), both
+             layer(x0', x1', W_1...) -> ...                #   sub-batches: compiled once, called L times
+             piece_epi(...) -> loss                        # cat, ln_f, the head, the loss
 
-Pieces: a node of a TMP region belongs to its block (the region's name without the last part:
-"transformer.h.3.attn" -> "transformer.h.3"); every other node goes to the latest piece among its
-inputs (ASAP), so the layer norm between two blocks goes with the earlier one; nodes after the
-last region node form the epilogue. Each piece's inputs come from earlier pieces only, so running
+Pieces: a node belongs to its block (Blocks): a node of a TMP region to its region's (the region's
+name without the last part: "transformer.h.3.attn" -> "transformer.h.3"), any other node to the
+block whose module path holds its own (nn_module_stack: ln_1, ln_2, the residual adds); a node of
+no block goes to the latest piece among its inputs (ASAP), or to the epilogue after the last block
+node. A node is never put before a piece it reads (its piece is at least its inputs'), so running
 the pieces in order is a topological order of the graph.
 
 Limits:
@@ -29,10 +30,13 @@ Limits:
   ~0.25 ms at 256 GB/s). Not yet done: cutting before the last sub-batch's last all-reduce so it is
   issued at the start of the next piece, behind the other sub-batch's attention (costs one more
   distinct block structure: block 0 would have no pending all-reduce).
-- Distinct structures at k >= 2: block 0 is the middle blocks' (with recompute it is not: its first
-  checkpoint starts after ln_1, which split_sub_batches computes on the whole batch), the last block
-  is its own (no next layer norm; its residual add follows the cat). Moving the split before block
-  0's ln_1 and the cat after the last residual add would make every block one structure.
+- Distinct structures at k >= 2: three (prologue, one block, epilogue), since split_sub_batches
+  splits on block 0's input (its ln_1 runs per sub-batch) and cats after the last block's last
+  residual add (block_span), and its segments, which recompute_policy checkpoints, end at block
+  boundaries (SegmentCounter). Where block 0's own ops before its first region, or the last
+  block's after its last, mix batch rows, the split (or cat) stays inside that block (said in
+  the sub-batch notes) and that block is a structure of its own. At k = 1 three as well (recompute
+  checkpoints block_span there too).
 - The dp all-reduce inside the graph (dp_reduce="graph") buckets across layers: such a program is
   compiled whole (logged, and said in explain()). cudagraphs=True is refused (config.py).
 """
@@ -47,7 +51,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from oases_fx import _compat, meta
+from oases_fx import _compat, meta, moe
+from oases_fx.passes.graph_utils import region_span
 
 log = logging.getLogger("oases_fx")
 
@@ -103,21 +108,69 @@ class LayerReport:
 # Cutting the graph
 # ---------------------------------------------------------------------------------------------
 
-def _block_of_region(region: str) -> str:
+def block_of_region(region: str) -> str:
+    """The repeated block a TMP region is part of: its name without the last part
+    ("transformer.h.3.attn" -> "transformer.h.3")."""
     return region.rpartition(".")[0] or region
 
 
-def _regions_in(n: fx.Node, gm: fx.GraphModule) -> list:
-    """TMP regions of a node, or of the nodes of a submodule it calls (recompute's outlines)."""
-    r = meta.get(n).region
-    if r is not None:
-        return [r]
-    out = []
+class Blocks:
+    """The repeated blocks of a graph (those of its TMP regions, in graph order) and the block a
+    node belongs to: its region's, else the innermost block whose module path holds the node's
+    (nn_module_stack: a block's layer norms and residual adds lie outside its TMP regions), else
+    None. split_sub_batches' chunks and cats belong to no block (they join sub-batches, though a
+    cat carries the module record of the node it joins)."""
+
+    def __init__(self, nodes):
+        self.index: dict = {}
+        for n in nodes:
+            r = meta.get(n).region if n.op == "call_function" else None
+            if r is not None:
+                self.index.setdefault(block_of_region(r), len(self.index))
+
+    def of(self, n: fx.Node) -> Optional[str]:
+        if n.op != "call_function":
+            return None
+        m = meta.get(n)
+        if m.role in ("chunk", "cat"):
+            return None
+        if m.region is not None:
+            return block_of_region(m.region)
+        p = moe._module_path(n)
+        while p:
+            if p in self.index:
+                return p
+            p = p.rpartition(".")[0]
+        return None
+
+
+def block_span(graph: fx.Graph) -> list:
+    """region_span widened to the whole first and last block: the call_function nodes of the first
+    region's block just before it (GPT: block 0's ln_1) and of the last region's block just after
+    it (the last residual add), in graph order. Where a block starts or ends with ops of its own
+    outside its regions, the span then starts and ends at block boundaries."""
+    span = region_span(graph)
+    if not span:
+        return span
+    blocks = Blocks(span)
+    nodes = list(graph.nodes)
+    lo, hi = nodes.index(span[0]), nodes.index(span[-1])
+    first, last = blocks.of(span[0]), blocks.of(span[-1])
+    while lo > 0 and nodes[lo - 1].op == "call_function" and blocks.of(nodes[lo - 1]) == first:
+        lo -= 1
+    while hi + 1 < len(nodes) and nodes[hi + 1].op == "call_function" and blocks.of(nodes[hi + 1]) == last:
+        hi += 1
+    return nodes[lo:hi + 1]
+
+
+def _inner(n: fx.Node, gm: fx.GraphModule) -> list:
+    """n, and the nodes of each submodule it calls (recompute's outlines)."""
+    out = [n]
     for a in n.args:
         if isinstance(a, fx.Node) and a.op == "get_attr":
             sub = _attr(gm, a.target)
             if isinstance(sub, fx.GraphModule):
-                out += [meta.get(m).region for m in sub.graph.nodes if meta.get(m).region is not None]
+                out += [m for m in sub.graph.nodes if m.op == "call_function"]
     return out
 
 
@@ -136,24 +189,24 @@ def cut(gm: fx.GraphModule) -> list:
     """The pieces of `gm` (see the module docstring), in execution order."""
     nodes = list(gm.graph.nodes)
     work = [n for n in nodes if n.op in ("call_function", "call_method", "call_module")]
-    block_index: dict = {}
-    region_block = {}
+    inner = {n: _inner(n, gm) for n in work}
+    blocks = Blocks(m for n in work for m in inner[n])
+    own_block = {}  # node -> index of the block it belongs to (its regions', else its module path's)
     for n in work:
-        regions = _regions_in(n, gm)
-        if regions:
-            for r in regions:
-                block_index.setdefault(_block_of_region(r), len(block_index))
-            region_block[n] = max(block_index[_block_of_region(r)] for r in regions)
-    last_region = max((i for i, n in enumerate(nodes) if n in region_block), default=-1)
+        got = [blocks.index[b] for b in map(blocks.of, inner[n]) if b is not None]
+        if got:
+            own_block[n] = max(got)
+    block_index = blocks.index
+    last_block = max((i for i, n in enumerate(nodes) if n in own_block), default=-1)
     epilogue = len(block_index)
     at = {n: i for i, n in enumerate(nodes)}
     piece_of: dict = {}
     for n in work:
         before = [piece_of[a] for a in n.all_input_nodes if a in piece_of]
         p = max(before, default=-1)
-        if n.target is not operator.getitem and n in region_block:
-            p = max(p, region_block[n])  # a multi-output node's getitems stay with it
-        elif n not in region_block and at[n] > last_region >= 0:
+        if n.target is not operator.getitem and n in own_block:
+            p = max(p, own_block[n])  # a multi-output node's getitems stay with it
+        elif n not in own_block and at[n] > last_block >= 0:
             p = epilogue
         piece_of[n] = p
     names = {i: b for b, i in block_index.items()}

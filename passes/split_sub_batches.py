@@ -7,12 +7,18 @@ of the unsplit graph up to the order of floating-point additions inside batch ro
 op in the region is row-wise), so only ops that mix batch rows (the loss, batch norm) see the
 whole batch, and the loss semantics are exact.
 
-The region runs from the first TMP region's first node to the last TMP region's last node. An op
-inside that mixes batch rows ends the region early (logged, and listed by explain()). Region
-inputs that carry the batch are split into k pieces; nodes that do not depend on the batch
-(weights, rotary tables) are computed once and shared; region values used later are joined by
-cat. Copies are emitted interleaved node by node (A0 B0 A1 B1 ...); schedule_overlap then orders
-them for overlap.
+The region runs from the first TMP region's first node to the last TMP region's last node,
+widened to block boundaries (oases_fx.layers.block_span): over the first region's block's own ops
+before it (GPT: block 0's ln_1, so the split is on the block's input, the residual stream) and the
+last region's block's ops after it (its dropout and residual add, so the cat is on the block's
+output). Every repeated block is then split alike, one structure for compile_layers. An op inside
+that mixes batch rows (a sum or mean over the batch dim too) ends the region early (logged, and
+listed by explain()); one in the widening before the first region keeps the split where it was,
+at that region (logged too). Region inputs that carry the batch are split into k pieces; nodes
+that do not depend on the batch (weights, rotary tables) are computed once and shared; region
+values used later are joined by cat. Copies are emitted interleaved node by node (A0 B0 A1 B1
+...), then ordered segment by segment (SegmentCounter: a segment ends at a TMP region's
+all-reduce output, or at its block's end); schedule_overlap then orders them for overlap.
 
     before:  h = layer_norm(x); y = block(h); z = loss(y)
     after:   x0, x1 = split(x, B/2); h0 = layer_norm(x0); h1 = layer_norm(x1); y0 = block(h0);
@@ -28,6 +34,7 @@ import torch.fx as fx
 from oases_fx import meta, moe
 from oases_fx.errors import InputError, describe
 from oases_fx.meta import graph_meta
+from oases_fx.layers import Blocks, block_of_region, block_span
 from oases_fx.passes.graph_utils import is_segment_end, region_span, stable_topo_sort
 from oases_fx.propagation import Incompatible, ShardState, UnknownOp, propagate_node
 from oases_fx.rules import SPLIT_OPS, family_of, localise, split_dim
@@ -72,18 +79,20 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     if not span:
         notes.append("no TMP region: nothing to split")
         return gm
-    first = span[0]
     nodes = list(gm.graph.nodes)
-    lo = nodes.index(first)
-    hi = lo + len(span) - 1
-    # an MoE experts module is split whole or not at all (its sort and offsets are per sub-batch)
     at = {n: i for i, n in enumerate(nodes)}
+    lo, hi = at[span[0]], at[span[-1]]
+    # widened to block boundaries (the first block's ops before its first region, the last block's
+    # after its last), so every repeated block is split alike (oases_fx/layers.py)
+    wide = block_span(gm.graph)
+    wide_lo, wide_hi = at[wide[0]], at[wide[-1]]
+    # an MoE experts module is split whole or not at all (its sort and offsets are per sub-batch)
     unit_sets = moe.token_local_units(gm)
     units = [(min(at[n] for n in u), max(at[n] for n in u)) for u in unit_sets]
     for a, b in units:
         lo = a if a < lo <= b else lo
         hi = b if a <= hi < b else hi
-    first = nodes[lo]
+    wide_lo, wide_hi = min(lo, wide_lo), max(hi, wide_hi)
     batch_dims = gm_meta.batch_dims or {}
     # Inputs of the region that carry the batch are split where they enter it (piece() below).
     bd = {}
@@ -92,37 +101,18 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
         if d is None and n.op == "call_function" and meta.get(n).role in INSERTED_ROLES:
             d = bd.get(n.args[0])  # inserted nodes keep their input's layout
         bd[n] = d
-    # Check every region node is row-wise along the batch dim; the first that is not ends it.
-    st = ShardState(tp=k)
-    for n in nodes[:lo]:
-        st.placement[n] = bd[n]
     token_local = set().union(*unit_sets)  # MoE experts: per token as a whole, not op by op
-    end = hi
-    for i in range(lo, hi + 1):
-        n = nodes[i]
-        if n.op != "call_function":
-            continue
-        if meta.get(n).role in INSERTED_ROLES:
-            st.placement[n] = st.of(n.args[0])
-            continue
-        if n in token_local and bd[n] in (None, 0) and all(
-                a in token_local or st.placement.get(a) in (None, 0) for a in n.all_input_nodes):
-            st.placement[n] = bd[n]  # tokens (or routed pairs) on dim 0, entering on dim 0
-            continue
-        try:
-            propagate_node(n, st)
-        except (Incompatible, UnknownOp) as e:
-            notes.append(f"region ends before {describe(n)}: it mixes batch rows ({e})")
-            end = i - 1
-            break
-        got = st.placement.get(n)
-        want = bd[n]
-        if isinstance(got, tuple):
-            got = next((g for g in got if g is not None), None)
-        if got != want:
-            notes.append(f"region ends before {describe(n)}: batch dim {got} by propagation, {want} by tracing")
-            end = i - 1
-            break
+    end, why = _row_wise_until(nodes, wide_lo, wide_hi, bd, token_local, k)
+    if end < lo:  # the first block's own ops before its first region mix batch rows: split after them
+        notes.append(f"{describe(nodes[end + 1])} of block {Blocks(span).of(span[0])} stays before the split "
+                     f"({why}): the split starts at the block's first TMP region, so compile_layers compiles that "
+                     "block apart from the others")
+        end, why = _row_wise_until(nodes, lo, wide_hi, bd, token_local, k)
+    else:
+        lo = wide_lo
+    first = nodes[lo]
+    if why is not None:
+        notes.append(f"region ends before {describe(nodes[end + 1])}: {why}")
     for a, b in units:
         if a <= end < b:
             notes.append(f"region ends before {describe(nodes[a])}: the MoE experts module it starts is split "
@@ -194,17 +184,15 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     # the order Oases runs them in, and the order recompute_policy's checkpoints impose, so random
     # ops draw the same numbers with recomputation on or off.
     seg_of, seg = {}, 0
-    for n in graph.nodes:
-        seg_of[n] = seg
-        if meta.get(n).sub_batch == k - 1 and is_segment_end(n):
-            seg += 1
-    seg_count = [0] * k
+    segments = SegmentCounter(graph)
     for n in graph.nodes:
         sb = meta.get(n).sub_batch
         if sb is not None and meta.get(n).role != "chunk":
-            seg_of[n] = seg_count[sb]
-            if is_segment_end(n):
-                seg_count[sb] += 1
+            seg_of[n] = segments.at(n, sb)
+        else:
+            seg_of[n] = seg  # outside the copies: after the last sub-batch's latest segment end
+        if sb == k - 1 and is_segment_end(n):
+            seg += 1
     pos = {n: i for i, n in enumerate(graph.nodes)}
     stable_topo_sort(graph, key=lambda n: (seg_of[n], meta.get(n).sub_batch or 0, pos[n])
                      if meta.get(n).sub_batch is not None and meta.get(n).role != "chunk" else (seg_of[n], -1, pos[n]))
@@ -214,6 +202,76 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     notes.append(f"split {len(batch_nodes)} nodes into {k} sub-batches of {batch_size // k} "
                  f"({len(shared)} batch-independent nodes shared, {len(pieces)} inputs split)")
     return gm
+
+
+def _row_wise_until(nodes, lo, hi, bd, token_local, k) -> tuple:
+    """(end, why): nodes[lo..end] are row-wise along their batch dims; why: what stops the region at
+    nodes[end + 1] (None if nothing: end = hi)."""
+    st = ShardState(tp=k)
+    for n in nodes[:lo]:
+        st.placement[n] = bd[n]
+    for i in range(lo, hi + 1):
+        n = nodes[i]
+        if n.op != "call_function":
+            continue
+        if meta.get(n).role in INSERTED_ROLES:
+            st.placement[n] = st.of(n.args[0])
+            continue
+        if n in token_local and bd[n] in (None, 0) and all(
+                a in token_local or st.placement.get(a) in (None, 0) for a in n.all_input_nodes):
+            st.placement[n] = bd[n]  # tokens (or routed pairs) on dim 0, entering on dim 0
+            continue
+        try:
+            propagate_node(n, st)
+        except (Incompatible, UnknownOp) as e:
+            return i - 1, f"it mixes batch rows ({e})"
+        if st.partial_reductions:  # a sum or mean over the batch dim: TMP's partial sum, not row-wise here
+            return i - 1, f"it mixes batch rows ({n.target} over the batch dim)"
+        got = st.placement.get(n)
+        want = bd[n]
+        if isinstance(got, tuple):
+            got = next((g for g in got if g is not None), None)
+        if got != want:
+            return i - 1, f"batch dim {got} by propagation, {want} by tracing"
+    return hi, None
+
+
+class SegmentCounter:
+    """Segment numbers of the copies of one sub-batch (a stream), in graph order: the order
+    split_sub_batches runs the copies in and the checkpoints of recompute_policy (one per segment
+    and stream; both count with this, so random ops draw alike with recomputation on or off).
+
+    A segment ends at a TMP region's post-all-reduce output (is_segment_end), except that the ops
+    after the last region of a block that still belong to it (GPT: the MLP's dropout and the
+    residual add) join that last segment: segments never span two blocks, and every block's hold
+    the same ops (block 0's from its ln_1, the last block's through its residual add), so each
+    block is one structure for compile_layers."""
+
+    def __init__(self, graph: fx.Graph):
+        self.blocks = Blocks(graph.nodes)
+        self.last_region = {}  # block -> its last TMP region in graph order
+        for n in graph.nodes:
+            r = meta.get(n).region if n.op == "call_function" else None
+            if r is not None:
+                self.last_region[block_of_region(r)] = r
+        self.count, self.ended, self.trailing = {}, {}, {}
+
+    def at(self, n: fx.Node, stream) -> int:
+        """The segment of `n`, the next node of `stream` (a sub-batch, or -1 for the unsplit rest)."""
+        b = self.blocks.of(n)
+        ended = self.ended.pop(stream, None)  # the region whose output ended the stream's last segment
+        if ended is not None:
+            if b is not None and self.last_region.get(b) == ended and block_of_region(ended) == b:
+                self.trailing[stream] = b  # the block's own ops after its last region: same segment
+            else:
+                self.count[stream] = self.count.get(stream, 0) + 1
+        elif stream in self.trailing and b != self.trailing[stream]:
+            del self.trailing[stream]
+            self.count[stream] = self.count.get(stream, 0) + 1
+        if is_segment_end(n):
+            self.trailing.pop(stream, None)
+            self.ended[stream] = meta.get(n).region
+        return self.count.get(stream, 0)
 
 
 def _rewrite_shape_args(c, d, k):

@@ -95,18 +95,30 @@ def assert_same_values(a: dict, b: dict, what: str):
 # --- the tests ------------------------------------------------------------------------------------
 
 def test_artifacts_do_not_grow_with_depth():
-    """Blocks 0..L-2 have one structure (block L-1 has no next layer norm: its own), so the count
-    of compiled artifacts is prologue + 2 + epilogue at every depth, while the pieces grow with L."""
-    for recompute, expect in (("none", 4), ("fine", 5)):  # fine: block 0's first checkpoint lacks ln_1
-        got = {L: run_in_subprocess(layers=L, modes=["reuse"], recompute=recompute)["reuse"]["report"]
-               for L in (3, 6)}
-        for L, rep in got.items():
-            assert len(rep["blocks"]) == L, (recompute, L, rep)
-            assert len(rep["pieces"]) == L + 2, (recompute, L, rep)
-        counts = {L: rep["num_compiled"] for L, rep in got.items()}
-        assert counts == {3: expect, 6: expect}, (
-            f"recompute={recompute}: compiled artifacts per depth {counts}, expected {expect} at every depth: "
-            "identical blocks are compiled again (a structure key that differs between blocks, oases_fx/layers.py)")
+    """Every block is one structure, so the count of compiled artifacts is prologue + block +
+    epilogue at every depth, while the pieces grow with L."""
+    got = {L: run_in_subprocess(layers=L, modes=["reuse"])["reuse"]["report"] for L in (3, 6)}
+    for L, rep in got.items():
+        assert len(rep["blocks"]) == L, (L, rep)
+        assert len(rep["pieces"]) == L + 2, (L, rep)
+    counts = {L: rep["num_compiled"] for L, rep in got.items()}
+    assert counts == {3: 3, 6: 3}, (
+        f"compiled artifacts per depth {counts}, expected 3 at every depth: identical blocks are compiled "
+        "again (a structure key that differs between blocks, oases_fx/layers.py)")
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("recompute", ["none", "fine", "full"])
+def test_first_and_last_block_share_the_middle_blocks_structure(recompute, k):
+    """The split sits on block 0's input (before its ln_1) and the cat after the last block's residual
+    add, and recompute's segments end at block boundaries, so block 0, the middle block and the last
+    block run one compiled artifact: 3 in all (prologue, block, epilogue). 3 layers: first, middle
+    and last are all there."""
+    rep = run_in_subprocess(layers=3, modes=["reuse"], k=k, recompute=recompute)["reuse"]["report"]
+    artifact = dict(rep["pieces"])
+    blocks = {artifact[b] for b in rep["blocks"]}
+    assert len(blocks) == 1, f"recompute={recompute}, k={k}: blocks compiled apart: {rep['pieces']}"
+    assert rep["num_structures"] == 3 and rep["num_compiled"] == 3, (recompute, k, rep)
 
 
 def test_reuse_gives_the_values_of_each_and_of_the_whole_program():
@@ -128,7 +140,7 @@ def test_reuse_with_dropout_draws_the_masks_of_the_whole_program():
     share one artifact (the random ops carry no per-block constant)."""
     got = run_in_subprocess(layers=4, modes=["whole", "reuse"], dropout=0.1, recompute="fine")
     assert_same_values(got["reuse"], got["whole"], "dropout 0.1: reuse vs whole")
-    assert got["reuse"]["report"]["num_compiled"] == 5, got["reuse"]["report"]
+    assert got["reuse"]["report"]["num_compiled"] == 3, got["reuse"]["report"]
 
 
 def test_dp_reduce_graph_is_compiled_whole_and_says_so():
@@ -151,8 +163,8 @@ def test_each_block_keeps_the_sub_batch_overlap():
             if len(g["covered"]) == 4:
                 blocks += 1
                 assert all(g["covered"][:-1]), f"{stage}: exposed all-reduces in a block: {g['covered']}"
-    # the shared block artifact and the last block's, each with its forward and its backward
-    assert blocks == 4, got["schedule"]
+    # the one block artifact, its forward and its backward
+    assert blocks == 2, got["schedule"]
 
 
 @pytest.mark.slow
@@ -160,7 +172,7 @@ def test_reuse_gives_the_values_of_each_under_inductor():
     """Under Inductor the shared artifact is the same generated code as each block's own: bitwise
     equal values (k=1, so the test compiles few distinct graphs)."""
     got = run_in_subprocess(layers=3, modes=["reuse", "each"], backend="inductor", k=1)
-    assert got["reuse"]["report"]["num_compiled"] == 4 and got["each"]["report"]["num_compiled"] == 5
+    assert got["reuse"]["report"]["num_compiled"] == 3 and got["each"]["report"]["num_compiled"] == 5
     assert_same_values(got["reuse"], got["each"], "inductor: reuse vs each")
 
 

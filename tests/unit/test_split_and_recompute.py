@@ -13,6 +13,7 @@ from oases_fx.passes.recompute_policy import recompute_policy_pass
 from oases_fx.passes.shard import shard_pass
 from oases_fx.passes.split_sub_batches import split_sub_batches_pass
 from oases_fx.plan import Plan, RegionPlan
+from oases_fx.tracing import capture
 from tests.unit.graphs import single_rank_group, traced_gpt
 
 
@@ -82,3 +83,61 @@ def test_recompute_outlines_one_checkpoint_per_segment_and_sub_batch(policy):
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     for (n, p), (_, q) in zip(gm.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+class _BatchCentred(torch.nn.Module):
+    """x minus its mean over the batch: mixes batch rows (a sub-batch's mean is not the batch's)."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+def _split_graph(model, batch=4, k=2, seq=8):
+    idx = torch.randint(0, model.config.vocab_size, (batch, seq))
+    gm = capture(model, (idx, idx.clone()), {}).gm
+    regions, _ = find_tmp_regions(gm, 1)
+    plan = Plan(tp_degree=1, regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
+    annotate_sharding_pass(gm, plan=plan, tp=1)
+    shard_pass(gm, rank=0, tp=1)
+    insert_collectives_pass(gm, group_name=single_rank_group().group_name)
+    gm.meta["oases"]["batch_dims"] = batch_dims(model, (idx, idx.clone()), {}, gm)
+    split_sub_batches_pass(gm, num_sub_batches=k, batch_size=batch)
+    return gm, idx
+
+
+def test_split_sits_on_block_boundaries():
+    """The split is on block 0's input (its ln_1 runs per sub-batch) and the cat after the last
+    block's residual add (ln_f sees the whole batch): every block is split alike."""
+    model, _, _ = traced_gpt()
+    gm, idx = _split_graph(model)
+    ln = [n for n in gm.graph.nodes if n.target is torch.ops.aten.layer_norm.default]
+    first_ln, ln_f = ln[0], ln[-1]
+    assert meta.get(first_ln).sub_batch == 0 and meta.get(first_ln.args[0]).role == "chunk", first_ln.format_node()
+    cat = ln_f.args[0]
+    assert meta.get(cat).role == "cat" and all(a.target is torch.ops.aten.add.Tensor for a in cat.args[0]), \
+        cat.format_node()
+    logits, loss = gm(idx, idx.clone())
+    ref_logits, ref_loss = model(idx, idx.clone())
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)  # as test_split_makes_k_copies_and_keeps_values
+
+
+def test_block_edge_ops_that_mix_batch_rows_stay_whole_and_say_so():
+    """Block 0's first op and the last block's last op mix batch rows: the split stays after the first
+    (at block 0's first TMP region, as without the widening) and the cat before the last, both said in
+    the notes, and the values stay the unsplit model's."""
+    model, _, _ = traced_gpt()
+    model.transformer.h[0].ln_1 = _BatchCentred()
+    model.transformer.h[-1].mlp.dropout = _BatchCentred()
+    gm, idx = _split_graph(model)
+    notes = "\n".join(gm.meta["oases"].sub_batch_notes)
+    assert "of block transformer.h.0 stays before the split" in notes, notes
+    assert "region ends before" in notes and "mixes batch rows" in notes, notes
+    f = next(n for n in gm.graph.nodes if n.target is runtime.copy_to_tp)
+    assert meta.get(f.args[0]).role == "chunk", f"block 0's first region should read the split: {f.format_node()}"
+    means = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mean.dim]
+    assert len(means) == 2 and all(meta.get(n).sub_batch is None for n in means), [n.format_node() for n in means]
+    logits, loss = gm(idx, idx.clone())
+    ref_logits, ref_loss = model(idx, idx.clone())
+    # row-wise ops on slices of the rows, the batch means on the whole batch: 1e-6 as above
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
