@@ -69,9 +69,8 @@ Per-step terms (issue 14; the constants are Profile.step, profile.StepConstants;
     split      k > 1: a cat of the whole batch at the split span's end (forward, after the last
                region) and of the input gradient at its start (backward, before the head's
                backward), each a read + write at copy_bw; and for every sub-batch after the first
-               the weight-gradient accumulation (passes/accumulate_grads: the GEMM accumulates in
-               place with beta=1, reading the accumulator once: 1 x the region's gradient bytes; no
-               copy kernel, where aten's functional addmm copied it first: 3 x, one kernel per weight).
+               the weight-gradient accumulation (addmm beta=1 copies the accumulator: 3 x the
+               region's gradient bytes, one copy kernel per weight).
     host       host_us = host_step_us + host_per_kernel_us * kernels + host_per_checkpoint_us *
                (regions x k when recomputing); step_us = max(device makespan, host_us): the host
                issues ahead of the device until the device outruns it (Prediction.host_bound).
@@ -1032,8 +1031,8 @@ class _PartCosts:
     """Recompute of the glue (its recomputed ops; the same for fine and full)."""
     wgrad_acc: float = 0.0
     """k > 1, every sub-batch after the first: the weight-gradient GEMMs accumulate into the
-    gradient in place (passes/accumulate_grads' oases_fx::mm_accumulate, beta=1: the GEMM reads the
-    accumulator once): 1 x the gradient bytes at the copy bandwidth, no extra kernel."""
+    gradient (aten addmm with beta=1 first copies the accumulator: read + write, then the GEMM
+    reads it again): 3 x the gradient bytes at the copy bandwidth, one copy kernel per weight."""
     kernels: tuple = (0.0, 0.0, 0.0, 0.0, 0.0)
     """Kernels of (fwd + glue_fwd, bwd + wgrad + glue_bwd, re_fine + re_glue, re_full + re_glue,
     wgrad_acc) for one sub-batch: the host term counts them."""
@@ -1043,6 +1042,7 @@ def _region_costs(v: "RegionVariant", profile: "Profile", ar_fwd: float) -> dict
     """The compute fields of _PartCosts for one variant."""
     fwd = glue_fwd = bwd = wgrad = glue_bwd = re_fine = re_row = re_glue = 0.0
     kf = kb = kre = krow = 0.0
+    n_weights = 0
     for p in price_ops(v.ops, profile):
         o = p.op
         if o.part == "glue":
@@ -1064,10 +1064,12 @@ def _region_costs(v: "RegionVariant", profile: "Profile", ar_fwd: float) -> dict
                 krow += p.fwd_kernels
         kf += p.fwd_kernels
         kb += p.bwd_kernels
+        n_weights += int(_is_extern(o.key) and "attention" not in _op_name(o.key))
     step = profile.step
     acc = acc_k = 0.0
     if step.copy_bw_bytes_per_s > 0 and v.param_bytes:
-        acc = 1.0 * v.param_bytes / step.copy_bw_bytes_per_s * 1e6
+        acc = 3.0 * v.param_bytes / step.copy_bw_bytes_per_s * 1e6 + n_weights * step.kernel_overhead_us
+        acc_k = n_weights
     rerun = ar_fwd > 0
     return dict(fwd=fwd, glue_fwd=glue_fwd, bwd=bwd, wgrad=wgrad, glue_bwd=glue_bwd,
                 re_fine=re_fine, re_full=re_fine + (re_row if rerun else 0.0), re_glue=re_glue, wgrad_acc=acc,

@@ -63,7 +63,7 @@ def _linear_chain(ks=(1, 2), *, param_bytes=1 << 20, act_bytes=1 << 16):
     return model, prof
 
 
-def test_k2_exceeds_k1_by_the_split_copies_and_the_accumulators_read():
+def test_k2_exceeds_k1_by_the_split_and_accumulation_copies():
     model, prof = _linear_chain()
     one, two = (predict(model, _choice(model, k), prof) for k in (1, 2))
     assert two.step_us == pytest.approx(one.step_us)  # no step constants: k is free
@@ -72,7 +72,7 @@ def test_k2_exceeds_k1_by_the_split_copies_and_the_accumulators_read():
     one, two = (predict(model, _choice(model, k), prof) for k in (1, 2))
     act, params = 1 << 16, 1 << 20
     cats = 2 * (2 * act / bw * 1e6)  # forward cat of the output + backward cat of the input grad: read + write
-    accumulate = 1 * params / bw * 1e6  # sub-batch 2's weight grad accumulated in place: the GEMM reads it (accumulate_grads)
+    accumulate = 3 * params / bw * 1e6  # sub-batch 2's weight grad: copy (read + write) + the GEMM's read
     assert two.step_us - one.step_us == pytest.approx(cats + accumulate, rel=1e-9)
     assert one.step_us == pytest.approx(300.0)  # k=1 has neither
 
