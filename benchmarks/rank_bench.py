@@ -648,7 +648,10 @@ def load_grid(spec: str) -> list:
 # --------------------------------------------------------------------------------------------
 
 
-def run_all(cases, *, workers: int, budget_s: float, out: Path, device: str, case_timeout_s: float, log):
+def run_all(cases, *, workers: int, budget_s: float, out: Path, device: str, case_timeout_s: float, log,
+            save=None):
+    """Run the cases (subprocesses, `workers` at once); `save(rows)` after each finished case, so a
+    run killed from outside (the device's wall limit) keeps what it measured."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / "gpu.lock"
     lock.touch()
@@ -693,6 +696,8 @@ def run_all(cases, *, workers: int, budget_s: float, out: Path, device: str, cas
             row["order"] = i
             rows.append(row)
             log(_row_line(row))
+            if save is not None:
+                save(sorted(rows, key=lambda r: r["order"]))
         if pending and time.time() - start >= budget_s and not running:
             break
     for i, case in pending:
@@ -805,12 +810,16 @@ def main(argv=None) -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="rank_bench_"))
     m = meta(args)
     print(f"[rank_bench] {len(cases)} cases, {m}", flush=True)
+
+    def save(rows):
+        (out / "results.json").write_text(json.dumps(dict(meta=m, rows=rows), indent=1))
+        (out / "table.md").write_text(table(rows) + "\n\n" + profile_table(rows) + "\n")
+
     rows = run_all(cases, workers=args.workers, budget_s=args.budget_s, out=out, device=device.type,
-                   case_timeout_s=args.case_timeout_s, log=lambda s: print("[rank_bench] " + s, flush=True))
-    (out / "results.json").write_text(json.dumps(dict(meta=m, rows=rows), indent=1))
+                   case_timeout_s=args.case_timeout_s, log=lambda s: print("[rank_bench] " + s, flush=True), save=save)
+    save(rows)
     md = table(rows)
     prof = profile_table(rows)
-    (out / "table.md").write_text(md + "\n\n" + prof + "\n")
     print(md)
     print(prof)
     return 0 if all("error" not in r or r["error"].startswith("not run") for r in rows) else 1

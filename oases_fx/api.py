@@ -545,8 +545,9 @@ def schedule_constants(plan: Plan, tp: int):
 
 def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, *, dp_reduce: bool = False):
     """Pass lists for AOTAutograd's forward and backward graphs (the same schedule pass on both; in the
-    backward, accumulate_grads after it, and with `dp_reduce` the dp gradient all-reduce last, reading the
-    parameter positions that the backend puts in each graph's meta)."""
+    backward, accumulate_grads after it where cfg.accumulate_grads says (default: with cudagraphs), and
+    with `dp_reduce` the dp gradient all-reduce last, reading the parameter positions that the backend
+    puts in each graph's meta)."""
     from oases_fx.passes.accumulate_grads import accumulate_grads_pass
     from oases_fx.passes.schedule_overlap import ScheduleOptions, schedule_overlap_pass
     from oases_fx.timeline import AnalyticalCostModel
@@ -555,7 +556,9 @@ def aot_passes(info: MeshInfo, plan: Plan, cfg: CompileConfig, *, dp_reduce: boo
     sched = _backend.GraphPass("schedule_overlap", functools.partial(
         schedule_overlap_pass, options=ScheduleOptions(**cfg.schedule), cost_model=cost))
     # after the schedule (its order decides where each sum runs), before dp_reduce (reads the gradients)
-    bw = [sched, _backend.GraphPass("accumulate_grads", functools.partial(accumulate_grads_pass, cost_model=cost))]
+    bw = [sched]
+    if cfg.accumulate_grads or (cfg.accumulate_grads is None and cfg.cudagraphs):
+        bw.append(_backend.GraphPass("accumulate_grads", functools.partial(accumulate_grads_pass, cost_model=cost)))
     if dp_reduce:  # after the schedule: the TMP order stays as schedule_overlap made it
         from oases_fx.passes.dp_reduce import bucket_bytes_of, dp_reduce_pass
 

@@ -75,3 +75,15 @@ def test_kernel_families():
     assert rank_bench.kernel_family("triton_poi_fused_cat_transpose_view_9") == "copy"
     assert rank_bench.kernel_family("triton_red_fused_add_native_layer_norm_5") == "triton"
     assert rank_bench.kernel_family("Memcpy DtoD (Device -> Device)") == "copy"
+
+
+def test_driver_saves_after_every_case(tmp_path):
+    """results.json is rewritten after each finished case, so a grid killed from outside (the device's
+    wall limit) keeps what it measured: once only written at the end, a killed run lost every row."""
+    saved = []
+    cases = [Case(system="no_such_system", **TINY), Case(system="no_such_system", hidden=32, **{
+        k: v for k, v in TINY.items() if k != "hidden"})]
+    rows = rank_bench.run_all(cases, workers=1, budget_s=600, out=tmp_path, device="cpu", case_timeout_s=120,
+                              log=lambda s: None, save=lambda rows: saved.append([r["key"] for r in rows]))
+    assert [len(s) for s in saved] == [1, 2]
+    assert saved[-1] == [r["key"] for r in rows] and all("error" in r for r in rows)
