@@ -158,22 +158,23 @@ class StepConstants:
         max/min is 1.9, contaminated). Held out: the other graph rows (TP=2 h=1024 and 4096, TP=4
         h=2048; 10 rows) fall within 2.6 % of the device prediction with it, 4 of 10 within 5 %
         without it (the roofline misses the half-size GEMMs' fixed cost: 7.10 of RESULTS.md).
-        host_step_us = 5070, host_per_kernel_us = 21.8, host_per_checkpoint_us = 447: the host's side
-        of an Inductor-compiled oases_fx step (torch 2.11, one H200 host whose CPUs other compiles
-        shared). A least-squares fit of host = step + per_kernel * kernels + per_checkpoint *
-        segments to the host_ms column (host issue time, not the step time) of
-        benchmarks/results/rank_bench/run1, TP=2, h=2048, the 9 rows k in {1, 2, 4} x recompute in
-        {none, fine, full}, kernels counted by cost_model.price_ops. No step time was used; the
-        kernel count is this model's (Inductor launches about twice as many: memsets, eager
-        bias-grad reductions and layout kernels are not counted), so per_kernel is per *counted*
-        kernel. Held out (every other oases row, L=2, collectives skipped, of run1, run2 and final1):
-        median |error| of the host time 12 %; the same code's host time itself moves by up to 30 %
-        between runs (torch.compile's, the same program in every run: 4.45-4.98 ms at h=1024 TP=2).
+        host_step_us = 2904, host_per_kernel_us = 17.0, host_per_checkpoint_us = 447: the host's side
+        of an Inductor-compiled oases_fx step (torch 2.11, one H200 host). step and per_kernel: the exact
+        solve of host = step + per_kernel * kernels (kernels counted by cost_model.price_ops; Inductor
+        launches about twice as many, so per_kernel is per *counted* kernel) through the two host-bound
+        cells of benchmarks/results/rank_bench/planner14 (TP=2, h=1024, L=2, k=1 and 4, collectives
+        skipped, recompute none; 2026-12-04, this code's host path: `planner_check --fit-host`). No step
+        time was used. Held out, same day and code: the 4 other TP=2 cells (h=2048/4096, k=1/2;
+        s24_split, s24_host_split) within 0.8 % of the step, TP=4 h=1024 k=1 -3.9 %, h=4096 k=2 +2.9 %;
+        TP=4 k=4 (h=1024, 2048) host 9.95 / 10.94 ms against TP=2's 7.16 ms: -27 / -40 %, unexplained
+        (RESULTS 7.12). per_checkpoint (447) is the earlier fit to run1's 9 TP=2 h=2048 rows (k x
+        recompute; the only rows with checkpoints): this code was not re-measured with recompute.
+        Host time moves by up to 30 % between runs of one program (RESULTS 7.11).
         The measured profile replaces step and per_kernel with the host probe's
         (ProfileOptions.measure_host). copy_bw = the roofline's memory bandwidth (PLANNER_DEVICE's:
         a measured copy).
         """
-        return cls(kernel_overhead_us=3.0, library_kernel_us=2.5, host_step_us=5070.0, host_per_kernel_us=21.8,
+        return cls(kernel_overhead_us=3.0, library_kernel_us=2.5, host_step_us=2904.0, host_per_kernel_us=17.0,
                    host_per_checkpoint_us=447.0,
                    copy_bw_bytes_per_s=mem_bw_bytes_per_s, op_times_include_overhead=False,
                    source="analytical defaults (StepConstants.analytical)")
