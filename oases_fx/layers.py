@@ -156,9 +156,11 @@ def block_span(graph: fx.Graph) -> list:
     nodes = list(graph.nodes)
     lo, hi = nodes.index(span[0]), nodes.index(span[-1])
     first, last = blocks.of(span[0]), blocks.of(span[-1])
-    while lo > 0 and nodes[lo - 1].op == "call_function" and blocks.of(nodes[lo - 1]) == first:
+    # a region at the root (no enclosing block: block_of_region gives "" or None) widens nothing: None
+    # would match every op outside any block (the embedding, the head, the loss)
+    while first and lo > 0 and nodes[lo - 1].op == "call_function" and blocks.of(nodes[lo - 1]) == first:
         lo -= 1
-    while hi + 1 < len(nodes) and nodes[hi + 1].op == "call_function" and blocks.of(nodes[hi + 1]) == last:
+    while last and hi + 1 < len(nodes) and nodes[hi + 1].op == "call_function" and blocks.of(nodes[hi + 1]) == last:
         hi += 1
     return nodes[lo:hi + 1]
 
