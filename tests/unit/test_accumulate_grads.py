@@ -12,8 +12,6 @@ On a GPU, the op is also checked bitwise against the addmm chain on cuBLAS.
 """
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -335,12 +333,9 @@ def test_rewrite_does_not_slow_the_predicted_backward_nor_grow_its_memory(k):
 
 
 def _subprocess(spec: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_accumulate_grads", json.dumps(spec)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    from tests.unit.graphs import run_module
+
+    return run_module("tests.unit.test_accumulate_grads", json.dumps(spec), timeout=1200)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ tracker watches the backward without an autograd node of its own. Rank 0 of a TP
 fake process group (process-wide, so each case runs in its own process), tiny GPT, aot_eager. No timing
 is asserted."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,12 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(case: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_host_path", case], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    from tests.unit.graphs import run_module
+
+    return run_module("tests.unit.test_host_path", case, timeout=600)
 
 
 def test_direct_call_is_bitwise_the_torch_compile_call_over_steps():

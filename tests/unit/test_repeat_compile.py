@@ -8,8 +8,6 @@ collectives return at once), in a subprocess of their own because that group is 
 Equivalence with the unsharded eager model on real gloo ranks: tests/distributed/test_repeat_compile.py.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -77,12 +75,9 @@ def _local(t):
 
 
 def run_in_subprocess(**spec) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_repeat_compile", json.dumps(spec)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    from tests.unit.graphs import run_module
+
+    return run_module("tests.unit.test_repeat_compile", json.dumps(spec), timeout=900)
 
 
 def assert_same_values(a: dict, b: dict, what: str):

@@ -3,8 +3,6 @@ bitwise the same as without the rewrite (the same ops on the same storage); the 
 fall where views of one buffer were saved. The GPT case runs as rank 0 of a TP=2 world on torch's fake process
 group (process-wide: its own process), tiny GPT, aot_eager."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -83,12 +81,9 @@ def test_graphs_saving_symbolic_values_are_left_unchanged():
 
 
 def _run(case: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.test_saved_views", case], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    from tests.unit.graphs import run_module
+
+    return run_module("tests.unit.test_saved_views", case, timeout=600)
 
 
 def test_gpt_k2_saves_fewer_tensors_bitwise_the_same():

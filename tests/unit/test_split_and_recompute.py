@@ -17,9 +17,8 @@ from oases_fx.tracing import capture
 from tests.unit.graphs import single_rank_group, traced_gpt
 
 
-def _pipeline(k, recompute="none", batch=4):
-    model, traced, idx = traced_gpt(batch=batch)
-    gm = traced.gm
+def _split(model, gm, idx, k, batch):
+    """The torch-level passes up to split_sub_batches on a traced model, at TP=1 (every block sharded)."""
     regions, _ = find_tmp_regions(gm, 1)
     plan = Plan(tp_degree=1, regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
     annotate_sharding_pass(gm, plan=plan, tp=1)
@@ -27,6 +26,12 @@ def _pipeline(k, recompute="none", batch=4):
     insert_collectives_pass(gm, group_name=single_rank_group().group_name)
     gm.meta["oases"]["batch_dims"] = batch_dims(model, (idx, idx.clone()), {}, gm)
     split_sub_batches_pass(gm, num_sub_batches=k, batch_size=batch)
+    return gm
+
+
+def _pipeline(k, recompute="none", batch=4):
+    model, traced, idx = traced_gpt(batch=batch)
+    gm = _split(model, traced.gm, idx, k, batch)
     recompute_policy_pass(gm, policy=recompute)
     return model, gm, idx
 
@@ -94,15 +99,7 @@ class _BatchCentred(torch.nn.Module):
 
 def _split_graph(model, batch=4, k=2, seq=8):
     idx = torch.randint(0, model.config.vocab_size, (batch, seq))
-    gm = capture(model, (idx, idx.clone()), {}).gm
-    regions, _ = find_tmp_regions(gm, 1)
-    plan = Plan(tp_degree=1, regions=tuple(RegionPlan(name=r.name, kind=r.kind) for r in regions))
-    annotate_sharding_pass(gm, plan=plan, tp=1)
-    shard_pass(gm, rank=0, tp=1)
-    insert_collectives_pass(gm, group_name=single_rank_group().group_name)
-    gm.meta["oases"]["batch_dims"] = batch_dims(model, (idx, idx.clone()), {}, gm)
-    split_sub_batches_pass(gm, num_sub_batches=k, batch_size=batch)
-    return gm, idx
+    return _split(model, capture(model, (idx, idx.clone()), {}).gm, idx, k, batch), idx
 
 
 def test_split_sits_on_block_boundaries():
