@@ -63,8 +63,8 @@ class DirectCall:
         self._calls = 0
         self._code = type(gm).forward.__code__
         self._names = self._code.co_varnames[1:self._code.co_argcount]  # forward's parameters after self
-        self._guard = self._fn = self._static = self._slots = self._build = self._held = None
-        self._held_at = self._held_t = None  # _held as ((dicts), (keys)) and (tensors): one C-level identity test
+        self._guard = self._fn = self._static = self._slots = self._build = None
+        self._held_at = self._held_t = None  # ((dicts), (keys)) and (tensors): one C-level identity test per call
 
     def _ordered(self, args, kwargs):
         """The call's inputs in forward's parameter order, or None where they do not bind one to one."""
@@ -177,7 +177,7 @@ class DirectCall:
         if rebuilt_spec != spec or any(x is not y for x, y in zip(rebuilt_leaves, leaves)):
             return self._off("the program's output structure cannot be rebuilt")
         self._guard, self._fn, self._static, self._slots, self._build = guard, fn, static, slots, build
-        self._held = held  # checked per call: the module still holds the very tensors passed here
+        # checked per call: the module still holds the very tensors passed here
         self._held_at = (tuple(d for d, _, _ in held), tuple(k for _, k, _ in held))
         self._held_t = tuple(t for _, _, t in held)
         self.state = "ready"
