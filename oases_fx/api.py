@@ -324,6 +324,8 @@ class OasesModule(nn.Module):
             lines.append("AOTAutograd graphs: not compiled yet (call the module once)")
         if self._info.dp_group is not None:
             lines.extend(_explain_dp(prog, self._info, self._cfg))
+        if self._cfg.inductor_options:
+            lines.append(f"Inductor options (inductor_options): {self._cfg.inductor_options}")
         if self._cfg.cudagraphs:
             got = "; ".join(f"{r.stage} {'applied' if r.applied else 'NOT applied: ' + r.reason}" for r in aot.cudagraphs)
             lines.append(f"CUDA graphs (cudagraphs=True): {got or 'not compiled yet'}")
@@ -624,7 +626,8 @@ def _compile_program(gm, info, plan, cfg, *, dp_reduce: bool):
     keep = _backend.CompiledGraphs()
     fw, bw = aot_passes(info, plan, cfg, dp_reduce=dp_reduce)
     fn = _backend.make_backend(backend=cfg.backend, fw_passes=fw, bw_passes=bw,
-                               disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep, cudagraphs=cfg.cudagraphs)
+                               disabled=cfg.disabled_passes, debug=cfg.debug, keep=keep, cudagraphs=cfg.cudagraphs,
+                               inductor_options=cfg.inductor_options)
     layers = "whole" if _dp_in_graph(info, cfg) else cfg.compile_layers  # dp buckets span layers (oases_fx.layers)
     if layers != cfg.compile_layers:
         why = f"compile_layers={cfg.compile_layers!r} with dp_reduce='graph': compiled whole (dp buckets span layers)"

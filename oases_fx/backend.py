@@ -81,11 +81,13 @@ INDUCTOR_KEEP_ORDER = {
 }
 
 
-def inductor_config_patches(*, cudagraphs: bool = False) -> dict:
-    """Inductor settings for our forward and backward graphs: keep our order, and with
-    ``cudagraphs`` replay each graph as a CUDA graph (cudagraph trees, what torch.compile's
+def inductor_config_patches(*, cudagraphs: bool = False, options: Optional[dict] = None) -> dict:
+    """Inductor settings for our forward and backward graphs: the user's ``options``
+    (CompileConfig.inductor_options, checked there never to touch the keys below), keep our order,
+    and with ``cudagraphs`` replay each graph as a CUDA graph (cudagraph trees, what torch.compile's
     mode="reduce-overhead" sets)."""
-    patches = dict(INDUCTOR_KEEP_ORDER)
+    patches = dict(options or {})
+    patches.update(INDUCTOR_KEEP_ORDER)
     if cudagraphs:
         patches["triton.cudagraphs"] = True
     return patches
@@ -210,9 +212,10 @@ def _guard_backward(compiled, keep):
 
 
 def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False, keep: CompiledGraphs,
-                 cudagraphs: bool = False):
+                 cudagraphs: bool = False, inductor_options: Optional[dict] = None):
     """A torch.compile backend: dynamo graph -> AOTAutograd -> our passes -> Inductor / aot_eager.
-    ``cudagraphs``: Inductor replays each compiled graph as a CUDA graph (inductor only)."""
+    ``cudagraphs``: Inductor replays each compiled graph as a CUDA graph (inductor only);
+    ``inductor_options``: further Inductor settings (CompileConfig.inductor_options)."""
     if cudagraphs and backend != "inductor":
         raise OasesError(f"cudagraphs=True needs backend='inductor', not {backend!r}")
 
@@ -256,7 +259,7 @@ def make_backend(*, backend: str, fw_passes, bw_passes, disabled=(), debug=False
     if choices_cls is None:
         log.warning("oases_fx: this torch has no Inductor choices hook; kernels of different sub-batches "
                     "may be fused across a collective's wait (less overlap, same values)")
-    patches = inductor_config_patches(cudagraphs=cudagraphs)
+    patches = inductor_config_patches(cudagraphs=cudagraphs, options=inductor_options)
 
     def inductor_backend(gm, example_inputs, positions):
         apply = passes_for(positions)

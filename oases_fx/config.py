@@ -59,6 +59,13 @@ class CompileConfig:
     None (default): on with cudagraphs=True, off without. Measured on one H200 (RESULTS 7.12): it saves
     no device time at h=2048 and costs ~1 ms of host time per step at k=2 (a Python custom op per
     weight), which a host-bound step pays; under CUDA graphs the host cost is replayed away."""
+    inductor_options: dict = field(default_factory=dict)
+    """Inductor settings for the compiled graphs, as torch.compile's ``options=`` takes them (names
+    from ``torch._inductor.list_options()``), e.g. ``{"max_autotune_gemm": True}`` for autotuned GEMMs
+    (torch.compile's mode="max-autotune" is this plus ``cudagraphs=True``). Refused: an unknown name,
+    a setting oases_fx fixes so that Inductor keeps the overlap schedule's order
+    (backend.INDUCTOR_KEEP_ORDER), and "triton.cudagraphs" (use ``cudagraphs=True``, which records
+    Inductor's decision). backend="inductor" only."""
     dp_reduce: str = "ddp"
     """How gradients are averaged over a ("dp", "tp") mesh's "dp" axis: "ddp" (default: torch's
     DistributedDataParallel over the local shards; its reducer's buckets start when the compiled
@@ -130,8 +137,43 @@ class CompileConfig:
                              "bucket_cap_mb; default 25)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.inductor_options:
+            _check_inductor_options(self.inductor_options, self.backend)
         if self.cudagraphs and self.backend != "inductor":
             from oases_fx.errors import OasesError
 
             raise OasesError(f"cudagraphs=True needs backend='inductor' (got {self.backend!r}): CUDA graphs are "
                              "captured from Inductor's generated code. Fix: backend='inductor', or cudagraphs=False.")
+
+
+def _check_inductor_options(options, backend: str) -> None:
+    """CompileConfig.inductor_options: a dict of known Inductor settings that leave our order alone."""
+    import difflib
+
+    from oases_fx.errors import OasesError
+
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise OasesError(f"inductor_options={options!r}: expected a dict of Inductor setting names to values, "
+                         "e.g. {'max_autotune_gemm': True}")
+    if backend != "inductor":
+        raise OasesError(f"inductor_options={options!r} with backend={backend!r}: they configure Inductor's code "
+                         "generation. Fix: backend='inductor', or drop inductor_options.")
+    from torch._inductor import list_options
+
+    from oases_fx.backend import INDUCTOR_KEEP_ORDER
+
+    known = set(list_options())
+    for key in options:
+        if key == "triton.cudagraphs":
+            raise OasesError("inductor_options sets 'triton.cudagraphs'. Fix: cudagraphs=True (oases_fx then "
+                             "records, per graph, whether Inductor kept the CUDA graph, and explain() says why not).")
+        if key in INDUCTOR_KEEP_ORDER:
+            raise OasesError(f"inductor_options sets {key!r}, which oases_fx fixes to "
+                             f"{INDUCTOR_KEEP_ORDER[key]!r} so that Inductor keeps the sub-batch overlap schedule's "
+                             "order (oases_fx/backend.py INDUCTOR_KEEP_ORDER says why). Fix: drop it; to compare "
+                             "without the schedule, use disabled_passes=('schedule_overlap',).")
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            raise OasesError(f"inductor_options: {key!r} is not an Inductor setting"
+                             + (f" (did you mean {', '.join(map(repr, near))}?)" if near else "")
+                             + ". Fix: a name from torch._inductor.list_options().")
