@@ -175,7 +175,7 @@ def _graph_counts(module) -> dict:
 
 def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str, cprofile: int,
               interleave: bool = False, shape: str = "tiny", device: str = "cpu", cudagraphs: bool = False,
-              against: str = "", saved_views: bool = False) -> dict:
+              against: str = "", saved_views: bool = False, tp: int = 2) -> dict:
     from benchmarks import rank_bench
     from benchmarks.rank_bench import Case
 
@@ -183,7 +183,7 @@ def profile_k(k: int, *, steps: int, hidden: int, backend: str, collectives: str
     views = _install_saved_views() if saved_views is True else None
     size = (dict(batch=8, seq=8, vocab=64, head_dim=16, dtype="fp32") if shape == "tiny"
             else dict(batch=8, seq=2048, vocab=1024, head_dim=64, dtype="bf16"))  # "rank_bench": RESULTS 7's
-    case = Case(system="oases", hidden=hidden, layers=2, k=k, backend=backend, collectives=collectives,
+    case = Case(system="oases", tp=tp, hidden=hidden, layers=2, k=k, backend=backend, collectives=collectives,
                 options=dict(cudagraphs=True) if cudagraphs else {}, **size)
     dev = torch.device(device)
     batch = rank_bench.make_batch(case, dev)
@@ -412,12 +412,13 @@ def main(argv=None) -> int:
                    help="compile with oases_fx.saved_views (saved views replaced by their base, saved once); "
                         "'ab': a second program with it beside the plain one, steps alternated in one process")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--tp", type=int, default=2, help="the TP degree of the fake world (rank 0 of it)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one k in this process
     a = p.parse_args(argv)
     kw = dict(steps=a.steps, hidden=a.hidden, backend=a.backend, collectives=a.collectives, cprofile=a.cprofile,
               interleave=a.interleave, shape=a.shape, device=a.device, cudagraphs=a.cudagraphs,
               against=str(Path(a.against).resolve()) if a.against else "",
-              saved_views={"on": True, "ab": "ab"}.get(a.saved_views, False))
+              saved_views={"on": True, "ab": "ab"}.get(a.saved_views, False), tp=a.tp)
     if a.clock == "wall":
         global _now
         _now = time.perf_counter
@@ -434,7 +435,7 @@ def main(argv=None) -> int:
                 root = str(Path(root).resolve())
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(k), "--steps", str(a.steps),
                        "--hidden", str(a.hidden), "--backend", a.backend, "--collectives", a.collectives,
-                       "--cprofile", str(a.cprofile), "--clock", a.clock, "--shape", a.shape, "--device", a.device]
+                       "--cprofile", str(a.cprofile), "--clock", a.clock, "--shape", a.shape, "--device", a.device, "--tp", str(a.tp)]
                 cmd += (["--interleave"] if a.interleave else []) + (["--cudagraphs"] if a.cudagraphs else [])
                 cmd += (["--against", str(Path(a.against).resolve())] if a.against else [])
                 cmd += ["--saved-views", a.saved_views] if a.saved_views else []
