@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from oases_fx import propagation
+from oases_fx import rules as _rules
 from oases_fx.propagation import Incompatible, ndim, register_rule
 
 aten = torch.ops.aten
@@ -106,28 +107,11 @@ def _expert_matmul_rule(node: fx.Node, st) -> None:
         st.placement[node] = None
         return
     x, w, _, layout, _ = parts
-    col_dim, row_dim = EXPERT_LAYOUTS[layout]
-    wd = st.weight_dim.get(w)
-    px = st.of(x)
-    if wd is None:
-        if px is not None:
-            raise Incompatible(f"grouped matmul {node.name} with a replicated expert weight gets a sharded input")
-        st.placement[node] = None
+    if _rules.parallel_weight_rule(node, st, x, w, *EXPERT_LAYOUTS[layout], f"expert matmul {node.name}"):
         return
-    if wd == col_dim:
-        if px is not None:
-            raise Incompatible(f"column-parallel expert matmul {node.name} gets a sharded input")
-        st.placement[node] = 1
-        st.origin[node] = node
-        return
-    if wd == row_dim:
-        if px != 1:
-            raise Incompatible(f"row-parallel expert matmul {node.name} gets an input not sharded on its last dim")
-        st.placement[node] = None  # partial sum over the ranks' intermediate blocks: g makes it whole
-        if node not in st.rows:
-            st.rows.append(node)
-        return
-    raise AssertionError(node)
+    if st.of(x) is not None:
+        raise Incompatible(f"grouped matmul {node.name} with a replicated expert weight gets a sharded input")
+    st.placement[node] = None
 
 
 def _topk_rule(node: fx.Node, st) -> None:
