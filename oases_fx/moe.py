@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from oases_fx import propagation
 from oases_fx import rules as _rules
+from oases_fx.passes.graph_utils import module_path
 from oases_fx.propagation import Incompatible, ndim, register_rule
 
 aten = torch.ops.aten
@@ -181,12 +182,6 @@ def num_experts(node) -> int:
     return int(parts[1].meta["val"].shape[0]) if parts else 1
 
 
-def _module_path(node) -> Optional[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
-    return paths[-1] if paths else None
-
-
 def token_local_units(gm: fx.GraphModule) -> list:
     """The nodes of every experts module that runs a grouped expert matmul, one set per module:
     inside it the sort by expert, the offsets and the gathers mix the tokens, but its output for each
@@ -200,7 +195,7 @@ def token_local_units(gm: fx.GraphModule) -> list:
         if parts is not None:
             owners.setdefault(str(parts[1].target).rsplit(".", 1)[0], set())
     for n in gm.graph.nodes:
-        p = _module_path(n) if n.op == "call_function" else None
+        p = module_path(n) if n.op == "call_function" else None
         for o, nodes in owners.items():
             if p is not None and (p == o or p.startswith(o + ".")):
                 nodes.add(n)
