@@ -1183,7 +1183,7 @@ class CostCache:
 
     def vocab_comm(self) -> dict:
         """Costs of vocab_parallel's collectives (microseconds), priced once per cache like
-        head_tail (read-only: shared by every candidate)."""
+        head_tail (a copy: the priced dict stays the cache's)."""
         if self._vocab_comm is None:
             v, prof, tp = self.model.vocab, self.profile, self.model.tp
             self._vocab_comm = {
@@ -1191,7 +1191,7 @@ class CostCache:
                 "ar_lm": prof.all_reduce_us(v.lm_grad_reduce_bytes, tp),
                 "ar_ce": prof.all_reduce_us(v.ce_reduce_bytes, tp),
                 "ag_logits": prof.all_gather_us(v.logits_gather_bytes, tp) if v.logits_gather_bytes else 0.0}
-        return self._vocab_comm
+        return dict(self._vocab_comm)
 
     def outside_time(self, vocab_parallel: bool) -> float:
         """Head + tail, forward + backward, their collectives counted as exposed (the search's
