@@ -51,8 +51,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from oases_fx import _compat, meta, moe
-from oases_fx.passes.graph_utils import region_span
+from oases_fx import _compat, meta
+from oases_fx.passes.graph_utils import module_path, region_span
 
 log = logging.getLogger("oases_fx")
 
@@ -136,7 +136,7 @@ class Blocks:
             return None
         if m.region is not None:
             return block_of_region(m.region)
-        p = moe._module_path(n)
+        p = module_path(n)
         while p:
             if p in self.index:
                 return p

@@ -38,6 +38,8 @@ import torch
 import torch.fx as fx
 
 from oases_fx import propagation
+from oases_fx import rules as _rules
+from oases_fx.passes.graph_utils import module_path
 from oases_fx.propagation import Incompatible, ndim, register_rule
 
 aten = torch.ops.aten
@@ -106,28 +108,11 @@ def _expert_matmul_rule(node: fx.Node, st) -> None:
         st.placement[node] = None
         return
     x, w, _, layout, _ = parts
-    col_dim, row_dim = EXPERT_LAYOUTS[layout]
-    wd = st.weight_dim.get(w)
-    px = st.of(x)
-    if wd is None:
-        if px is not None:
-            raise Incompatible(f"grouped matmul {node.name} with a replicated expert weight gets a sharded input")
-        st.placement[node] = None
+    if _rules.parallel_weight_rule(node, st, x, w, *EXPERT_LAYOUTS[layout], f"expert matmul {node.name}"):
         return
-    if wd == col_dim:
-        if px is not None:
-            raise Incompatible(f"column-parallel expert matmul {node.name} gets a sharded input")
-        st.placement[node] = 1
-        st.origin[node] = node
-        return
-    if wd == row_dim:
-        if px != 1:
-            raise Incompatible(f"row-parallel expert matmul {node.name} gets an input not sharded on its last dim")
-        st.placement[node] = None  # partial sum over the ranks' intermediate blocks: g makes it whole
-        if node not in st.rows:
-            st.rows.append(node)
-        return
-    raise AssertionError(node)
+    if st.of(x) is not None:
+        raise Incompatible(f"grouped matmul {node.name} with a replicated expert weight gets a sharded input")
+    st.placement[node] = None
 
 
 def _topk_rule(node: fx.Node, st) -> None:
@@ -197,12 +182,6 @@ def num_experts(node) -> int:
     return int(parts[1].meta["val"].shape[0]) if parts else 1
 
 
-def _module_path(node) -> Optional[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
-    return paths[-1] if paths else None
-
-
 def token_local_units(gm: fx.GraphModule) -> list:
     """The nodes of every experts module that runs a grouped expert matmul, one set per module:
     inside it the sort by expert, the offsets and the gathers mix the tokens, but its output for each
@@ -216,7 +195,7 @@ def token_local_units(gm: fx.GraphModule) -> list:
         if parts is not None:
             owners.setdefault(str(parts[1].target).rsplit(".", 1)[0], set())
     for n in gm.graph.nodes:
-        p = _module_path(n) if n.op == "call_function" else None
+        p = module_path(n) if n.op == "call_function" else None
         for o, nodes in owners.items():
             if p is not None and (p == o or p.startswith(o + ".")):
                 nodes.add(n)

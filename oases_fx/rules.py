@@ -163,27 +163,40 @@ def linear_rule(node, st) -> None:
     """A linear-like op with a parameter weight (propagation.linear_parts): a weight sharded on its
     output dim makes it column-parallel, on its input dim row-parallel (a partial sum)."""
     x, w, bias, layout = linear_parts(node)
-    wd = st.weight_dim.get(w)
-    px = st.of(x)
     col_dim, row_dim = (0, 1) if layout == "oi" else (1, 0)
-    if wd is None:
-        if px is not None and px == ndim(x) - 1:
-            raise Incompatible(f"linear {node.name} contracts over the sharded dim with a replicated weight")
-        st.placement[node] = px
+    if parallel_weight_rule(node, st, x, w, col_dim, row_dim, node.name):
         return
+    px = st.of(x)
+    if px is not None and px == ndim(x) - 1:
+        raise Incompatible(f"linear {node.name} contracts over the sharded dim with a replicated weight")
+    st.placement[node] = px
+
+
+def parallel_weight_rule(node, st, x, w, col_dim: int, row_dim: int, what: str) -> bool:
+    """The column and row cases of every linear-like op (linear_rule; oases_fx.moe's grouped expert
+    matmuls): weight `w` sharded on its output dim `col_dim` makes `node` column-parallel (a
+    replicated input `x`, the output sharded on its last dim), on its input dim `row_dim`
+    row-parallel (`x` sharded on its last dim, the output a partial sum: st.rows). False, with
+    nothing set, for a replicated weight, which the callers treat differently (a linear keeps a
+    batch shard; an expert matmul, whose rows are routed pairs, keeps none). `what`: the node as the
+    messages name it."""
+    wd = st.weight_dim.get(w)
+    if wd is None:
+        return False
+    px = st.of(x)
     if wd == col_dim:
         if px is not None:
-            raise Incompatible(f"column-parallel {node.name} gets a sharded input")
+            raise Incompatible(f"column-parallel {what} gets a sharded input")
         st.placement[node] = ndim(node) - 1
         st.origin[node] = node
-        return
+        return True
     if wd == row_dim:
         if px != ndim(x) - 1:
-            raise Incompatible(f"row-parallel {node.name} gets an input not sharded on its last dim")
+            raise Incompatible(f"row-parallel {what} gets an input not sharded on its last dim")
         st.placement[node] = None  # partial sum, made whole by the reduce insert_collectives adds
         if node not in st.rows:
             st.rows.append(node)
-        return
+        return True
     raise AssertionError(node)
 
 

@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 import heapq
+from typing import Optional
 
 import torch.fx as fx
+
+
+def module_path(node: fx.Node) -> Optional[str]:
+    """The path of the innermost module whose forward made `node` ("transformer.h.3.mlp"; torch.export's
+    nn_module_stack), or None for a node of the root module or one without the record (a node a pass
+    added). Which block or experts module a node belongs to (layers.Blocks, moe.token_local_units)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return paths[-1] if paths else None
 
 
 def is_segment_end(n: fx.Node) -> bool:

@@ -1083,6 +1083,8 @@ class CostCache:
         self.model, self.profile = model, profile
         self._cache: dict = {}
         self._sigs = [r.signature for r in model.regions]
+        self._head_tail: dict = {}  # vocab_parallel -> head_tail()
+        self._vocab_comm: Optional[dict] = None
 
     def region(self, ri: int, k: int, state) -> _PartCosts:
         """Costs of region ri at k sub-batches; state: a degree d, REPLICATED, or a bool (shard at
@@ -1124,8 +1126,20 @@ class CostCache:
             f, b, kf, kb = f + p.fwd_us, b + p.bwd_us, kf + p.fwd_kernels, kb + p.bwd_kernels
         return f, b, kf, kb
 
-    def outside(self, ops) -> tuple:
-        return self.outside_ops(ops)[:2]
+    def head_tail(self, vocab_parallel: bool) -> tuple:
+        """(outside_ops of the head, outside_ops of the tail), plain or vocabulary-parallel. Priced
+        once per cache: head and tail run whole, whatever k, the recompute policy and the regions'
+        decisions, so the candidates of one search (one cache: the chains' constant terms, the
+        whole-step simulations and the host terms) share them."""
+        vp = bool(vocab_parallel)
+        hit = self._head_tail.get(vp)
+        if hit is None:
+            m = self.model
+            if vp and m.vocab is None:
+                raise ValueError(f"vocab_parallel: the model has no vocabulary-parallel variant ({m.vocab_reason})")
+            head, tail = (m.vocab.head_ops, m.vocab.tail_ops) if vp else (m.head_ops, m.tail_ops)
+            hit = self._head_tail[vp] = (self.outside_ops(head), self.outside_ops(tail))
+        return hit
 
     def _span_bytes(self, k: int, first: bool) -> int:
         r = self.model.regions[0 if first else -1]
@@ -1145,9 +1159,8 @@ class CostCache:
         """Kernels one step launches (the host term): head and tail, every sub-batch's region
         work and recompute, the accumulation copies and the split's cats."""
         m, k, rc = self.model, choice.num_sub_batches, choice.recompute
-        vp = bool(choice.vocab_parallel) and m.vocab is not None
-        head, tail = (m.vocab.head_ops, m.vocab.tail_ops) if vp else (m.head_ops, m.tail_ops)
-        n = sum(self.outside_ops(head)[2:]) + sum(self.outside_ops(tail)[2:])
+        head, tail = self.head_tail(bool(choice.vocab_parallel) and m.vocab is not None)
+        n = sum(head[2:]) + sum(tail[2:])
         if k > 1 and self.profile.step.copy_bw_bytes_per_s > 0:
             n += 2
         for r in range(len(m.regions)):
@@ -1169,21 +1182,23 @@ class CostCache:
         return step.host_step_us + step.host_per_kernel_us * kernels + step.host_per_checkpoint_us * segments
 
     def vocab_comm(self) -> dict:
-        """Costs of vocab_parallel's collectives (microseconds)."""
-        v, prof, tp = self.model.vocab, self.profile, self.model.tp
-        return {"ar_emb": prof.all_reduce_us(v.emb_reduce_bytes, tp),
+        """Costs of vocab_parallel's collectives (microseconds), priced once per cache like
+        head_tail (a copy: the priced dict stays the cache's)."""
+        if self._vocab_comm is None:
+            v, prof, tp = self.model.vocab, self.profile, self.model.tp
+            self._vocab_comm = {
+                "ar_emb": prof.all_reduce_us(v.emb_reduce_bytes, tp),
                 "ar_lm": prof.all_reduce_us(v.lm_grad_reduce_bytes, tp),
                 "ar_ce": prof.all_reduce_us(v.ce_reduce_bytes, tp),
                 "ag_logits": prof.all_gather_us(v.logits_gather_bytes, tp) if v.logits_gather_bytes else 0.0}
+        return dict(self._vocab_comm)
 
     def outside_time(self, vocab_parallel: bool) -> float:
         """Head + tail, forward + backward, their collectives counted as exposed (the search's
         constant term; the whole-step simulation replaces it)."""
-        m = self.model
+        (hf, hb, _, _), (tf, tb, _, _) = self.head_tail(vocab_parallel)
         if not vocab_parallel:
-            (hf, hb), (tf, tb) = self.outside(m.head_ops), self.outside(m.tail_ops)
             return hf + hb + tf + tb
-        (hf, hb), (tf, tb) = self.outside(m.vocab.head_ops), self.outside(m.vocab.tail_ops)
         c = self.vocab_comm()
         return hf + hb + tf + tb + c["ar_emb"] + c["ar_lm"] + 3 * c["ar_ce"]
 
@@ -1389,9 +1404,9 @@ def simulate_choice(model: ModelSpec, choice: Choice, profile: "Profile", *, lo:
     tpl = _template(k, choice.recompute, comm_flags, outside, vocab, MAX_IN_FLIGHT)
     fixed = {}
     if outside:
-        head, tail = (model.vocab.head_ops, model.vocab.tail_ops) if vp else (model.head_ops, model.tail_ops)
-        fixed["head_fwd"], fixed["head_bwd"] = costs.outside(head)
-        fixed["tail_fwd"], fixed["tail_bwd"] = costs.outside(tail)
+        head, tail = costs.head_tail(vp)
+        fixed["head_fwd"], fixed["head_bwd"] = head[:2]
+        fixed["tail_fwd"], fixed["tail_bwd"] = tail[:2]
     if outside and k > 1:  # split_sub_batches' cats: the span's output forward, its input's grad backward
         fixed["tail_fwd"] += costs.split_copy_us(k, first=False)
         fixed["head_bwd"] += costs.split_copy_us(k, first=True)

@@ -154,6 +154,40 @@ def test_a_sharded_input_to_a_column_expert_matmul_is_incompatible():
         propagate_node(col, st)
 
 
+@pytest.mark.parametrize("weight_dim,x_dim,want", [
+    (1, None, 1),  # column ("eoi": the out dim is 1): the output sharded on its last dim
+    (2, 1, None),  # row: a partial sum
+    (None, None, None),  # replicated weight and input
+    (1, 1, "column-parallel expert matmul {} gets a sharded input"),
+    (2, 0, "row-parallel expert matmul {} gets an input not sharded on its last dim"),
+    (None, 0, "grouped matmul {} with a replicated expert weight gets a sharded input"),  # routed rows: no batch dim
+])
+def test_expert_matmul_rule_column_row_replicated_and_declines(weight_dim, x_dim, want):
+    """The expert matmul shares linear_rule's column and row cases (rules.parallel_weight_rule) but
+    not its replicated-weight case, and its messages name it as an expert matmul."""
+    import transformers.integrations.moe  # noqa: F401
+
+    from oases_fx.propagation import Incompatible, ShardState, propagate_node
+
+    model = _Experts("fallback")
+    gm = capture(model, (torch.randn(S, H), torch.tensor([3, 3, 8, S], dtype=torch.int32)), {}).gm
+    (r,), _ = find_tmp_regions(gm, 2)
+    col = r.columns[0]
+    x, w = linear_parts(col)[:2]
+    st = ShardState(tp=2)
+    if weight_dim is not None:
+        st.weight_dim[w] = weight_dim
+    st.placement[x] = x_dim
+    if isinstance(want, str):
+        with pytest.raises(Incompatible) as e:
+            propagate_node(col, st)
+        assert str(e.value) == want.format(col.name)
+        return
+    propagate_node(col, st)
+    assert st.placement[col] == want
+    assert (st.origin.get(col) is col) == (weight_dim == 1) and (st.rows == [col]) == (weight_dim == 2)
+
+
 def test_declined_block_count_takes_expert_matrices_not_every_3d_parameter():
     """coverage's "N of M blocks" counts a declined MoE region once per expert, from its 3-D
     parameters. Only parameters used as expert matrices count: LFM2's short-conv weight (C, 1, K),

@@ -477,6 +477,63 @@ def test_vocab_parallel_skipped_without_the_pattern():
         choose_plan(model, tp=2, batch=8, seq_len=128, profile=profile, vocab_parallel_choices=(True,))
 
 
+def _head_tail_pricings(monkeypatch, model):
+    """Count cost_model.price_ops calls on the head's and tail's ops (plain and vocabulary-parallel),
+    by which of the four it priced."""
+    parts = {"head": model.head_ops, "tail": model.tail_ops}
+    if model.vocab is not None:
+        parts.update({"head|vp": model.vocab.head_ops, "tail|vp": model.vocab.tail_ops})
+    calls = {name: 0 for name in parts}
+    price = cost_model.price_ops
+
+    def counting(ops, profile):
+        for name, o in parts.items():
+            if ops is o:
+                calls[name] += 1
+        return price(ops, profile)
+
+    monkeypatch.setattr(cost_model, "price_ops", counting)
+    return calls
+
+
+def _repriced_every_call(self, vocab_parallel):
+    """CostCache.head_tail as it was before it cached: the head and tail priced at every call."""
+    m = self.model
+    head, tail = (m.vocab.head_ops, m.vocab.tail_ops) if vocab_parallel else (m.head_ops, m.tail_ops)
+    return self.outside_ops(head), self.outside_ops(tail)
+
+
+@pytest.mark.parametrize("case", ["vocab_degrees", "logits_gather"])
+def test_head_and_tail_are_priced_once_per_search_with_the_same_plan(monkeypatch, case):
+    """The head and tail do not depend on the candidate (k, recompute, the regions' decisions): one
+    search prices each of them once per vocab_parallel value, not once per global choice and per
+    whole-step simulation, and chooses the same plan with the same predictions as re-pricing them
+    at every use."""
+    if case == "vocab_degrees":
+        model, profile = synthetic([ATTN, SMALLP, MLP, TINY] * 2, tp=4, gb_per_s=30.0, degrees=(2, 1),
+                                   vocab=LM_HEAVY, interference=(1.1, 1.05))
+        tp = 4
+    else:
+        model, profile = synthetic([ATTN, MLP], tp=2, gb_per_s=20.0, vocab=dict(LM_HEAVY, logits_mib=2048))
+        tp = 2
+    calls = _head_tail_pricings(monkeypatch, model)
+    plan = choose_plan(model, tp=tp, batch=8, seq_len=128, profile=profile)
+    assert calls == {"head": 1, "tail": 1, "head|vp": 1, "tail|vp": 1}, calls
+    assert plan.predicted["simulations"] > len(RECOMPUTE_POLICIES) * 3  # many candidates shared them
+    monkeypatch.setattr(cost_model.CostCache, "head_tail", _repriced_every_call)
+    for name in calls:
+        calls[name] = 0
+    ref = choose_plan(model, tp=tp, batch=8, seq_len=128, profile=profile)
+    assert min(calls.values()) > 1, calls  # the reference did re-price them
+    assert plan.to_json() == ref.to_json()  # the plan, every predicted time, the runners-up
+
+
+def test_head_tail_of_a_model_without_the_vocabulary_variant_is_an_error():
+    model, profile = synthetic([ATTN, MLP], tp=2)
+    with pytest.raises(ValueError, match="no vocabulary-parallel variant"):
+        cost_model.CostCache(model, profile).head_tail(True)
+
+
 # --- the same plan on every rank ---------------------------------------------------------------
 
 _RANK_SCRIPT = """
