@@ -77,7 +77,31 @@ from oases_fx import direct_call as _direct_call
 from oases_fx.errors import OasesError
 
 class _Shell(nn.Module):
-    """One submodule path of the original model; holds its DTensor parameters and plain buffers."""
+    """One submodule path of the original model; holds its DTensor parameters and plain buffers.
+    Indexable as the container it stands for (``model.model.layers[0]``, ``[-1]``, ``len()``, iteration
+    over the children), as an nn.ModuleList / ModuleDict is."""
+
+    def __getitem__(self, key):
+        mods = self._modules
+        if isinstance(key, slice):
+            return list(mods.values())[key]
+        name = str(key)
+        if isinstance(key, int) and not isinstance(key, bool) and key < 0:
+            name = str(len(mods) + key)
+        if name in mods:
+            return mods[name]
+        raise (IndexError if isinstance(key, int) else KeyError)(
+            f"{key!r}: this submodule of the compiled model has the children {list(mods)[:8]}"
+            + (" ..." if len(mods) > 8 else ""))
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __bool__(self):  # a module is true, as nn.Module is (not "no children")
+        return True
 
 
 class _Entry:
@@ -127,6 +151,9 @@ class Boundary:
             e.names.append(name)
             self.by_name[name] = e
             _shell(module, name).register_parameter(name.rpartition(".")[2], e.param)
+        # (the shell's parameter dict, leaf name, the registered Parameter, full name): read every call
+        self._registered = tuple((_shell(module, n)._parameters, n.rpartition(".")[2], e.param, n)
+                                 for n, e in self.by_name.items())
         self.buffers = dict(gm.named_buffers(remove_duplicate=False))
         persistent = _persistent_buffer_names(gm)
         for name, b in self.buffers.items():
@@ -228,6 +255,9 @@ class Boundary:
     def call(self, program, args, kwargs):
         """Run the compiled program (`program.compiled`; through DDP, or the dp variant the no_sync state asks
         for, on a "dp" axis) and arm the start of its backward."""
+        for params, leaf, p, name in self._registered:
+            if params.get(leaf) is not p:
+                self._replaced(name, params.get(leaf))
         if self._frozen:
             unfrozen = [name for name, p in self._frozen if p.requires_grad]
             if unfrozen:
@@ -291,6 +321,24 @@ class Boundary:
         finally:
             for buf in names.values():  # held by the autograd graph until its backward, not by the module
                 buffers[buf] = None
+
+    @staticmethod
+    def _replaced(name, now):
+        """A registered parameter is no longer the one the compiled program's shard stands behind: FSDP's
+        fully_shard (around this module or a parent) swaps every parameter for its own, an assignment
+        `module.weight = nn.Parameter(...)` one. The program would keep reading and training its own shard,
+        the optimizer the new parameter: training would silently do nothing."""
+        from oases_fx.errors import InputError
+
+        what = "removed" if now is None else f"replaced by another {type(now).__name__}"
+        raise InputError(
+            f"parameter {name!r} of the compiled model was {what} after oases_fx.compile: the compiled program "
+            "reads and trains the shards it registered, so the new parameter would silently never be read, and "
+            "an optimizer over it would train nothing. This is what FSDP's fully_shard (on this module or a "
+            "parent) or assigning a new nn.Parameter does. Fix: keep the parameters compile() registered; load "
+            "weights with model.load_state_dict(...) or torch.distributed.checkpoint; for data parallelism pass a "
+            "('dp', 'tp') mesh to oases_fx.compile (gradients averaged over 'dp' by DDP, or inside the backward "
+            "with dp_reduce='graph') instead of wrapping the compiled module in fully_shard.")
 
     def _backward_start(self, grad_outputs, mode="sync"):
         """Before any gradient of this backward is accumulated: the plain .grad is the user's gradient (for

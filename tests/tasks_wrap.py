@@ -1,0 +1,69 @@
+"""Rank tasks for tests/distributed/test_wrappers.py: torch's wrappers and parameter swaps applied to a
+compiled model after oases_fx.compile. Each returns what the parent compares (nothing is compared here)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+import oases_fx
+from tests.tasks import build_model
+
+CFG = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+
+class _Parent(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx, tgt):
+        return self.inner(idx, tgt)
+
+
+def wrapped_training(rank, world_size, *, wrap: str, steps: int = 3):
+    """Compile a GPT on a (dp=2, tp=world/2) mesh (or a tp mesh for wrap="assign"), apply `wrap`, train
+    `steps` SGD steps on this dp rank's half of a batch; return the losses and the eager reference's
+    (the full batch's mean gradient = the dp average; its loss on this rank's half before each step),
+    or the error raised."""
+    two_d = wrap != "assign"
+    mesh = (init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp")) if two_d
+            else init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",)))
+    ref = build_model("gpt", CFG)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
+    tgt = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
+    half = mesh["dp"].get_local_rank() if two_d else None
+    x, y = (idx[2 * half:2 * half + 2], tgt[2 * half:2 * half + 2]) if two_d else (idx, tgt)
+    model = oases_fx.compile(copy.deepcopy(ref), mesh, example_inputs=(x, y), plan="megatron", backend="aot_eager",
+                             verbose=False)
+    if wrap in ("fully_shard", "fully_shard_parent"):
+        from torch.distributed.fsdp import fully_shard
+
+        if wrap == "fully_shard_parent":
+            model = _Parent(model)
+        fully_shard(model, mesh=mesh["dp"])
+    elif wrap == "assign":  # a new Parameter where compile() registered its DTensor
+        old = model.transformer.h[0].mlp.c_fc.weight
+        model.transformer.h[0].mlp.c_fc.weight = torch.nn.Parameter(old.detach().clone())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = dict(losses=[], error=None)
+    try:
+        for _ in range(steps):
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out["losses"].append(float(loss.detach()))
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    r, ro, out["ref"] = copy.deepcopy(ref), None, []
+    ro = torch.optim.SGD(r.parameters(), lr=0.1)
+    for _ in range(steps):
+        with torch.no_grad():
+            out["ref"].append(float(r(x, y)[1]))
+        r(idx, tgt)[1].backward()
+        ro.step()
+        ro.zero_grad()
+    return out
