@@ -100,6 +100,9 @@ _HOOK_FIX = ("oases_fx traces the model once (torch.export) and runs the compile
              "forward; a hook on the compiled module itself (compiled.register_forward_hook) runs on every call.")
 
 
+_HOOKS_LET_THROUGH = ("oases_fx.", "torch.", "transformers.utils.output_capturing")
+
+
 def _hook_name(fn) -> str:
     fn = getattr(fn, "__func__", fn)
     return getattr(fn, "__qualname__", None) or type(fn).__qualname__
@@ -107,14 +110,15 @@ def _hook_name(fn) -> str:
 
 def check_no_module_hooks(model: nn.Module) -> None:
     """At compile: the model's (and its submodules') hooks would silently not run per step (see _HOOK_FIX).
-    oases_fx's own guards and torch's (torch.nn.utils' weight_norm/spectral_norm pre-hooks compute
-    values only, traced exactly) are let through."""
+    Let through: oases_fx's own guards, torch's (torch.nn.utils' weight_norm/spectral_norm pre-hooks compute
+    values only, traced exactly) and Hugging Face's output capturing (installed by a first call with
+    output_hidden_states/output_attentions; it only collects outputs the traced call returns)."""
     found = []
     for path, mod in model.named_modules():
         for attr, kind in _HOOK_KINDS:
             for fn in getattr(mod, attr, {}).values():
                 owner = getattr(getattr(fn, "__func__", fn), "__module__", None) or type(fn).__module__ or ""
-                if owner.startswith(("oases_fx.", "torch.")):
+                if owner.startswith(_HOOKS_LET_THROUGH):
                     continue
                 found.append(f"{kind} {_hook_name(fn)} on {path or '(the root)'!r} ({type(mod).__name__})")
     if found:
