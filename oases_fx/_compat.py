@@ -541,3 +541,40 @@ def has_compile_generation() -> bool:
         return isinstance(GenerationTracker.generation, int)
     except (ImportError, AttributeError):
         return False
+
+
+def install_found_inf_reduce() -> None:
+    """GradScaler.unscale_ on DTensor gradients: every rank must see an inf/nan found on any rank.
+
+    DTensor's handler of ``aten._amp_foreach_non_finite_check_and_unscale_`` reduces ``found_inf`` over
+    the mesh dims the *first* gradient of the list is sharded on (torch/distributed/tensor/_dispatch.py,
+    found_inf_reduce_handler, written for FSDP2 where every gradient has one placement). GradScaler
+    passes all gradients of a device and dtype in one list, and a TP model mixes Replicate (norms,
+    embeddings) and Shard gradients: with a Replicate one first nothing was reduced, so the rank whose
+    shard held the inf skipped the step and the others took it (measured: parameters diverged across
+    ranks). Installed once; reduces (max) over every mesh dim any gradient of the list is sharded on."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.placement_types import Partial
+
+    dispatcher = DTensor._op_dispatcher
+    op = torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default
+    handlers = dispatcher._custom_op_handlers
+    if getattr(handlers.get(op), "_oases", False):
+        return
+
+    def handler(op_call, args, kwargs):
+        grads, found_inf, inv_scale = args[0], args[1], args[2]
+        op_call([g._local_tensor if isinstance(g, DTensor) else g for g in grads], found_inf, inv_scale)
+        by_mesh = {}
+        for g in grads:
+            if isinstance(g, DTensor):
+                dims = by_mesh.setdefault(g.device_mesh, set())
+                dims.update(i for i, p in enumerate(g.placements) if not isinstance(p, Replicate))
+        for mesh, dims in by_mesh.items():
+            if dims:
+                placements = tuple(Partial("max") if i in dims else Replicate() for i in range(mesh.ndim))
+                full = DTensor.from_local(found_inf, mesh, placements, run_check=False).full_tensor()
+                found_inf.copy_(full)
+
+    handler._oases = True
+    handlers[op] = handler

@@ -171,8 +171,15 @@ class OasesModule(nn.Module):
         self.__dict__["_boundary"] = _boundary_mod.Boundary(self, program.gm, mesh, info, dp_reduce=cfg.dp_reduce,
                                                             dp_bucket_mb=cfg.dp_bucket_mb)
         self._hooks = []
+        _released.refuse_hooks(self, "the compiled module (its submodules only hold this rank's parameters; the "
+                                     "compiled program runs instead of them)", keep_root=True)
 
     # --- calling ---------------------------------------------------------------------------
+    # torch.compile(compiled_model) by the user: dynamo would trace into this Python (the boundary, the
+    # process groups: an InternalTorchDynamoError on torch 2.13). The program here is already compiled, so
+    # this frame is skipped and runs as it does without the outer compile (exact; nested torch.compile calls
+    # set their own frame callback, so the program itself still compiles and runs compiled).
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         if torch.is_autocast_enabled(self._mesh.device_type):
             _refuse_autocast(self._mesh.device_type)
@@ -678,7 +685,8 @@ def _release_full_parameters(model: nn.Module, sharded: dict) -> None:
         if old is None:
             continue
         if id(old) not in metas:
-            metas[id(old)] = nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
+            metas[id(old)] = _released.ReleasedParameter(torch.empty_like(old, device="meta"),
+                                                         requires_grad=old.requires_grad)  # refuses writes
         mod._parameters[leaf] = metas[id(old)]
 
 
@@ -753,6 +761,7 @@ def compile(
     if _is_search(plan):
         _check_divisible(model, info.tp)
 
+    _released.check_no_module_hooks(model)  # they would run at trace time only (oases_fx.released)
     _say(cfg, f"tracing {type(model).__name__} with torch.export")
     traced = capture(model, args, kwargs)
     # before the planner profiles and before any other collective (oases_fx.agreement)

@@ -172,9 +172,11 @@ class Boundary:
         self._sync = True  # dp_reduce="graph": False inside no_sync()
         self._unsynced = False  # dp_reduce="graph": gradients were accumulated by a no_sync backward since the last sync
         self._armed_mode = None  # the dp variant of the backward now running ("sync", "no_sync", "acc")
+        _compat.install_found_inf_reduce()  # GradScaler: an inf on one rank's shard skips the step on every rank
+        # full (unsharded) tensors given to load_state_dict become this rank's DTensor layout (HF-style loading)
+        module.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict_pre_hook(*a))  # a function
         if any(e.strided or e.unequal for e in self.entries.values()):
             module.register_state_dict_post_hook(lambda *a: self._state_dict_post_hook(*a))  # functions, not methods
-            module.register_load_state_dict_pre_hook(lambda *a: self._load_state_dict_pre_hook(*a))
             for e in self.entries.values():
                 if e.strided or e.unequal:
                     _STRIDED[id(e.param)] = weakref.ref(e)
@@ -499,6 +501,17 @@ class Boundary:
         self._handed_out = []  # an explicit load_state_dict (set_state_dict) decides the values
         for name, e in self.by_name.items():
             v = state_dict.get(prefix + name)
+            if (isinstance(v, torch.Tensor) and not isinstance(v, DTensor)
+                    and tuple(v.shape) == tuple(e.param.shape)):
+                # a full tensor (an unsharded model's state_dict, safetensors): DTensor's copy_ refuses a plain
+                # tensor ("mixed torch.Tensor and DTensor"); slice this rank's part as load_full_state_dict does
+                if e.unequal:
+                    raise _unequal_error(prefix + name, e)
+                mesh = e.param.device_mesh
+                full = DTensor.from_local(v.detach().to(e.plain.device), mesh, (Replicate(),) * mesh.ndim,
+                                          run_check=False)
+                state_dict[prefix + name] = _compat.redistribute(full, mesh, e.param.placements)
+                continue
             if e.strided and isinstance(v, DTensor) and tuple(v.placements) != tuple(e.param.placements):
                 state_dict[prefix + name] = _compat.redistribute(v, e.param.device_mesh, e.param.placements)
 

@@ -74,7 +74,10 @@ def convert_compiled(module, fn, apply):
     apply(fn)
     after = {name: (t.dtype, t.device) for name, t in _tensors(module)}
     if after != before:
-        module._model._apply(fn)  # the meta model retraces at the new dtype
+        from oases_fx import released
+
+        with released.retracing():  # its released stand-ins refuse writes from the user, not this one
+            module._model._apply(fn)  # the meta model retraces at the new dtype
         module.__dict__["_conversion_epoch"] = module.__dict__.get("_conversion_epoch", 0) + 1
         changed = sorted({f"{str(before[n][0])}->{str(after[n][0])}" for n in before if before[n] != after[n]})
         log.info("oases_fx: parameters converted (%s): the next call of each shape traces and compiles again",
