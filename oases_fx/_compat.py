@@ -558,7 +558,14 @@ def install_found_inf_reduce() -> None:
 
     dispatcher = DTensor._op_dispatcher
     op = torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default
-    handlers = dispatcher._custom_op_handlers
+    handlers = getattr(dispatcher, "_custom_op_handlers", None)
+    if not isinstance(handlers, dict):  # another torch layout: say so, do not fail every compile for it
+        import logging
+
+        logging.getLogger("oases_fx").warning(
+            "oases_fx: this torch's DTensor dispatcher has no _custom_op_handlers: GradScaler.unscale_ over "
+            "DTensor gradients may miss an inf/nan found on another rank (ranks could step differently)")
+        return
     if getattr(handlers.get(op), "_oases", False):
         return
 
