@@ -708,6 +708,30 @@ def _rebind(gm, fqn, value):
         mod.register_buffer(leaf, value)
 
 
+def _check_not_parallelized(model) -> None:
+    """compile() shards the full model itself: a model torch already wraps or distributes would be traced
+    through the wrapper (DDP: "torch.compiler.disable is not supported with torch.export") or with
+    DTensor weights (an export error about DTensorSpec), neither naming the mistake."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    fix = ("Fix: pass the plain model (built full size, identically seeded on every rank) to oases_fx.compile; for "
+           "data parallelism give it a ('dp', 'tp') mesh (gradients averaged over 'dp' by DDP, or inside the "
+           "backward with dp_reduce='graph').")
+    if isinstance(model, OasesModule):
+        raise InputError("oases_fx.compile was given a module oases_fx.compile already returned. Fix: compile the "
+                         "original model once and train the module it returns.")
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        raise InputError(f"oases_fx.compile was given a {type(model).__name__}: oases_fx shards and wraps the model "
+                         f"itself, so pass model.module, not the wrapper. {fix}")
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            raise InputError(
+                f"parameter {name!r} is already a DTensor (placements {tuple(p.placements)}): the model was "
+                "parallelized before oases_fx.compile (torch's parallelize_module, fully_shard or distribute_tensor), "
+                f"and oases_fx shards the full model itself from the plan. {fix}")
+
+
 @agreement.errors_shared  # a rank that fails in compile() stops the others at once
 def compile(
     model: nn.Module,
@@ -741,6 +765,7 @@ def compile(
         **config: further CompileConfig fields (skip_collectives, disabled_passes, debug, verbose).
     """
     cfg = CompileConfig(backend=backend, **config)
+    _check_not_parallelized(model)
     if example_inputs is None and not example_kwargs:
         raise InputError(
             "oases_fx.compile needs example_inputs: one batch exactly as the training loop calls the model, "

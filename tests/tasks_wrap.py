@@ -67,3 +67,49 @@ def wrapped_training(rank, world_size, *, wrap: str, steps: int = 3):
         ro.step()
         ro.zero_grad()
     return out
+
+
+def pre_wrapped(rank, world_size, *, wrap: str, steps: int = 3):
+    """A model wrapped or distributed by torch BEFORE oases_fx.compile (TP=world mesh); 3 SGD steps on
+    one batch beside the eager model's, or the error compile raised."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    ref = build_model("gpt", CFG)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
+    tgt = torch.randint(0, CFG["vocab_size"], (4, 8), generator=g)
+    m = copy.deepcopy(ref)
+    if wrap == "parallelize_module":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(m, mesh, {"transformer.h.0.mlp.c_fc": ColwiseParallel(),
+                                     "transformer.h.0.mlp.c_proj": RowwiseParallel()})
+    elif wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        m = DistributedDataParallel(m)
+    elif wrap == "torch_compile":
+        m = torch.compile(m)
+    out = dict(losses=[], error=None, ref=[])
+    try:
+        om = oases_fx.compile(m, mesh, example_inputs=(idx, tgt), plan="megatron", backend="aot_eager", verbose=False)
+        if wrap == "twice":
+            oases_fx.compile(om, mesh, example_inputs=(idx, tgt), plan="megatron", backend="aot_eager",
+                             verbose=False)
+        opt = torch.optim.SGD(om.parameters(), lr=0.1)
+        for _ in range(steps):
+            _, loss = om(idx, tgt)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out["losses"].append(float(loss.detach()))
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    r = copy.deepcopy(ref)
+    ro = torch.optim.SGD(r.parameters(), lr=0.1)
+    for _ in range(steps):
+        _, loss = r(idx, tgt)
+        loss.backward()
+        ro.step()
+        ro.zero_grad()
+        out["ref"].append(float(loss.detach()))
+    return out

@@ -32,3 +32,24 @@ def test_a_parameter_assigned_after_compile_is_refused():
     for r in get_pool(2).run(tasks_wrap.wrapped_training, wrap="assign"):
         assert r["error"] is not None and "'transformer.h.0.mlp.c_fc.weight'" in r["error"], r
         assert "load_state_dict" in r["error"]
+
+
+@pytest.mark.parametrize("wrap, names", [
+    ("parallelize_module", ["already a DTensor", "'transformer.h.0.mlp.c_fc.weight'", "parallelize_module"]),
+    ("ddp", ["DistributedDataParallel", "model.module"]),
+    ("twice", ["already returned"]),
+])
+def test_a_model_wrapped_before_compile_is_refused_naming_it(wrap, names):
+    """Before: parallelize_module and DDP failed inside torch.export with errors about DTensorSpec and
+    torch.compiler.disable, and a fix line about traceable forwards."""
+    for r in get_pool(2).run(tasks_wrap.pre_wrapped, wrap=wrap):
+        assert r["error"] is not None and r["error"].startswith("InputError"), r
+        for n in names:
+            assert n in r["error"], (n, r["error"])
+
+
+def test_torch_compiled_model_compiles_and_trains_exactly():
+    """torch.compile(model) before oases_fx.compile: traced through, the same losses as eager (rtol as above)."""
+    for r in get_pool(2).run(tasks_wrap.pre_wrapped, wrap="torch_compile"):
+        assert r["error"] is None, r["error"]
+        assert r["losses"] == pytest.approx(r["ref"], rel=1e-5) and r["losses"][0] != r["losses"][-1]
