@@ -97,3 +97,23 @@ def test_data_dependent_sizes_are_refused_at_the_trace_naming_the_line():
     with pytest.raises(OasesError, match="data-dependent size") as e:
         capture(m, (), dict(input_ids=idx, labels=idx))
     assert "modeling_jetmoe.py" in str(e.value) and "tolist()" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_a_fused_qkv_viewed_pieces_first_is_declined_as_that_not_as_indivisible_heads():
+    """ModernBERT's Wqkv output viewed (B, S, 3, heads, head_dim): 3 does not divide by 2, but the
+    heads (4) do; the decline says what the 3 is instead of sending the user after the heads."""
+    from oases_fx.errors import ShardingError
+    from oases_fx.propagation import ShardState, propagate_node
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(2, 8, 3 * 4 * 16)
+    node = g.call_function(torch.ops.aten.view.default, (x, [2, 8, 3, -1, 16]))
+    node.meta["val"] = torch.empty(2, 8, 3, 4, 16)
+    st = ShardState(tp=2)
+    st.placement[x] = 2
+    with pytest.raises(ShardingError) as e:
+        propagate_node(node, st)
+    msg = str(e.value)
+    assert "the q/k/v pieces of a fused projection viewed as (3, 4, 16)" in msg and "not sharded yet" in msg, msg
+    assert "divides the number of heads" not in msg, msg
