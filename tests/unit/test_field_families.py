@@ -117,3 +117,40 @@ def test_a_fused_qkv_viewed_pieces_first_is_declined_as_that_not_as_indivisible_
     msg = str(e.value)
     assert "the q/k/v pieces of a fused projection viewed as (3, 4, 16)" in msg and "not sharded yet" in msg, msg
     assert "divides the number of heads" not in msg, msg
+
+
+_TRACE_MODERNBERT = """
+import hashlib, torch, transformers
+from oases_fx.tracing import capture
+torch.manual_seed(0)
+cfg = transformers.ModernBertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=32, global_attn_every_n_layers=2, local_attention=4,
+                                    pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0)
+idx = torch.randint(1, 32, (2, 8))
+gm = capture(transformers.ModernBertForMaskedLM(cfg), (), dict(input_ids=idx, labels=idx)).gm
+print("CODE", hashlib.md5(gm.code.encode()).hexdigest())
+"""
+
+
+def test_a_graph_that_differs_by_the_hash_seed_names_pythonhashseed():
+    """ModernBERT iterates set(config.layer_types): its traced op order follows the per-process hash
+    seed (0 and 6 order the two layer types differently), so two ranks that built the same model
+    disagree; the agreement error's fix says so instead of only 'build the same model'."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from oases_fx import agreement
+
+    root = str(Path(__file__).resolve().parents[2])
+    codes = set()
+    for seed in ("0", "6"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=root)
+        out = subprocess.run([sys.executable, "-c", _TRACE_MODERNBERT], env=env, capture_output=True, text=True,
+                             timeout=600)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("CODE ")]
+        assert lines, out.stderr[-3000:]
+        codes.add(lines[-1])
+    assert len(codes) == 2  # the same model, two graphs
+    assert "PYTHONHASHSEED" in agreement._FIX["graph"]
