@@ -225,7 +225,10 @@ def _compare(records: dict, groups, key: str) -> list:
 
 _FIX = {
     "versions": "install the same torch and oases_fx on every rank.",
-    "graph": "build the same model (same class, config and code) on every rank.",
+    "graph": "build the same model (same class, config and code) on every rank. If every rank did, the "
+             "model's forward runs its ops in an order that depends on Python's per-process hash seed (it "
+             "iterates a set of strings, as ModernBERT's rotary embeddings per layer type do): set the same "
+             "PYTHONHASHSEED (e.g. PYTHONHASHSEED=0) in every rank's environment before Python starts.",
     "inputs": "pass example_inputs of the same shapes, dtypes, devices and requires_grad on every rank "
               "(the same batch size, sequence length and dtype).",
     "options": "call oases_fx.compile with the same plan, num_sub_batches, recompute and config on every rank.",

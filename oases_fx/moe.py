@@ -41,6 +41,7 @@ from oases_fx import propagation
 from oases_fx import rules as _rules
 from oases_fx.passes.graph_utils import module_path
 from oases_fx.propagation import Incompatible, ndim, register_rule
+from oases_fx.rules import WEIGHT_VIEW_OPS
 
 aten = torch.ops.aten
 
@@ -142,17 +143,35 @@ FIX = ("Fix: use Hugging Face's default experts implementation, which oases_fx s
 
 
 def decline_fix(weight: fx.Node) -> str:
-    """What to do about a declined block whose weight is a 3-D expert parameter (another experts
-    implementation: 'batched_mm' gathers weight[expert_ids]), else ""."""
+    """What to do about a declined block whose weight is a 3-D expert parameter gathered per routed
+    pair (HF's 'batched_mm' experts implementation: weight[expert_ids]), else "". Only there: a
+    3-D weight read whole (Llama4TextExperts' bmm over every expert) has no experts_implementation
+    to switch, and the fix would send its user after a setting the model ignores."""
     v = weight.meta.get("val")
-    return f". {FIX}" if isinstance(v, torch.Tensor) and v.dim() == 3 else ""
+    if not (isinstance(v, torch.Tensor) and v.dim() == 3):
+        return ""
+    seen, stack = set(), [weight]
+    while stack:  # through a few view-like ops, as annotate_sharding._weight_param walks
+        n = stack.pop()
+        if n in seen or len(seen) > 8:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "call_function" and u.target is torch.ops.aten.index.Tensor and u.args[0] is n:
+                return f". {FIX}"
+            if u.op == "call_function" and u.target in WEIGHT_VIEW_OPS:
+                stack.append(u)
+    return ""
 
 
 def trace_hint(model) -> str:
-    """A sentence for a failed trace of a model whose experts run HF's 'eager' loop (data-dependent)."""
+    """A sentence for a failed trace of a model whose experts run HF's 'eager' loop (data-dependent).
+    Only for a model with such experts (modules HF's @use_experts_implementation set up): every HF
+    config says 'eager', a T5 or BERT too, and the hint would send its user after experts it has not."""
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    experts = any(hasattr(m, "has_gate") and hasattr(m, "is_concatenated") for m in model.modules())
     return (f" The model's experts_implementation is '{impl}' (a data-dependent loop over the experts hit). {FIX}"
-            if impl == "eager" else "")
+            if impl == "eager" and experts else "")
 
 
 def checkpoint_hint(missing: list, keys, model_keys=()) -> str:

@@ -338,12 +338,23 @@ def view_rule(node, st) -> None:
         o = view_dim_map(list(val(x).shape), list(val(node).shape), d, tp)
     except _Indivisible as e:
         owner = st.origin.get(x)
+        group, size = [], 1
+        for s in val(node).shape[e.dim:]:  # the output dims the sharded dim is viewed as
+            if size >= int(val(x).shape[d]):
+                break
+            group.append(int(s))
+            size *= int(s)
+        # (3, heads, head_dim): the q/k/v pieces outermost, the heads divide (ModernBERT's Wqkv)
+        fused = len(group) == 3 and group[0] == 3 and group[1] % tp == 0
+        what = (f"the q/k/v pieces of a fused projection viewed as {tuple(group)}" if fused
+                else "the attention heads or key/value heads here")
+        fix = ("A fused q/k/v laid out (3, heads, head_dim) is not sharded yet ((heads, 3, head_dim) is): the "
+               "region runs replicated." if fused else "Fix: use a TMP degree that divides the number of heads "
+               "and key/value heads, or a plan that replicates this region.")
         raise ShardingError(
             f"{describe(node)} reshapes a tensor sharded over the TMP group: its dim {e.dim} "
-            f"(size {e.size}, the attention heads or key/value heads here) is not divisible by the TMP "
-            f"degree {tp}" + (f" (the tensor comes from {owner.name})" if owner is not None else "")
-            + ". Fix: use a TMP degree that divides the number of heads and key/value heads, or a plan "
-            "that replicates this region."
+            f"(size {e.size}, {what}) is not divisible by the TMP "
+            f"degree {tp}" + (f" (the tensor comes from {owner.name})" if owner is not None else "") + f". {fix}"
         ) from None
     st.placement[node] = o
     if x in st.origin and o == ndim(node) - 1 and d == ndim(x) - 1:

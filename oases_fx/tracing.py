@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
 from oases_fx import _compat, moe
-from oases_fx.errors import OasesError
+from oases_fx.errors import OasesError, describe
 
 
 @dataclass
@@ -30,16 +30,18 @@ class Traced:
 
 @contextlib.contextmanager
 def _hf_no_cache(model):
-    """HF models must be traced with use_cache=False (a KV cache is not part of training)."""
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "use_cache", None)
-    if old:
-        cfg.use_cache = False
+    """HF models must be traced with use_cache=False (a KV cache is not part of training). Every
+    sub-module's config, not only the model's: an encoder-decoder (T5) gives its decoder stack its
+    own copy of the config, whose use_cache=True makes the trace return an EncoderDecoderCache."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", None)}
+    for c in configs.values():
+        c.use_cache = False
     try:
-        yield bool(old)
+        yield bool(configs)
     finally:
-        if old:
-            cfg.use_cache = old
+        for c in configs.values():
+            c.use_cache = True
 
 
 _CHECK_MAX_NUMEL = 1 << 16
@@ -207,6 +209,26 @@ def _reentrant_checkpoint(model, where, signature) -> str:
     return f"{label}, forward at {line}"
 
 
+def _check_static_shapes(model, gm: fx.GraphModule) -> None:
+    """Refuse a trace with data-dependent sizes (unbacked symbols: .item()/.tolist() feeding a shape,
+    as JetMoE's per-expert token counts split the tokens): the analysis, the shard pass and the
+    sub-batch split read every size as a number, and would fail deep inside torch without a word
+    about where the size came from."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if any(isinstance(t, (torch.Tensor, torch.SymInt)) and free_unbacked_symbols(t)
+               for t in (v if isinstance(v, (list, tuple)) else [v])):
+            raise OasesError(
+                f"{type(model).__name__} has a data-dependent size: {describe(n)} gives a value known only at "
+                "run time, and a shape depends on it (e.g. tokens per expert turned into a Python int by "
+                ".item()/.tolist() to split the tokens). oases_fx plans, shards and splits sub-batches on "
+                "static shapes. Fix: compute that part with fixed shapes (for mixture-of-experts: Hugging "
+                "Face's experts_implementation='grouped_mm' where the model has one, or a dense / "
+                "capacity-padded dispatch), or keep the model out of oases_fx.")
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
     from oases_fx import loading
 
@@ -235,6 +257,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
             ) from e
     notes.extend(_check_custom_functions(model, functions))
     gm = ep.module()
+    _check_static_shapes(model, gm)
     _compat.drop_export_call_hooks(gm)  # per-call input checks in Python, outside the compiled program
     graph = gm.graph
     removed = 0

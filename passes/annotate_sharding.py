@@ -17,6 +17,7 @@ node between them (:mod:`oases_fx.propagation`), (sources -> R) is a TMP region:
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -126,8 +127,10 @@ def _trial(sources: set, row: fx.Node, order: dict, tp: int, replicated: frozens
             propagate_node(n, st)
         except (Incompatible, UnknownOp) as e:  # the region is declined: say which op and source line
             raise type(e)(f"{e} at {describe(n)}") from None
-    for n in escaped:
-        if st.placement.get(n) is not None:
+    in_nodes = set(nodes)
+    for n in escaped:  # never propagated: what it reads from the region says whether a shard leaks
+        if st.placement.get(n) is not None or any(_is_sharded(_read_placement(st, m, n)) for m in n.all_input_nodes
+                                                  if m in in_nodes):
             raise Incompatible(f"a sharded tensor is used outside the region, at {describe(n)}")
     if st.replicated_columns:
         if not st.local_slices:
@@ -158,6 +161,14 @@ def _piece_sizes(columns) -> list:
                                                            torch.ops.aten.reshape.default):
                 stack.append((u, depth + 1))
     return out
+
+
+def _read_placement(st: ShardState, src: fx.Node, user: fx.Node):
+    """The placement of what `user` reads from `src`: one piece of a tuple-valued op (split) for a getitem."""
+    p = st.placement.get(src)
+    if isinstance(p, tuple) and user.target is operator.getitem and isinstance(user.args[1], int):
+        return p[user.args[1]]
+    return p
 
 
 def _is_sharded(p) -> bool:

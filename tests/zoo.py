@@ -279,6 +279,20 @@ FAMILIES = [
                                                                num_experts_per_tok=2, moe_intermediate_size=INTER // 2,
                                                                shared_expert_intermediate_size=INTER // 2)),
            LAYERS * (2 + 4)),
+    Family("gemma2", "logit soft-capping (final and attention: tanh in eager attention), sliding window, GQA",
+           _hf("Gemma2ForCausalLM", "Gemma2Config", attn="eager", **_std(
+               num_key_value_heads=2, head_dim=HEAD_DIM, sliding_window=8, final_logit_softcapping=30.0,
+               attn_logit_softcapping=50.0, query_pre_attn_scalar=HEAD_DIM)), _L2),
+    Family("olmo", "LayerNorm without parameters", _hf("OlmoForCausalLM", "OlmoConfig", **_std(num_key_value_heads=HEADS)),
+           _L2),
+    Family("bitnet", "RMSNorm of the column output right before the row (attn/ffn sub-norm over the sharded width)",
+           _hf("BitNetForCausalLM", "BitNetConfig", **_std(num_key_value_heads=2)), _L2),
+    # layer 1 MoE: shared expert + Llama4TextExperts (bmm over every expert, declined), layer 0 dense
+    Family("llama4", "MoE experts as a bmm over every expert (declined), shared expert, chunked attention, qk norm",
+           _hf("Llama4ForCausalLM", "Llama4TextConfig", **_std(
+               num_key_value_heads=2, head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=1,
+               interleave_moe_layer_step=2, intermediate_size_mlp=INTER, attention_chunk_size=8, use_qk_norm=True)),
+           _L2 + 1),
     # 6 heads, 3 kv heads: at TP=2 neither divides the other (a named error, not a zoo family to shard)
     Family("qwen2_kv3", "GQA with 3 kv heads (refused at TP=2: kv heads neither divide nor are divisible by tp)",
            _hf("Qwen2ForCausalLM", "Qwen2Config", **_common(

@@ -29,7 +29,7 @@ from tests.distributed.test_equivalence import assert_matches
 # down_proj row-parallel for every expert, the routing replicated (oases_fx/moe.py); one block per expert.
 FULL_TP2 = ["gpt_neox", "phi3", "falcon", "gpt_bigcode", "mistral", "qwen2", "olmo2", "cohere", "qwen3", "gemma3",
             "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe",
-            "granite", "codegen", "starcoder2", "smollm3", "glm", "qwen2_moe"]
+            "granite", "codegen", "starcoder2", "smollm3", "glm", "qwen2_moe", "gemma2", "olmo", "bitnet"]
 FULL_TP4 = ["gpt_neox", "phi3", "falcon", "gpt_bigcode", "mistral", "qwen2", "olmo2", "cohere", "qwen3", "gemma3",
             "gemma", "gptj", "phi", "stablelm", "opt", "meta_llama", "stack_rope_llama", "moe_llama", "mixtral", "olmoe",
             "granite", "codegen", "starcoder2", "smollm3", "glm", "qwen2_moe"]
@@ -46,9 +46,12 @@ CI_FAMILIES = {
     "mistral": "GQA, 2 kv heads at TP=4: rank r reads kv head (2 r) // 4",
     "moe_llama": "MoE: every expert's column -> row pair",
     "mixtral": "MoE, 3-D experts through grouped_mm: gate_up per piece, down row, routing replicated, split whole",
+    "gemma2": "soft-capped attention (eager: tanh of the per-head scores) and logits",
+    "bitnet": "a norm between column and row (statistics over the sharded width all-reduced)",
 }
 # Compile, but some block is declined (with its reason): still exact, replicated there.
-DECLINED_TP2 = ["mixtral_batched_mm"]  # 3-D experts gathered per routed pair (weight[expert_ids] + bmm)
+DECLINED_TP2 = ["mixtral_batched_mm",  # 3-D experts gathered per routed pair (weight[expert_ids] + bmm)
+                "llama4"]  # Llama4TextExperts: bmm over every expert with the 3-D weights
 
 
 def _grid(names, tp):
