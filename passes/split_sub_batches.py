@@ -118,6 +118,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
             notes.append(f"region ends before {describe(nodes[a])}: the MoE experts module it starts is split "
                          "whole or not at all")
             end = a - 1
+    end = _before_written_aliases(nodes, at, lo, end, notes)
     region = [n for n in nodes[lo:end + 1] if n.op == "call_function"]
     if not region:
         return gm
@@ -202,6 +203,77 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
     notes.append(f"split {len(batch_nodes)} nodes into {k} sub-batches of {batch_size // k} "
                  f"({len(shared)} batch-independent nodes shared, {len(pieces)} inputs split)")
     return gm
+
+
+def _alias_root(n):
+    """The node whose storage `n` views (through view ops and getitem of split/chunk/unbind), or `n`."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
+        t = n.target
+        if t is operator.getitem:
+            n = n.args[0]
+            continue
+        schema = getattr(t, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None \
+                or schema.returns[0].alias_info.is_write:
+            break
+        n = n.args[0]  # a view of its first argument
+    return n
+
+
+def _alias_users(r) -> list:
+    """Every node reading `r` or a view of it (views followed transitively)."""
+    seen, todo, users = {r}, [r], []
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            users.append(u)
+            if u not in seen and _alias_root(u) is not u and u.args and u.args[0] is n:
+                seen.add(u)
+                todo.append(u)
+    return users
+
+
+def _written_args(n) -> list:
+    """The tensor arguments an in-place op of `n` writes (copy_'s self, index_put_'s self, ...)."""
+    schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+    if schema is None or not schema.is_mutable:
+        return []
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+            if isinstance(v, fx.Node):
+                out.append(v)
+    return out
+
+
+def _before_written_aliases(nodes, at, lo, end, notes) -> int:
+    """End the region before any tensor that an op after it writes in place (through a view): the
+    copies' values leave the region through a cat, a new tensor, so a write after the region into a
+    view of the region's tensor would land on the cat while the region's readers of the original
+    (sub-batch copies) never see it: a silent wrong value (seen: zeros_like, then key[..., :n].copy_(...)
+    in an attention the sharding declined, the split ending at the copy_)."""
+    while end >= lo:
+        hit = None
+        for m in nodes[lo:]:
+            for w in _written_args(m):
+                r = _alias_root(w)
+                if not (r in at and lo <= at[r] <= end):
+                    continue
+                # written after the region, or inside it while something after it reads the tensor
+                # (the cat joining the copies is placed with them, before the copies' writes)
+                if at[m] > end or any(at[u] > end for u in _alias_users(r) if u in at):
+                    hit = (m, r)
+                    break
+            if hit:
+                break
+        if hit is None:
+            return end
+        m, r = hit
+        notes.append(f"region ends before {describe(r)}: {describe(m)} writes in place into it after the split "
+                     "region (a write into a sub-batch copy's joined result would not reach its readers)")
+        end = at[r] - 1
+    return end
 
 
 def _row_wise_until(nodes, lo, hi, bd, token_local, k) -> tuple:

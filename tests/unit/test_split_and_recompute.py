@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from oases_fx import meta, runtime
+from oases_fx.meta import graph_meta
 from oases_fx.api import batch_dims
 from oases_fx.errors import InputError
 from oases_fx.passes.annotate_sharding import annotate_sharding_pass, find_tmp_regions
@@ -138,3 +139,60 @@ def test_block_edge_ops_that_mix_batch_rows_stay_whole_and_say_so():
     # row-wise ops on slices of the rows, the batch means on the whole batch: 1e-6 as above
     torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+
+
+class _WrittenKeyAttn(torch.nn.Module):
+    """Attention whose key is built in place: zeros_like, then two slice copy_ (DeepSeek MLA's
+    key_states written in pieces). copy_ has no sharding rule, so the split region ends at it."""
+
+    def __init__(self, h=32, nh=4):
+        super().__init__()
+        self.nh = nh
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(h, h) for _ in range(4))
+
+    def forward(self, x):
+        B, S, H = x.shape
+        hd = H // self.nh
+        q, k0, v = (f(x).view(B, S, -1, hd).transpose(1, 2) for f in (self.q, self.k, self.v))
+        k = torch.zeros_like(k0)
+        k[:, :, :, : hd // 2].copy_(k0[..., : hd // 2] * 2.0)
+        k[:, :, :, hd // 2:].copy_(k0[..., hd // 2:])
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, S, H))
+
+
+class _WrittenKeyLM(torch.nn.Module):
+    def __init__(self, V=64, h=32, L=2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, h)
+        self.attn = torch.nn.ModuleList(_WrittenKeyAttn(h) for _ in range(L))
+        self.fc = torch.nn.ModuleList(torch.nn.Linear(h, 4 * h) for _ in range(L))
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(4 * h, h) for _ in range(L))
+        self.head = torch.nn.Linear(h, V)
+
+    def forward(self, idx, tgt):
+        x = self.emb(idx)
+        for a, f, p in zip(self.attn, self.fc, self.proj):
+            x = x + a(x)
+            x = x + p(torch.nn.functional.gelu(f(x)))
+        logits = self.head(x)
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+
+
+def test_split_ends_before_a_tensor_written_in_place_after_it():
+    """Block 1's key is zeros_like(...) written by copy_ into slices; the region ended at the first
+    copy_, so the zeros_like was split and joined by a cat, the copy_ wrote into the cat, and the
+    attention's sub-batch copies read the unwritten zeros: a silent wrong loss (5e-3 off in fp64).
+    The region now ends before the written tensor; fp64 values equal the model's (no tolerance
+    beyond fp64 reassociation: the split does not change any reduction's order here)."""
+    torch.manual_seed(0)
+    model = _WrittenKeyLM().double()
+    idx = torch.randint(0, 64, (4, 8))
+    gm = _split(model, capture(model, (idx, idx.clone()), {}).gm, idx, 2, 4)
+    with torch.no_grad():
+        want_logits, want = model(idx, idx.clone())
+        got_logits, got = gm(idx, idx.clone())
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    notes = graph_meta(gm).sub_batch_notes
+    assert any("writes in place into it" in n for n in notes), notes
