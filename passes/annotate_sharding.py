@@ -219,13 +219,15 @@ def find_tmp_regions(gm: fx.GraphModule, tp: int, degrees: Optional[dict] = None
     for n in linears:
         weight_users.setdefault(linear_parts(n)[1], []).append(n)
     assigned: set = set()
-    tried_rows: set = set()  # rows of declined candidates: not the columns of a later candidate
+    tried_rows: set = set()  # rows of declined candidates (_orphan_attention: their attention is explained).
+    # They may still be the columns of a later candidate: a pair across the residual (o_proj -> gate_proj,
+    # tried when the attention was declined) must not hide the MLP (gate_proj, up_proj -> down_proj).
     regions, declined = [], []
     for row in linears:
         if row in assigned:
             continue
         sources = _sources(row, linear_set)
-        if not sources or sources & (assigned | tried_rows):
+        if not sources or sources & assigned:
             continue
         tried_rows.add(row)
         weights = [linear_parts(n)[1] for n in sorted(sources, key=order.__getitem__)] + [linear_parts(row)[1]]

@@ -154,3 +154,33 @@ def test_a_graph_that_differs_by_the_hash_seed_names_pythonhashseed():
         codes.add(lines[-1])
     assert len(codes) == 2  # the same model, two graphs
     assert "PYTHONHASHSEED" in agreement._FIX["graph"]
+
+
+class _DeclinedAttentionLayer(nn.Module):
+    """A layer whose attention pair is declined (the _LatentPair escape), then a gated MLP."""
+
+    def __init__(self, h=16):
+        super().__init__()
+        self.kv_a, self.kv_b = nn.Linear(h, 8 + 4, bias=False), nn.Linear(8, h, bias=False)
+        self.q, self.o = nn.Linear(h, h, bias=False), nn.Linear(h, h, bias=False)
+        self.gate, self.up, self.down = nn.Linear(h, 32, bias=False), nn.Linear(h, 32, bias=False), nn.Linear(32, h)
+
+    def forward(self, x):
+        lat, rot = self.kv_a(x).split([8, 4], dim=-1)
+        h = x + self.o(self.q(x) * self.kv_b(F.silu(lat)) + rot.sum(-1, keepdim=True))
+        return h + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def test_a_declined_attention_does_not_hide_the_mlp_after_it():
+    """o -> gate (across the residual) is tried once the attention is declined, and declined; its
+    row gate used to be barred from being a column, so the MLP was never tried and the whole model
+    ran replicated, explained only by the residual add (DeepSeek-V2: 0 of 20 blocks)."""
+    x = torch.randn(2, 3, 16)
+    gm = capture(_DeclinedAttentionLayer(), (x,), {}).gm
+    regions, declined = find_tmp_regions(gm, 2)
+    from oases_fx.propagation import linear_parts
+
+    weights = [([str(linear_parts(c)[1].target) for c in r.columns], str(linear_parts(r.row)[1].target))
+               for r in regions]
+    assert weights == [(["gate.weight", "up.weight"], "down.weight")], (weights, declined)
+    assert any("a sharded tensor is used outside the region" in why for _, why in declined), declined
