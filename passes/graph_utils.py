@@ -41,12 +41,18 @@ def region_span(graph: fx.Graph) -> list:
     return nodes[marked[0]: marked[-1] + 1] if marked else []
 
 
-def stable_topo_sort(graph: fx.Graph, key=None) -> None:
+def stable_topo_sort(graph: fx.Graph, key=None, after: Optional[dict] = None) -> None:
     """Reorder nodes topologically, keeping the current order (or the order of `key(node)`)
-    wherever dependencies allow."""
+    wherever dependencies allow. ``after``: {node: nodes that must precede it} beyond the data
+    edges (an in-place write and the other readers of the storage it writes: no data edge orders them)."""
     nodes = list(graph.nodes)
     pos = {n: (key(n) if key else i) for i, n in enumerate(nodes)}
-    indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
+    preds = {n: set(n.all_input_nodes) | set((after or {}).get(n, ())) for n in nodes}
+    succs = {n: [] for n in nodes}
+    for n, ps in preds.items():
+        for p in ps:
+            succs[p].append(n)
+    indeg = {n: len(ps) for n, ps in preds.items()}
     ready = [(pos[n], n.name) for n in nodes if indeg[n] == 0]
     by_name = {n.name: n for n in nodes}
     heapq.heapify(ready)
@@ -55,7 +61,7 @@ def stable_topo_sort(graph: fx.Graph, key=None) -> None:
         _, name = heapq.heappop(ready)
         n = by_name[name]
         out.append(n)
-        for u in n.users:
+        for u in succs[n]:
             indeg[u] -= 1
             if indeg[u] == 0:
                 heapq.heappush(ready, (pos[u], u.name))

@@ -195,7 +195,7 @@ def split_sub_batches_pass(gm: fx.GraphModule, *, num_sub_batches: int, batch_si
         if sb == k - 1 and is_segment_end(n):
             seg += 1
     pos = {n: i for i, n in enumerate(graph.nodes)}
-    stable_topo_sort(graph, key=lambda n: (seg_of[n], meta.get(n).sub_batch or 0, pos[n])
+    stable_topo_sort(graph, after=_write_order(graph, pos), key=lambda n: (seg_of[n], meta.get(n).sub_batch or 0, pos[n])
                      if meta.get(n).sub_batch is not None and meta.get(n).role != "chunk" else (seg_of[n], -1, pos[n]))
     graph.eliminate_dead_code()
     graph.lint()
@@ -218,6 +218,24 @@ def _alias_root(n):
             break
         n = n.args[0]  # a view of its first argument
     return n
+
+
+def _write_order(graph: fx.Graph, pos: dict) -> dict:
+    """{node: nodes it must follow}: each in-place write keeps its place among the other readers and
+    writers of the storage it writes, as in `pos` (the order before the sub-batch sort). No data edge
+    orders them: reordered by segment, a write outside the copies (MLA's key_states[..., n:].copy_(k_pe)
+    after the split region) moved after the attention that reads the buffer, silently."""
+    after = {}
+    for m in graph.nodes:
+        for w in _written_args(m):
+            for u in _alias_users(_alias_root(w)):
+                if u is m or u not in pos:
+                    continue
+                if pos[u] > pos[m]:
+                    after.setdefault(u, set()).add(m)
+                else:
+                    after.setdefault(m, set()).add(u)
+    return after
 
 
 def _alias_users(r) -> list:

@@ -184,3 +184,46 @@ def test_a_declined_attention_does_not_hide_the_mlp_after_it():
                for r in regions]
     assert weights == [(["gate.weight", "up.weight"], "down.weight")], (weights, declined)
     assert any("a sharded tensor is used outside the region" in why for _, why in declined), declined
+
+
+def test_mla_key_buffer_written_after_the_split_keeps_its_order():
+    """DeepSeek-V2's attention builds key_states with new_empty and two slice copy_ (expand_kv); the
+    split region ends at that new_empty in block 1, so the second copy_'s source is the cat of the
+    sub-batch copies. The sub-batch sort moved that copy_ after the attention reading the buffer (no
+    data edge orders a write with the buffer's readers): a silent wrong loss in fp64 (4e-4 at this
+    size). In fp64 at TP=1 the split program equals the model up to reassociation (1e-12)."""
+    from oases_fx.api import batch_dims
+    from oases_fx.meta import graph_meta
+    from oases_fx.passes.insert_collectives import insert_collectives_pass
+    from oases_fx.passes.shard import shard_pass
+    from oases_fx.passes.split_sub_batches import split_sub_batches_pass
+    from oases_fx.plan import RegionPlan
+    from tests.unit.graphs import single_rank_group
+
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, moe_intermediate_size=64, first_k_dense_replace=1, n_group=1, topk_group=1,
+        topk_method="greedy", q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, head_dim=8, experts_implementation="batched_mm", bos_token_id=0, eos_token_id=0,
+        pad_token_id=None, tie_word_embeddings=False)
+    model = transformers.DeepseekV2ForCausalLM(cfg).double()
+    ids = torch.randint(0, 128, (4, 8))
+    kw = dict(input_ids=ids, labels=ids.clone())
+    gm = capture(model, (), kw).gm
+    regions, _ = find_tmp_regions(gm, 1)
+    assert regions, "no region: nothing would be split"
+    annotate_sharding_pass(gm, plan=Plan(tp_degree=1, regions=tuple(RegionPlan(name=r.name, kind=r.kind)
+                                                                    for r in regions)), tp=1)
+    shard_pass(gm, rank=0, tp=1)
+    insert_collectives_pass(gm, group_name=single_rank_group().group_name)
+    graph_meta(gm).batch_dims = batch_dims(model, (), kw, gm)
+    split_sub_batches_pass(gm, num_sub_batches=2, batch_size=4)
+    assert any(n.startswith("split ") for n in graph_meta(gm).sub_batch_notes)
+    with torch.no_grad():
+        want = model(**kw)
+        got = gm(ids, ids.clone())
+    loss = got[0] if isinstance(got, (tuple, list)) else got.loss
+    assert loss.numel() == 1, type(got)
+    torch.testing.assert_close(loss, want.loss, rtol=0, atol=1e-12)
