@@ -22,6 +22,24 @@ class _Parent(torch.nn.Module):
         return self.inner(idx, tgt)
 
 
+def _sgd_losses(model, steps, train_batch, seen_batch=None) -> list:
+    """SGD(lr=0.1) steps on train_batch; each step's loss on seen_batch (default: the training loss)
+    before its update."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        if seen_batch is not None:
+            with torch.no_grad():
+                losses.append(float(model(*seen_batch)[1]))
+        _, loss = model(*train_batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if seen_batch is None:
+            losses.append(float(loss.detach()))
+    return losses
+
+
 def wrapped_training(rank, world_size, *, wrap: str, steps: int = 3):
     """Compile a GPT on a (dp=2, tp=world/2) mesh (or a tp mesh for wrap="assign"), apply `wrap`, train
     `steps` SGD steps on this dp rank's half of a batch; return the losses and the eager reference's
@@ -47,25 +65,12 @@ def wrapped_training(rank, world_size, *, wrap: str, steps: int = 3):
     elif wrap == "assign":  # a new Parameter where compile() registered its DTensor
         old = model.transformer.h[0].mlp.c_fc.weight
         model.transformer.h[0].mlp.c_fc.weight = torch.nn.Parameter(old.detach().clone())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = dict(losses=[], error=None)
     try:
-        for _ in range(steps):
-            _, loss = model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            out["losses"].append(float(loss.detach()))
+        out["losses"] = _sgd_losses(model, steps, (x, y))
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
-    r, ro, out["ref"] = copy.deepcopy(ref), None, []
-    ro = torch.optim.SGD(r.parameters(), lr=0.1)
-    for _ in range(steps):
-        with torch.no_grad():
-            out["ref"].append(float(r(x, y)[1]))
-        r(idx, tgt)[1].backward()
-        ro.step()
-        ro.zero_grad()
+    out["ref"] = _sgd_losses(copy.deepcopy(ref), steps, (idx, tgt), seen_batch=(x, y))
     return out
 
 
@@ -95,21 +100,8 @@ def pre_wrapped(rank, world_size, *, wrap: str, steps: int = 3):
         if wrap == "twice":
             oases_fx.compile(om, mesh, example_inputs=(idx, tgt), plan="megatron", backend="aot_eager",
                              verbose=False)
-        opt = torch.optim.SGD(om.parameters(), lr=0.1)
-        for _ in range(steps):
-            _, loss = om(idx, tgt)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            out["losses"].append(float(loss.detach()))
+        out["losses"] = _sgd_losses(om, steps, (idx, tgt))
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
-    r = copy.deepcopy(ref)
-    ro = torch.optim.SGD(r.parameters(), lr=0.1)
-    for _ in range(steps):
-        _, loss = r(idx, tgt)
-        loss.backward()
-        ro.step()
-        ro.zero_grad()
-        out["ref"].append(float(loss.detach()))
+    out["ref"] = _sgd_losses(copy.deepcopy(ref), steps, (idx, tgt))
     return out
